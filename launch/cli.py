@@ -1,0 +1,114 @@
+"""`loom` — the command line. Each subcommand's work lives in its own module; this file only wires
+arguments to it and turns bad input into one clear line and a non-zero exit."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+USAGE_ERROR = 2
+
+
+def _cmd_config_show(args) -> int:
+    from launch.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides, world_size=args.world_size, check_files=False)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def _cmd_config_docs(args) -> int:
+    from launch.config import RunConfig
+    from launch.config_docs import render_markdown
+
+    text = render_markdown(RunConfig)
+    if args.check:
+        current = open(args.out).read() if os.path.exists(args.out) else ""
+        if current != text:
+            print(f"error: {args.out} is out of date; run `loom config docs`", file=sys.stderr)
+            return 1
+        return 0
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from launch.train import train_from_cli
+
+    return train_from_cli(args.config, args.overrides, resume=args.resume)
+
+
+def _not_yet(issue: str):
+    def handler(args) -> int:
+        print(f"error: `loom {args.command}` is not available yet ({issue} is open)", file=sys.stderr)
+        return USAGE_ERROR
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loom", description="Distributed GPT pretraining with megatron-core TP, 1F1B pipelines, "
+                                 "DeepSpeed ZeRO and the LCM/SCR/CMR/SCA/HCMA techniques.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model (run under torchrun, deepspeed or srun for >1 process)")
+    train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4")
+    train.add_argument("--resume", default=None, help="none, auto, or a checkpoint directory")
+    train.set_defaults(func=_cmd_train)
+
+    config = sub.add_parser("config", help="inspect configurations")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config (defaults ← YAML ← overrides)")
+    show.add_argument("config")
+    show.add_argument("overrides", nargs="*")
+    show.add_argument("--world-size", type=int, default=None, help="also check the layout against this many ranks")
+    show.set_defaults(func=_cmd_config_show)
+    docs = config_sub.add_parser("docs", help="write the config reference (docs/config.md)")
+    docs.add_argument("--out", default="docs/config.md")
+    docs.add_argument("--check", action="store_true", help="fail if the file is out of date")
+    docs.set_defaults(func=_cmd_config_docs)
+
+    from launch import cmd_data
+
+    cmd_data.add_commands(sub)
+
+    for name, text, issue in (("eval", "evaluate a checkpoint (perplexity and the techniques' metrics)", "issue 9"),
+                              ("convert", "convert checkpoints (Hugging Face, consolidated, other layouts)", "issue 8"),
+                              ("bench", "benchmarks against peers and the hardware limit", "issue 11")):
+        p = sub.add_parser(name, help=f"{text} — not available yet")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_not_yet(issue))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return USAGE_ERROR
+    from launch.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return USAGE_ERROR
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

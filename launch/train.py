@@ -1,0 +1,128 @@
+"""`loom train`: config → process grid → data → parallel model → Trainer.fit."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launch import checkpoint
+from launch.callbacks import CheckpointCallback, EvalCallback, MonitorCallback
+from launch.config import RunConfig, load_config, to_dict, to_yaml
+from launch.env import init_distributed, read_dist_env
+from launch.metrics import MetricsWriter, flops_per_token, measure_peak_tflops
+from launch.prepare_data import prepare_data
+from launch.train_module import TrainModule
+from launch.trainer import Trainer, TrainState
+
+
+def log0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def train_from_cli(config_path: str, overrides: list[str], resume: str | None = None) -> int:
+    denv = read_dist_env()
+    overrides = list(overrides) + ([f"checkpoint.resume={resume}"] if resume else [])
+    cfg = load_config(config_path, overrides, world_size=denv.world_size)  # fails before any process group
+    backend = init_distributed(denv)
+    try:
+        log0(f"loom: {cfg.name} · {denv.world_size} process(es) via {denv.launcher} · backend {backend}")
+        return run(cfg)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(cfg: RunConfig) -> int:
+    from data.loader import build_train_loader, eval_batches
+    from data.tokenizer import Tokenizer
+    from model.parallel import cpu_compat
+    from model.parallel.groups import describe_grid, init_parallel_groups
+    from model.parallel.parallelize import default_device, parallelize, resolve_dtype
+    from model.parallel.zero import OptimizerSettings
+
+    cpu_compat.apply()
+    layout = init_parallel_groups(cfg.parallel)
+    grid = describe_grid()
+    log0(f"layout: DP {layout.dp} × PP {layout.pp} × TP {layout.tp}, ZeRO-{cfg.parallel.zero_stage}\n{grid}")
+    _seed_everything(cfg.train.seed)
+    run_dir = Path(cfg.output_dir)
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    data = prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=log0)
+    tokenizer = Tokenizer(data.tokenizer)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {data.tokenizer} has {tokenizer.vocab_size} pieces but model.vocab_size is "
+                         f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+    if tokenizer.eos_id != cfg.model.eos_id:
+        raise ValueError(f"tokenizer EOS id {tokenizer.eos_id} != model.eos_id {cfg.model.eos_id}")
+
+    device, dtype = default_device(), resolve_dtype(cfg.train.precision)
+    o = cfg.optim
+    optim = OptimizerSettings(lr=o.lr, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                              grad_clip=o.grad_clip)
+    overlay = json.loads(Path(cfg.deepspeed_json).read_text()) if cfg.deepspeed_json else None
+    sharded = parallelize(cfg.model, cfg.techniques, layout, cfg.parallel, optim, cfg.train.micro_batch_size,
+                          cfg.train.seed, cfg.train.precision, overlay)
+    module = TrainModule(sharded, layout, cfg.train.micro_batch_size, cfg.model.seq_length, dtype, device)
+    loader = build_train_loader(data.train, cfg.train.micro_batch_size, layout.dp_rank, layout.dp,
+                                cfg.data.num_workers, cfg.data.seed, cfg.data.on_corrupt,
+                                shards_per_pool=cfg.data.shards_per_pool, prefetch_factor=cfg.data.prefetch_factor,
+                                shard_base=cfg.data.shard_base, tokenizer_sha256=tokenizer.sha256,
+                                vocab_size=cfg.model.vocab_size, seq_length=cfg.model.seq_length)
+    state = TrainState()
+    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.output_dir, log=log0)
+    if resume_from is not None:
+        meta, rank_state = checkpoint.load(sharded.engine, resume_from)
+        state = TrainState(**meta["state"])
+        if rank_state is not None:
+            loader.load_state_dict(rank_state["loader"])
+            checkpoint.set_rng_state(rank_state["rng"])
+        else:
+            log0("warning: the checkpoint was written by a different number of ranks; the data stream restarts")
+        log0(f"resumed from {resume_from} at step {state.step} ({state.consumed_tokens:,} tokens)")
+
+    tokens_per_step = cfg.train.micro_batch_size * cfg.parallel.microbatches * layout.dp * cfg.model.seq_length
+    peak = cfg.train.mfu_peak_tflops or measure_peak_tflops(dtype, device)
+    writer = MetricsWriter(str(run_dir / "tensorboard"), enabled=dist.get_rank() == 0)
+    writer.text("config", "```\n" + to_yaml(cfg) + "\n```")
+    writer.text("layout", "```\n" + grid + "\n```")
+
+    def save(trainer) -> Path:
+        meta = {"state": trainer.state.as_dict(), "world_size": layout.world_size, "config": to_dict(cfg),
+                "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero": cfg.parallel.zero_stage}}
+        rank_state = {"loader": loader.state_dict(), "rng": checkpoint.rng_state()}
+        return checkpoint.save(sharded.engine, cfg.output_dir, trainer.state.step, rank_state, meta, data.tokenizer,
+                               cfg.checkpoint.keep_last)
+
+    callbacks = [MonitorCallback(writer, cfg.train.log_every, flops_per_token(cfg.model, cfg.model.seq_length)
+                                 * tokens_per_step, peak, layout.world_size, device,
+                                 progress=dist.get_rank() == 0 and os.isatty(2), log=log0)]
+    if data.eval:
+        callbacks.append(EvalCallback(
+            lambda: eval_batches(data.eval, cfg.train.micro_batch_size, layout.dp_rank, layout.dp,
+                                 max_batches=cfg.train.eval_batches, seq_length=cfg.model.seq_length,
+                                 tokenizer_sha256=tokenizer.sha256),
+            cfg.train.eval_every, writer, log=log0))
+    callbacks.append(CheckpointCallback(cfg.checkpoint.every, save, log=log0))
+    trainer = Trainer(cfg, module, loader, state, callbacks, tokens_per_step, log=log0)
+    code = trainer.fit()
+    writer.close()
+    log0(f"finished at step {state.step} (exit code {code}) · run directory {run_dir.resolve()}\n"
+         f"  checkpoints: {checkpoint.checkpoint_root(run_dir).resolve()}\n"
+         f"  TensorBoard: tensorboard --logdir {(run_dir / 'tensorboard').resolve()}")
+    return code

@@ -1,0 +1,45 @@
+"""Causal self-attention with grouped-query heads, tensor-parallel over heads.
+
+The fused QKV weight is laid out per key/value group — [q heads of group g, k_g, v_g] for each g —
+so that a contiguous split over TP ranks hands every rank whole groups, and a TP=1 weight means
+the same network at any TP size.
+"""
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from model.config import ModelConfig
+from model.rope import apply_rotary
+
+
+def _no_init(weight):
+    """Weights are written afterwards by `model.init`, identically for every layout."""
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_config, tp: int):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.kv_groups = cfg.kv_heads // tp
+        self.q_per_group = cfg.num_heads // cfg.kv_heads
+        qkv_out = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, config=layer_config, init_method=_no_init,
+                                        bias=False, gather_output=False)
+        self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, config=layer_config,
+                                      init_method=_no_init, bias=False, input_is_parallel=True,
+                                      skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        s, b, _ = x.shape
+        qkv, _ = self.qkv(x)
+        qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_group].reshape(s, b, -1, self.head_dim)
+        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # SDPA wants [b, h, s, head_dim]; it never materialises the [s, s] scores on the fast paths
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        y, _ = self.proj(out)
+        return y

@@ -1,0 +1,88 @@
+"""One pre-norm transformer block and the points where the techniques plug in.
+
+    x1 = h + Attn(RMSNorm(h))      ── post_attn point (SCR default, LCM alternative)
+    x2 = x1 + MLP(RMSNorm(x1))     ── post_mlp point  (LCM default, SCR alternative)
+    h' = x2                        ── residual point h^ℓ: CMR reweave (target), CMR capture (source),
+                                      SCA head (aux loss attached to h^ℓ)
+
+Activation checkpointing recomputes the attention and MLP sub-blocks only, so the techniques'
+forward side effects (SCA's EMA update) never run twice.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.context import ForwardContext
+from model.mlp import SwiGLU
+from model.norm import RMSNorm
+from model.plan import TechniquePlan
+from techniques.aux_loss import attach_aux_loss
+from techniques.cmr import LayerCapture, Reweave
+from techniques.config import TechniquesConfig
+from techniques.lcm import LCM
+from techniques.sca import SCAHead
+from techniques.scr import SCR
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, tech: TechniquesConfig, plan: TechniquePlan, index: int,
+                 layer_config, tp: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.point = index + 1  # this block outputs h^(index+1)
+        self.checkpointing = cfg.activation_checkpointing
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_config, tp)
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, layer_config)
+
+        self.lcm = LCM(d, tech.lcm) if index in plan.lcm_blocks else None
+        self.lcm_placement = tech.lcm.placement
+        self.scr = SCR(d, tech.scr) if index in plan.scr_blocks else None
+        self.scr_placement = tech.scr.placement
+        self.scr_first = bool(plan.scr_blocks) and index == plan.scr_blocks[0]
+        n_slots = len(plan.cmr_sources)
+        self.reweave = Reweave(d, tech.cmr.rank, n_slots, tech.cmr.rec_loss_weight) if self.point in plan.cmr_targets else None
+        self.capture = LayerCapture(d, tech.cmr.rank) if self.point in plan.cmr_sources else None
+        self.capture_slot = plan.cmr_sources.index(self.point) if self.capture is not None else None
+        self.sca = SCAHead(d, cfg.vocab_size, tech.sca) if self.point in plan.sca_points else None
+
+    def _attention_residual(self, h, cos, sin):
+        return h + self.attention(self.attn_norm(h), cos, sin)
+
+    def _mlp_residual(self, x):
+        return x + self.mlp(self.mlp_norm(x))
+
+    def _modulate(self, h: torch.Tensor, ctx: ForwardContext, placement: str) -> torch.Tensor:
+        if self.scr is not None and self.scr_placement == placement:
+            h, ctx.rho = self.scr(h, ctx.start, None if self.scr_first else ctx.rho)
+        if self.lcm is not None and self.lcm_placement == placement:
+            h = self.lcm(h, ctx.pos)
+        return h
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            x = checkpoint(self._attention_residual, h, ctx.cos, ctx.sin, use_reentrant=False)
+            x = self._modulate(x, ctx, "post_attn")
+            x = checkpoint(self._mlp_residual, x, use_reentrant=False)
+        else:
+            x = self._modulate(self._attention_residual(h, ctx.cos, ctx.sin), ctx, "post_attn")
+            x = self._mlp_residual(x)
+        x = self._modulate(x, ctx, "post_mlp")
+        return residual_point(self, x, ctx)
+
+
+def residual_point(owner: nn.Module, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    """CMR reweave/capture and the SCA head at h^point; shared by blocks and the embedding (h^0)."""
+    if getattr(owner, "reweave", None) is not None:
+        h = owner.reweave(h, ctx.bank_tensor(), ctx.readable_slots(owner.point))
+    if getattr(owner, "capture", None) is not None:
+        ctx.bank[owner.capture_slot] = owner.capture(h)
+    if getattr(owner, "sca", None) is not None and ctx.training:
+        loss = owner.sca(h, ctx.tokens, ctx.doc, step=ctx.step, update_ema=ctx.update_ema)
+        h = attach_aux_loss(h, loss)
+    return h

@@ -1,0 +1,149 @@
+"""A Llama-style GPT split into pipeline stages: embedding → blocks → final norm → vocab-parallel head.
+
+`GPTStage` is the part of the network one pipeline rank holds (the whole network when PP=1). Its
+parameter names use global block indices (`layers.7.…`), so every layout names every weight the
+same way; `model.init` keys the initial values on those names.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
+                                           vocab_parallel_cross_entropy)
+from torch import nn
+
+from model.attention import _no_init
+from model.block import Block, residual_point
+from model.config import ModelConfig
+from model.context import ForwardContext
+from model.init import block_seed, mark_tensor_parallel
+from model.norm import RMSNorm
+from model.plan import TechniquePlan
+from model.rope import RotaryEmbedding
+from techniques.aux_loss import attach_aux_loss
+from techniques.cmr import LayerCapture
+from techniques.config import TechniquesConfig
+from techniques.doc_meta import document_metadata
+
+
+def seeded(seed: int, index: int, build):
+    """Build a module under its own seed, so its random init does not depend on the stage."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(block_seed(seed, index))
+        return build()
+
+
+def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
+    per_stage = num_layers // pp
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+class GPTStage(nn.Module):
+    def __init__(self, cfg: ModelConfig, tech: TechniquesConfig, layer_config, *, tp: int = 1,
+                 pp: int = 1, pp_rank: int = 0, seed: int = 0):
+        super().__init__()
+        self.cfg, self.tech = cfg, tech
+        self.plan = TechniquePlan.from_config(tech, cfg.num_layers)
+        self.is_first, self.is_last = pp_rank == 0, pp_rank == pp - 1
+        self.tied_across_stages = cfg.tie_embeddings and pp > 1
+        self.layer_range = stage_layer_range(cfg.num_layers, pp, pp_rank)
+        self.padded_vocab = cfg.padded_vocab_size(tp)
+        d = cfg.hidden_size
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.point = 0  # the embedding output is h^0
+        if self.is_first:
+            self.embedding = VocabParallelEmbedding(self.padded_vocab, d, init_method=_no_init, config=layer_config)
+            if tech.cmr.enabled and 0 in self.plan.cmr_sources:
+                self.capture = seeded(seed, -1, lambda: LayerCapture(d, tech.cmr.rank))
+                self.capture_slot = self.plan.cmr_sources.index(0)
+        self.layers = nn.ModuleDict({
+            str(i): seeded(seed, i, lambda i=i: Block(cfg, tech, self.plan, i, layer_config, tp))
+            for i in self.layer_range})
+        if self.is_last:
+            self.final_norm = RMSNorm(d, cfg.norm_eps)
+            share_first_stage_weight = cfg.tie_embeddings and pp == 1
+            self.output_layer = ColumnParallelLinear(d, self.padded_vocab, config=layer_config, init_method=_no_init,
+                                                     bias=False, gather_output=False,
+                                                     skip_weight_param_allocation=share_first_stage_weight)
+            if self.tied_across_stages:
+                # DeepSpeed skips params marked so when it sums grad norms, so the tied copy counts once
+                self.output_layer.weight.ds_pipe_replicated = True
+        mark_tensor_parallel(self)
+        self.hcma = None  # attached by the train module when techniques.hcma is on (needs the live table)
+
+    # ----------------------------------------------------------------------------------- forward
+    def make_context(self, input_ids: torch.Tensor, step: int = 0) -> ForwardContext:
+        tokens = input_ids.t()  # [s, b]
+        pos, start, doc = document_metadata(tokens, self.cfg.eos_id)
+        dtype = next(self.parameters()).dtype
+        cos, sin = self.rope.cos_sin(tokens.shape[0], tokens.device, dtype)
+        return ForwardContext(tokens=tokens, pos=pos, start=start, doc=doc, cos=cos, sin=sin, plan=self.plan,
+                              step=step, training=self.training, stage_first_point=self.layer_range.start,
+                              bank=[None] * len(self.plan.cmr_sources))
+
+    def forward(self, tokens: torch.Tensor, received: dict | None = None, step: int = 0,
+                update_ema: bool = True):
+        """tokens: [b, s+1] ids (inputs and shifted labels). received: tensors from the previous stage.
+        Returns the mean LM loss on the last stage, else the dict of tensors for the next stage."""
+        input_ids, labels = tokens[:, :-1], tokens[:, 1:]
+        ctx = self.make_context(input_ids, step)
+        ctx.update_ema = update_ema
+        h = self._stage_input(ctx, received)
+        for block in self.layers.values():
+            h = block(h, ctx)
+        if not self.is_last:
+            return self._stage_output(h, ctx)
+        logits = self.logits(h)
+        loss = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())
+        return loss.mean()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits [s, b, V_pad / tp] from the last block's output."""
+        h = self.final_norm(h)
+        weight = self.embedding.weight if (self.cfg.tie_embeddings and not self.tied_across_stages) else None
+        logits, _ = self.output_layer(h, weight=weight)
+        return self._mask_vocab_padding(logits)
+
+    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Padding rows exist only for TP divisibility; a huge negative logit keeps them out of the
+        softmax (exp underflows to exactly 0), so the loss is the same at every TP size and equals the
+        exported model's. Not -inf: megatron's cross-entropy would turn -inf - max into NaN."""
+        from megatron.core import parallel_state as ps
+
+        local = logits.shape[-1]
+        first = ps.get_tensor_model_parallel_rank() * local
+        real = self.cfg.vocab_size - first
+        if real >= local:
+            return logits
+        mask = torch.arange(local, device=logits.device) >= real
+        return logits.masked_fill(mask, -1e30 if logits.dtype == torch.float32 else -1e4)
+
+    def _stage_input(self, ctx: ForwardContext, received: dict | None) -> torch.Tensor:
+        s, b = ctx.tokens.shape
+        if ctx.bank:
+            ctx.bank_template = torch.zeros(s, b, self.tech.cmr.rank, dtype=ctx.cos.dtype, device=ctx.tokens.device)
+        if not self.is_first:
+            ctx.rho = received.get("rho")
+            if "bank" in received:
+                ctx.bank = list(received["bank"].unbind(2))
+            return received["hidden"]
+        h = self.embedding(ctx.tokens)
+        if self.hcma is not None and self.training:
+            h = attach_aux_loss(h, self.hcma.loss(self.embedding.weight))
+        return residual_point(self, h, ctx)
+
+    def _stage_output(self, h: torch.Tensor, ctx: ForwardContext) -> dict:
+        out = {"hidden": h}
+        if self.plan.carries_rho(self.tech):
+            out["rho"] = ctx.rho if ctx.rho is not None else torch.zeros(ctx.tokens.shape, device=h.device)
+        if self.plan.carries_bank():
+            out["bank"] = ctx.bank_tensor()
+        return out
+
+    def carry_specs(self, micro_batch: int, seq_len: int, dtype: torch.dtype) -> dict:
+        """Name → (shape, dtype) of every tensor sent between stages; the same on all stages."""
+        specs = {"hidden": ((seq_len, micro_batch, self.cfg.hidden_size), dtype)}
+        if self.plan.carries_rho(self.tech):
+            specs["rho"] = ((seq_len, micro_batch), torch.float32)
+        if self.plan.carries_bank():
+            specs["bank"] = ((seq_len, micro_batch, len(self.plan.cmr_sources), self.tech.cmr.rank), dtype)
+        return specs

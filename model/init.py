@@ -1,0 +1,60 @@
+"""Initial weights that are identical for every TP/PP layout.
+
+Each tensor-parallel weight is drawn in full from a generator seeded by (seed, parameter name) and
+this rank keeps its slice, so TP=4 holds exactly the slices of the TP=1 tensor. Technique
+parameters are drawn while their block is built, under a per-block seed (`block_seed`), so they do
+not depend on which pipeline stage builds the block either.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+
+_OUTPUT_PROJECTIONS = (".attention.proj.weight", ".mlp.down.weight")
+
+
+def block_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + 7919 * (index + 1)) % (2**63)
+
+
+def _generator(seed: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+
+
+def initial_value(name: str, full_shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
+    """The full (unsharded) initial tensor of a tensor-parallel weight, by name."""
+    key = "embedding.weight" if (name == "output_layer.weight" and cfg.tie_embeddings) else name
+    std = cfg.init_std
+    if name.endswith(_OUTPUT_PROJECTIONS):
+        std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    return torch.randn(full_shape, generator=_generator(seed, key)) * std
+
+
+def mark_tensor_parallel(module: nn.Module) -> None:
+    """Tag sharded weights like megatron does when it initialises them itself (Loom initialises
+    them afterwards); DeepSpeed's grad norm and `init_tensor_parallel_weights` read these tags."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for sub in module.modules():
+        dim = {ColumnParallelLinear: 0, RowParallelLinear: 1, VocabParallelEmbedding: 0}.get(type(sub))
+        weight = getattr(sub, "weight", None)
+        if dim is not None and isinstance(weight, nn.Parameter):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
+@torch.no_grad()
+def init_tensor_parallel_weights(module: nn.Module, cfg: ModelConfig, seed: int, tp_rank: int, tp: int) -> None:
+    for name, param in module.named_parameters():
+        if not getattr(param, "tensor_model_parallel", False):
+            continue
+        dim = param.partition_dim
+        full_shape = list(param.shape)
+        full_shape[dim] *= tp
+        full = initial_value(name, tuple(full_shape), cfg, seed)
+        param.copy_(full.chunk(tp, dim=dim)[tp_rank].to(param.dtype))

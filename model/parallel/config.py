@@ -1,0 +1,38 @@
+"""How one run is laid out over its processes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (megatron-core column/row-parallel layers)."""
+    pipeline: int = 1
+    """Pipeline-parallel stages (Loom's own 1F1B schedule)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2 or 3 (3 only with pipeline=1)."""
+    microbatches: int = 1
+    """Micro-batches per optimizer step on each data-parallel rank (gradient accumulation / pipeline depth)."""
+    reduce_bucket_size: int = 50_000_000
+    """DeepSpeed reduce/all-gather bucket size in elements; small on CPU avoids huge buffers."""
+
+    def validate(self, world_size: int | None) -> list[str]:
+        problems = []
+        for name in ("tensor", "pipeline", "microbatches", "reduce_bucket_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"parallel.{name} must be positive, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            problems.append(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage == 3 and self.pipeline > 1:
+            problems.append("ZeRO-3 with parallel.pipeline > 1 is not supported: use zero_stage 0, 1 or 2 "
+                            "with pipeline parallelism")
+        if problems:
+            return problems
+        if world_size is not None and world_size % (self.tensor * self.pipeline):
+            problems.append(f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline "
+                            f"= {self.tensor} × {self.pipeline}")
+        return problems
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor * self.pipeline)

@@ -1,0 +1,51 @@
+"""Full, unsharded weights of a model spread over TP and PP ranks (and ZeRO-3 partitions).
+
+Every rank gets the same `{name: fp32 CPU tensor}` dict, named as in a TP=1, PP=1 model.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+def _gathered(module: torch.nn.Module):
+    params = list(module.parameters())
+    if params and hasattr(params[0], "ds_id"):  # ZeRO-3 partitioned parameters
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def full_state_dict(module: torch.nn.Module, include_buffers: bool = True) -> dict[str, torch.Tensor]:
+    from megatron.core import parallel_state as ps
+
+    tp_group = ps.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(tp_group)
+    local: dict[str, torch.Tensor] = {}
+    with _gathered(module):
+        for name, param in module.named_parameters():
+            value = param.detach()
+            if getattr(param, "tensor_model_parallel", False) and tp > 1:
+                parts = [torch.empty_like(value) for _ in range(tp)]
+                dist.all_gather(parts, value.contiguous(), group=tp_group)
+                value = torch.cat(parts, dim=param.partition_dim)
+            local[name] = value.float().cpu().clone()
+    if include_buffers:  # persistent buffers only (SCA statistics, HCMA state), not RoPE tables
+        params = dict(module.named_parameters())
+        for name, value in module.state_dict().items():
+            if name not in params and not name.endswith("_extra_state") and torch.is_tensor(value):
+                local[name] = value.detach().cpu().clone()
+    pp_group = ps.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pp_group) == 1:
+        return local
+    stages: list = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(stages, local, group=pp_group)
+    merged: dict[str, torch.Tensor] = {}
+    for stage_dict in stages:
+        for name, value in stage_dict.items():
+            merged.setdefault(name, value)  # a tied output copy equals the first stage's embedding
+    return merged

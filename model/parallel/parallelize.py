@@ -1,0 +1,72 @@
+"""Apply the parallel layout to the network (torchtitan's `parallelize` step): build this rank's
+pipeline stage with tensor-parallel layers, write layout-invariant initial weights, move it to the
+device and wrap it in its DeepSpeed engine."""
+from __future__ import annotations
+
+import torch
+
+from model.config import ModelConfig
+from model.gpt import GPTStage
+from model.init import init_tensor_parallel_weights
+from model.parallel.config import ParallelConfig
+from model.parallel.groups import Layout, megatron_layer_config
+from model.parallel.zero import (OptimizerSettings, ShardedStage, build_optimizer, deepspeed_config,
+                                 zero3_init_context)
+from techniques.config import TechniquesConfig
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """'auto' is bf16 where the GPU has it and fp32 on CPU (fp32 keeps CPU tests exact)."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def build_stage(cfg: ModelConfig, tech: TechniquesConfig, layout: Layout, seed: int,
+                dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> GPTStage:
+    """This rank's stage with its initial weights; identical weights for every layout."""
+    stage = GPTStage(cfg, tech, megatron_layer_config(torch.float32), tp=layout.tp, pp=layout.pp,
+                     pp_rank=layout.pp_rank, seed=seed)
+    init_tensor_parallel_weights(stage, cfg, seed, layout.tp_rank, layout.tp)
+    return stage.to(device=device or default_device(), dtype=dtype)
+
+
+def parallelize(cfg: ModelConfig, tech: TechniquesConfig, layout: Layout, parallel: ParallelConfig,
+                optim: OptimizerSettings, micro_batch_size: int, seed: int, precision: str = "auto",
+                deepspeed_overlay: dict | None = None) -> ShardedStage:
+    dtype = resolve_dtype(precision)
+    ds_config = deepspeed_config(parallel, micro_batch_size, layout.dp, dtype == torch.bfloat16,
+                                 optim.grad_clip, deepspeed_overlay)
+    if parallel.zero_stage == 3:
+        stage = _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype)
+    else:
+        # the engine keeps fp32 masters itself; the module holds the working dtype
+        stage = build_stage(cfg, tech, layout, seed, dtype)
+    return ShardedStage(stage, layout, parallel, ds_config, build_optimizer(stage, optim), optim.grad_clip)
+
+
+def _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype) -> GPTStage:
+    """Under zero.Init each parameter is partitioned as soon as its module is built, so the
+    initial values are written through GatheredParameters (every DP rank computes the same)."""
+    import deepspeed
+
+    from model.init import initial_value
+
+    with zero3_init_context(parallel, ds_config):
+        stage = GPTStage(cfg, tech, megatron_layer_config(torch.float32), tp=layout.tp, pp=layout.pp,
+                         pp_rank=layout.pp_rank, seed=seed)
+    for name, param in stage.named_parameters():
+        if not getattr(param, "tensor_model_parallel", False):
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            full_shape = list(param.ds_shape)
+            full_shape[param.partition_dim] *= layout.tp
+            full = initial_value(name, tuple(full_shape), cfg, seed)
+            param.data.copy_(full.chunk(layout.tp, dim=param.partition_dim)[layout.tp_rank])
+    return stage.to(device=default_device(), dtype=dtype)
