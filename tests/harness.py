@@ -95,36 +95,45 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, backend: str
     results: list[Any] = [None] * world_size
     pending = set(range(world_size))
     deadline = time.monotonic() + timeout
-    failure = None
+    failures: dict[int, str] = {}
+    grace_until = None  # after the first failure, give the other ranks a moment to report theirs
     try:
-        while pending and failure is None:
-            if time.monotonic() > deadline:
-                failure = f"timed out after {timeout:.0f}s; ranks {sorted(pending)} did not finish"
+        while pending:
+            now = time.monotonic()
+            if grace_until is not None and now > grace_until:
+                break
+            if now > deadline:
+                failures[-1] = f"timed out after {timeout:.0f}s; ranks {sorted(pending)} did not finish"
                 break
             for rank in list(pending):
                 conn = pipes[rank]
-                if conn.poll(0.05):
+                if conn.poll(0.02):
                     try:
                         status, payload = conn.recv()
                     except EOFError:
-                        failure = f"rank {rank} exited (code {procs[rank].exitcode}) without a result"
-                        break
+                        status, payload = "error", f"rank {rank} exited (code {procs[rank].exitcode}) without a result"
                     pending.discard(rank)
                     if status == "ok":
                         results[rank] = pickle.loads(payload)
                     else:
-                        failure = payload
-                        break
+                        failures[rank] = payload
                 elif not procs[rank].is_alive() and not conn.poll(0):
-                    failure = f"rank {rank} died with exit code {procs[rank].exitcode} without a result"
-                    break
+                    pending.discard(rank)
+                    failures[rank] = f"rank {rank} died with exit code {procs[rank].exitcode} without a result"
+            if failures and grace_until is None:
+                grace_until = time.monotonic() + 3.0
     finally:
         for p in procs:
             if p.is_alive():
-                p.kill() if failure else p.join(timeout=30)
+                p.kill() if failures else p.join(timeout=30)
             if p.is_alive():
                 p.kill()
             p.join(timeout=10)
-    if failure:
-        raise DistributedTestError(failure)
+    if failures:
+        # a peer's crash shows up in the others as "connection closed": report the cause first
+        def is_echo(text: str) -> bool:
+            return "Connection closed by peer" in text or "Connection reset by peer" in text
+
+        ordered = sorted(failures.items(), key=lambda kv: (is_echo(kv[1]), kv[0]))
+        raise DistributedTestError("\n\n".join(text for _, text in ordered))
     return results

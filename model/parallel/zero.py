@@ -101,7 +101,8 @@ class ShardedStage:
                                                                  config=ds_config, mpu=MegatronMPU())
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
-        self.embedding_group = ps.get_embedding_group() if layout.pp > 1 else None
+        tied = getattr(stage, "tied_across_stages", False) and (layout.is_first_stage or layout.is_last_stage)
+        self.embedding_group = ps.get_embedding_group() if tied else None
         self.model_parallel_group = ps.get_model_parallel_group()
         self.own_clipping = parallel.zero_stage == 0 and not ds_config["bf16"]["enabled"]
         self.grad_clip = grad_clip

@@ -1,0 +1,122 @@
+"""LCM: one explicit Euler step of a causal contraction toward a per-document context anchor.
+
+The papers leave the "modulation function" unspecified; the spec (section 3) makes it the
+gradient flow of ``Phi_t = 1/2 ||h_t - c_t||^2_diag(a)`` with ``c_t`` a tap-weighted mean of the
+previous ``K`` positions of the same document. ``a = a_max * tanh(alpha)`` starts at 0, so the
+module is an exact identity at init and can be switched on for a pretrained checkpoint.
+
+The anchor is a banded causal filter along the sequence. Instead of ``K`` full-tensor shifted
+adds (memory-bound, ``K`` passes over the activations) it is evaluated block-wise as one batched
+matmul: each block of ``C`` tokens reads a window of ``C + K`` rows against a ``[C, C + K]`` band of
+tap weights that already encodes the document mask and the renormalisation. If TF32 matmuls are
+enabled globally, only the tap weights are rounded (bf16-born activations are exact in TF32), an
+error below the bf16 resolution of the output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from techniques.aux_loss import attach_aux_loss
+from techniques.config import LCMConfig
+
+ANCHOR_BLOCK = 64
+"""Tokens per block of the anchor matmul; the band matrix costs (C + K) floats per token."""
+
+
+def lag_taps(K: int, beta: float, device=None) -> torch.Tensor:
+    """Normalised fp32 tap weights of lags 1..K: ``beta^(j-1) / sum``."""
+    taps = beta ** torch.arange(K, dtype=torch.float32, device=device)
+    return taps / taps.sum()
+
+
+def causal_anchor(h: torch.Tensor, pos: torch.Tensor, taps: torch.Tensor, block: int = ANCHOR_BLOCK) -> torch.Tensor:
+    """``c_t = sum_j taps_j h_{t-j} / sum_j taps_j`` over lags ``1 <= j <= K`` with ``pos_t >= j``.
+
+    ``h`` is ``[s, b, d]`` (fp32 expected), ``pos`` the ``[s, b]`` position inside the document.
+    A token without valid lags (a document start) is its own anchor, so it is not pulled.
+    """
+    s, b, d = h.shape
+    K = taps.numel()
+    if s == 0:
+        return h.clone()
+    steps = torch.arange(s, device=h.device)[:, None]
+    n_lags = torch.minimum(pos.to(steps.dtype), steps).clamp(0, K)  # valid lags are 1..n_lags
+    tap_mass = F.pad(taps.cumsum(0), (1, 0))[n_lags]  # sum of the valid taps, 0 if none
+
+    C = min(block, s)
+    n_blocks = -(-s // C)
+    pad = n_blocks * C - s
+    # Row i of a block reads window column k (global row start - K + k), i.e. lag i + K - k.
+    lag = torch.arange(C, device=h.device)[:, None] + K - torch.arange(C + K, device=h.device)[None, :]
+    band = torch.where((lag >= 1) & (lag <= K), taps[(lag - 1).clamp(0, K - 1)], torch.zeros((), device=h.device))
+
+    def per_block(x: torch.Tensor) -> torch.Tensor:  # [s, b] -> [n_blocks, b, C, 1]
+        return F.pad(x, (0, 0, 0, pad)).view(n_blocks, C, b).transpose(1, 2)[..., None]
+
+    n_lags_b, mass_b = per_block(n_lags), per_block(tap_mass)
+    weights = torch.where(lag <= n_lags_b, band / mass_b.clamp_min(1e-12), torch.zeros((), device=h.device))
+    weights = weights + ((lag == 0) & (n_lags_b == 0)).to(weights.dtype)  # no history: anchor = h_t
+    windows = F.pad(h, (0, 0, 0, 0, K, pad)).unfold(0, C + K, C)  # [n_blocks, b, d, C + K]
+    anchor = torch.matmul(weights.to(h.dtype), windows.transpose(-1, -2))  # [n_blocks, b, C, d]
+    return anchor.transpose(1, 2).reshape(n_blocks * C, b, d)[:s]
+
+
+class LCM(nn.Module):
+    """``h_t <- h_t - g_t a * (h_t - c_t)`` applied to the residual stream ``[s, b, d]``.
+
+    With ``aux_smooth_weight > 0`` the smoothness loss is attached to the output in training
+    (``attach_aux_loss``), so callers never handle it.
+    """
+
+    def __init__(self, hidden_size: int, cfg: LCMConfig):
+        super().__init__()
+        self.K, self.beta, self.a_max = cfg.K, cfg.beta, cfg.a_max
+        self.n_iter, self.clamp, self.aux_smooth_weight = cfg.n_iter, cfg.clamp, cfg.aux_smooth_weight
+        self.alpha = nn.Parameter(torch.zeros(hidden_size))
+        self.use_gate = cfg.gate
+        if self.use_gate:
+            self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+            self.gate_weight = nn.Parameter(torch.zeros(hidden_size))
+            self.gate_bias = nn.Parameter(torch.zeros(1))
+        self._last: dict[str, torch.Tensor] = {}
+
+    def strength(self) -> torch.Tensor:
+        """Per-channel modulation strength ``a`` in fp32."""
+        a = self.a_max * torch.tanh(self.alpha.float())
+        return a.clamp(min=0.0) if self.clamp else a
+
+    def forward(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        hf = h.float()
+        anchor = causal_anchor(hf, pos, lag_taps(self.K, self.beta, h.device))
+        a = self.strength()
+        if self.use_gate:
+            u = F.rms_norm(hf, self.norm.normalized_shape, self.norm.weight.float(), self.norm.eps).to(h.dtype)
+            gate = torch.sigmoid(u.float() @ self.gate_weight.float() + self.gate_bias.float())  # [s, b]
+            step = gate[..., None] * a
+        else:
+            gate = None
+            step = a
+        if self.n_iter > 1:  # n Euler steps with a fixed anchor contract (h - c) by (1 - step)^n
+            step = 1.0 - (1.0 - step) ** self.n_iter
+        pull = hf - anchor
+        out = (hf - step * pull).to(h.dtype)
+        if self.aux_smooth_weight > 0 and self.training and torch.is_grad_enabled():
+            smooth = pull.pow(2).sum(-1).mean()
+            out = attach_aux_loss(out, self.aux_smooth_weight * smooth)
+            self._last["smooth_loss"] = smooth.detach()
+        with torch.no_grad():
+            self._last["gate_mean"] = gate.mean() if gate is not None else torch.ones((), device=h.device)
+            self._last["strength_mean"] = a.mean()
+            self._last["frac_alpha_negative"] = (self.alpha < 0).float().mean()
+        return out
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Detached 0-dim statistics of the last forward (gate mean, mean ``a``, dead-channel fraction)."""
+        return dict(self._last)
+
+    def extra_repr(self) -> str:
+        return (f"K={self.K}, beta={self.beta}, a_max={self.a_max}, n_iter={self.n_iter}, "
+                f"gate={self.use_gate}, clamp={self.clamp}")
+

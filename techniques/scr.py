@@ -1,0 +1,111 @@
+"""SCR: a relevance-weighted, per-document prefix summary added back through a rank-r map.
+
+Spec section 4: each SCR layer adds ``W_up m_t`` with ``m_t`` the relevance-weighted mean of
+``W_down u_k`` over the document prefix ``k <= t``. The relevance ``rho`` recurses across depth
+(the paper's "probabilistic layer realignment"), so it is returned and fed to the next SCR layer.
+``W_up = 0`` at init makes the module an exact identity.
+
+The prefix sums are a segmented (optionally decayed) scan. A plain ``cumsum`` over the whole
+packed sequence followed by subtracting the sum before the document start loses precision to
+cancellation late in long sequences, and cannot express decay. ``segmented_cumsum`` therefore
+scans blocks of ``C`` tokens with a small masked matmul and carries block totals through the same
+scan one level up, so every fp32 sum has at most ``C`` terms and ``decay^k`` is never inverted.
+(With TF32 matmuls enabled globally each summand is rounded to TF32 once; that error does not
+accumulate along the sequence and stays below the bf16 resolution of the output.)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from techniques.config import SCRConfig, parse_relevance_noise
+
+SCAN_BLOCK = 64
+"""Tokens per block of the segmented scan."""
+
+
+def _scan_blocks(x: torch.Tensor, local_doc: torch.Tensor, decay: float) -> torch.Tensor:
+    """Within-block segmented decayed scan. x ``[n, C, b, k]``, local_doc ``[n, C, b]`` -> ``[n, C, b, k]``."""
+    C = x.shape[1]
+    idx = torch.arange(C, device=x.device)
+    dist = idx[:, None] - idx[None, :]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    kernel = torch.where(dist >= 0, decay ** dist.clamp(min=0).to(x.dtype), zero)  # decay^(i-u), causal
+    docs = local_doc.transpose(1, 2)  # [n, b, C]
+    mixing = kernel * (docs[..., :, None] == docs[..., None, :])  # [n, b, C, C]
+    return torch.matmul(mixing, x.transpose(1, 2)).transpose(1, 2)
+
+
+def segmented_cumsum(x: torch.Tensor, start: torch.Tensor, decay: float = 1.0, block: int = SCAN_BLOCK) -> torch.Tensor:
+    """``y_t = sum_{k <= t, same document} decay^(t-k) x_k`` along dim 0.
+
+    ``x`` is ``[s, b, k]`` (fp32 expected), ``start`` the ``[s, b]`` document-start flags; the sum
+    restarts at every start. ``decay = 1`` is the plain segmented cumsum.
+    """
+    s, b, k = x.shape
+    if s == 0:
+        return x.clone()
+    C = min(max(block, 2), s)  # blocks of >= 2 tokens so the recursion over blocks terminates
+    n_blocks = -(-s // C)
+    pad = n_blocks * C - s
+    xb = F.pad(x, (0, 0, 0, 0, 0, pad)).view(n_blocks, C, b, k)
+    starts = torch.cat([start, start.new_zeros(pad, b)]) if pad else start
+    local_doc = starts.view(n_blocks, C, b).long().cumsum(1)  # 0 until the block's first start
+    y = _scan_blocks(xb, local_doc, decay)
+    if n_blocks > 1:
+        # State at each block end = that block's tail + decayed state of the previous block end,
+        # unless the block contains a start: the same scan over blocks with decay^C.
+        ends = segmented_cumsum(y[:, -1], local_doc[:, -1] > 0, decay ** C, block)
+        carry = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])  # [n, b, k] state entering block
+        reach = decay ** torch.arange(1, C + 1, device=x.device, dtype=x.dtype)  # decay to row i of the block
+        open_doc = (local_doc == 0).to(x.dtype) * reach[:, None]  # rows still in the previous block's document
+        y = y + open_doc[..., None] * carry[:, None]
+    return y.reshape(n_blocks * C, b, k)[:s]
+
+
+class SCR(nn.Module):
+    """``h_t <- h_t + W_up m_t``; ``forward(h, start, rho_prev)`` returns ``(h_out, rho)``."""
+
+    def __init__(self, hidden_size: int, cfg: SCRConfig):
+        super().__init__()
+        self.rank, self.gamma, self.decay = cfg.rank, cfg.gamma, cfg.decay
+        self.noise_tau = parse_relevance_noise(cfg.relevance_noise)
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.relevance = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.relevance.weight)
+        nn.init.zeros_(self.relevance.bias)
+        self.down = nn.Linear(hidden_size, cfg.rank, bias=False)
+        nn.init.normal_(self.down.weight, std=hidden_size ** -0.5)
+        self.up = nn.Linear(cfg.rank, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self._last: dict[str, torch.Tensor] = {}
+
+    def forward(self, h: torch.Tensor, start: torch.Tensor,
+                rho_prev: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        u = F.rms_norm(h.float(), self.norm.normalized_shape, self.norm.weight.float(), self.norm.eps).to(h.dtype)
+        logit = F.linear(u.float(), self.relevance.weight.float(), self.relevance.bias.float()).squeeze(-1)
+        if self.noise_tau is not None and self.training:
+            uniform = torch.rand_like(logit).clamp(1e-6, 1.0 - 1e-6)
+            logit = (logit + torch.log(uniform) - torch.log1p(-uniform)) / self.noise_tau
+        relevance = torch.sigmoid(logit)  # [s, b] fp32
+        if rho_prev is None or self.gamma == 0:
+            rho = relevance
+        else:
+            rho = self.gamma * rho_prev.float() + (1.0 - self.gamma) * relevance
+        v = self.down(u).float()  # [s, b, r]
+        sums = segmented_cumsum(torch.cat([rho[..., None] * v, rho[..., None]], dim=-1), start, self.decay)
+        summary = sums[..., :-1] / (sums[..., -1:] + 1e-6)
+        with torch.no_grad():
+            self._last["relevance_mean"] = relevance.mean()
+            self._last["rho_mean"] = rho.mean()
+        return h + self.up(summary.to(h.dtype)), rho
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Detached 0-dim statistics of the last forward (mean relevance and mean rho)."""
+        return dict(self._last)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, gamma={self.gamma}, decay={self.decay}, noise_tau={self.noise_tau}"
