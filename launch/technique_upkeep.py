@@ -1,7 +1,38 @@
-"""The techniques' periodic, non-differentiable work between optimizer steps: SCA's statistics
-are averaged over data-parallel replicas, and HCMA's hierarchy is refreshed (and, in offline mode,
-written into DeepSpeed's fp32 master weights as well as the working copy)."""
+"""The techniques' periodic, non-differentiable work between optimizer steps.
+
+SCA's per-token statistics drift apart on data-parallel replicas and are averaged every
+`buffer_sync_every` steps. HCMA's hierarchy is rebuilt every `refresh_every` steps on the first
+stage's (vocab-parallel) embedding and made bit-identical across DP replicas; in offline mode the
+aligned table is written into DeepSpeed's fp32 master weights (otherwise the next optimizer step
+would silently revert it), into the working copy, and into a tied output copy on the last stage.
+"""
 from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+def _gathered(param):
+    if hasattr(param, "ds_id"):  # ZeRO-3: the refresh needs the whole (TP-local) shard
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param])
+    return contextlib.nullcontext()
+
+
+def _write_weight(param, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(param, value.float())  # collective over the DP group
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.data.copy_(value)
+    else:
+        param.data.copy_(value.to(param.dtype))
 
 
 def upkeep(sharded, layout, step: int) -> None:
@@ -11,3 +42,31 @@ def upkeep(sharded, layout, step: int) -> None:
         for sub in module.modules():
             if hasattr(sub, "sync_buffers"):
                 sub.sync_buffers(sharded.dp_group)
+    if tech.hcma.enabled and step % tech.hcma.refresh_every == 0:
+        _refresh_hcma(sharded, layout)
+
+
+def _refresh_hcma(sharded, layout) -> None:
+    from megatron.core import parallel_state as ps
+
+    module, offline = sharded.module, sharded.module.tech.hcma.mode == "offline"
+    new_table = None
+    if module.is_first:
+        weight = module.embedding.weight
+        with _gathered(weight):
+            rows = weight.shape[0]
+            start = layout.tp_rank * rows
+            real = max(0, min(rows, module.cfg.vocab_size - start))
+            module.hcma.refresh(weight.detach(), start, real, ps.get_tensor_model_parallel_group())
+            module.hcma.broadcast_state(sharded.dp_group)
+            if offline:
+                new_table = module.hcma.offline_align(weight.detach())
+        if new_table is not None:
+            _write_weight(weight, new_table)
+    if offline and module.tied_across_stages and (module.is_first or module.is_last):
+        if new_table is None:
+            new_table = torch.empty_like(module.output_layer.weight)
+        group = sharded.embedding_group
+        dist.broadcast(new_table, src=dist.get_global_rank(group, 0), group=group)
+        if module.is_last:
+            _write_weight(module.output_layer.weight, new_table)

@@ -92,6 +92,8 @@ def run(cfg: RunConfig) -> int:
         if rank_state is not None:
             loader.load_state_dict(rank_state["loader"])
             checkpoint.set_rng_state(rank_state["rng"])
+            if sharded.module.hcma is not None:
+                sharded.module.hcma.load_state_dict(rank_state.get("hcma", {}))
         else:
             log0("warning: the checkpoint was written by a different number of ranks; the data stream restarts")
         log0(f"resumed from {resume_from} at step {state.step} ({state.consumed_tokens:,} tokens)")
@@ -105,7 +107,8 @@ def run(cfg: RunConfig) -> int:
     def save(trainer) -> Path:
         meta = {"state": trainer.state.as_dict(), "world_size": layout.world_size, "config": to_dict(cfg),
                 "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero": cfg.parallel.zero_stage}}
-        rank_state = {"loader": loader.state_dict(), "rng": checkpoint.rng_state()}
+        rank_state = {"loader": loader.state_dict(), "rng": checkpoint.rng_state(),
+                      "hcma": sharded.module.hcma.state_dict() if sharded.module.hcma is not None else {}}
         return checkpoint.save(sharded.engine, cfg.output_dir, trainer.state.step, rank_state, meta, data.tokenizer,
                                cfg.checkpoint.keep_last)
 

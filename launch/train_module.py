@@ -78,6 +78,10 @@ class TrainModule:
                 for key, value in metrics().items():
                     value = float(value.detach()) if torch.is_tensor(value) else float(value)
                     out[f"techniques/{name}/{key}"] = value
+        hcma = getattr(self.module, "hcma", None)
+        if hcma is not None:
+            for key, value in hcma.metrics().items():
+                out[f"techniques/hcma/{key}"] = float(value.detach()) if torch.is_tensor(value) else float(value)
         if self.layout.pp > 1:
             stages = [None] * self.layout.pp
             dist.all_gather_object(stages, out, group=self.sharded.pp_group)

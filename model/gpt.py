@@ -23,6 +23,7 @@ from techniques.aux_loss import attach_aux_loss
 from techniques.cmr import LayerCapture
 from techniques.config import TechniquesConfig
 from techniques.doc_meta import document_metadata
+from techniques.hcma import HCMA
 
 
 def seeded(seed: int, index: int, build):
@@ -68,7 +69,8 @@ class GPTStage(nn.Module):
                 # DeepSpeed skips params marked so when it sums grad norms, so the tied copy counts once
                 self.output_layer.weight.ds_pipe_replicated = True
         mark_tensor_parallel(self)
-        self.hcma = None  # attached by the train module when techniques.hcma is on (needs the live table)
+        # HCMA owns no parameters (not an nn.Module); its refresh runs between steps (launch/technique_upkeep.py)
+        self.hcma = HCMA(tech.hcma, d) if (tech.hcma.enabled and self.is_first) else None
 
     # ----------------------------------------------------------------------------------- forward
     def make_context(self, input_ids: torch.Tensor, step: int = 0) -> ForwardContext:
@@ -127,8 +129,9 @@ class GPTStage(nn.Module):
                 ctx.bank = list(received["bank"].unbind(2))
             return received["hidden"]
         h = self.embedding(ctx.tokens)
-        if self.hcma is not None and self.training:
-            h = attach_aux_loss(h, self.hcma.loss(self.embedding.weight))
+        hcma = self.hcma
+        if hcma is not None and self.training and hcma.ready and hcma.cfg.mode == "regularizer":
+            h = attach_aux_loss(h, hcma.weighted_loss(self.embedding.weight))
         return residual_point(self, h, ctx)
 
     def _stage_output(self, h: torch.Tensor, ctx: ForwardContext) -> dict:

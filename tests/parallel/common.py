@@ -24,7 +24,26 @@ def tiny_model(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-OPTIM = OptimizerSettings(lr=3e-3, weight_decay=0.1, grad_clip=0.05)
+def all_techniques(**hcma) -> TechniquesConfig:
+    """All five on, sized for the tiny model so every code path runs (SCR's ρ and CMR's bank
+    cross pipeline stages, SCA's field term is live from step 0, HCMA refreshes every step)."""
+    tech = TechniquesConfig()
+    tech.lcm.enabled = True
+    tech.lcm.K = 4
+    tech.scr.enabled, tech.scr.rank = True, 8
+    tech.cmr.enabled, tech.cmr.rank = True, 8
+    tech.sca.enabled, tech.sca.rank, tech.sca.window, tech.sca.warmup_steps = True, 8, 8, 0
+    tech.hcma.enabled, tech.hcma.K1, tech.hcma.K2, tech.hcma.proj_dim, tech.hcma.knn = True, 4, 8, 16, 4
+    tech.hcma.refresh_every, tech.hcma.lambda_hcma = 2, 0.1
+    for key, value in hcma.items():
+        setattr(tech.hcma, key, value)
+    return tech
+
+
+# eps 1e-5, not 1e-8: Adam divides each gradient element by its own magnitude, so with a tiny eps an
+# element whose gradient is at rounding level (reduction order differs between layouts) takes a
+# full lr-sized step either way, and compared weights would measure noise instead of correctness
+OPTIM = OptimizerSettings(lr=3e-3, weight_decay=0.1, grad_clip=0.05, eps=1e-5)
 
 
 def fixed_batches(num: int, vocab: int, seed: int = 7) -> list[torch.Tensor]:
@@ -68,6 +87,8 @@ def reference_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, 
     trace = Trace()
     for step in range(steps):
         batches = batches_per_step[step % len(batches_per_step)]
+        if module.hcma is not None and module.hcma.due(step):
+            module.hcma.refresh(module.embedding.weight.detach(), 0, cfg.vocab_size)
         opt.zero_grad(set_to_none=True)
         set_aux_loss_scale(1.0 / len(batches))
         total = 0.0
@@ -87,6 +108,7 @@ def layout_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, bat
                  tp: int, pp: int, zero_stages: list, optim: OptimizerSettings = OPTIM, seed: int = 0) -> dict:
     """Train the same steps at TP×PP×DP on this group, once per ZeRO stage; {stage: Trace}."""
     from model.parallel.consolidate import full_state_dict
+    from launch.technique_upkeep import upkeep
     from model.parallel.parallelize import parallelize
 
     layout = init_layout(rank, tp, pp)
@@ -100,6 +122,7 @@ def layout_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, bat
         for step in range(steps):
             batches = batches_per_step[step % len(batches_per_step)]
             mine = batches[layout.dp_rank * nmb:(layout.dp_rank + 1) * nmb]
+            upkeep(sharded, layout, step)
             result = sharded.train_step(mine, step, specs)
             trace.losses.append(result.loss)
             trace.grad_norms.append(result.grad_norm)
