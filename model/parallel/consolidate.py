@@ -46,6 +46,10 @@ def full_state_dict(module: torch.nn.Module, include_buffers: bool = True) -> di
     dist.all_gather_object(stages, local, group=pp_group)
     merged: dict[str, torch.Tensor] = {}
     for stage_dict in stages:
-        for name, value in stage_dict.items():
-            merged.setdefault(name, value)  # a tied output copy equals the first stage's embedding
+        merged.update(stage_dict)
+    if getattr(module, "tied_across_stages", False):
+        # the last stage's copy of a tied embedding: identical by construction, so not a weight of its own
+        copy = merged.pop("output_layer.weight")
+        if not torch.allclose(copy, merged["embedding.weight"], rtol=1e-5, atol=1e-6):
+            raise RuntimeError("the tied output copy on the last stage has drifted from the embedding")
     return merged

@@ -1,0 +1,63 @@
+"""Model options under parallelism: tied embeddings across pipeline stages, grouped-query
+attention split over TP, activation checkpointing, bf16, and a short run that learns at TP2×PP2."""
+import dataclasses
+
+import pytest
+import torch
+
+from model.parallel.config import ParallelConfig
+from tests.harness import run_distributed
+from tests.parallel.common import (MICRO_BATCH, OPTIM, SEQ, assert_traces_match, fixed_batches, init_layout,
+                                   layout_trace, reference_trace, tiny_model)
+from techniques.config import TechniquesConfig
+
+STEPS = 3
+
+
+def _check(cfg, layouts):
+    tech = TechniquesConfig()
+    steps = [fixed_batches(4, cfg.vocab_size, seed=s) for s in range(2)]
+    ref = run_distributed(reference_trace, 1, cfg, tech, steps, STEPS)[0]
+    for tp, pp, zeros in layouts:
+        for rank_traces in run_distributed(layout_trace, tp * pp, cfg, tech, steps, STEPS, tp, pp, zeros):
+            for zero, trace in rank_traces.items():
+                assert_traces_match(ref, trace, what=f"tp{tp} pp{pp} zero{zero}")
+
+
+@pytest.mark.distributed
+def test_tied_embeddings_across_stages():
+    _check(tiny_model(tie_embeddings=True), [(1, 1, [0, 1, 2, 3]), (1, 2, [0, 1]), (2, 2, [1])])
+
+
+@pytest.mark.distributed
+def test_grouped_query_attention_over_tp():
+    _check(tiny_model(num_heads=4, num_kv_heads=2), [(2, 1, [1]), (2, 2, [2])])
+
+
+@pytest.mark.distributed
+def test_activation_checkpointing_changes_nothing():
+    _check(tiny_model(activation_checkpointing=True), [(2, 1, [2]), (1, 2, [1])])
+
+
+def _train_tp2pp2(rank, world_size, steps, precision):
+    from model.parallel.parallelize import parallelize
+
+    layout = init_layout(rank, 2, 2)
+    cfg = tiny_model()
+    sharded = parallelize(cfg, TechniquesConfig(), layout, ParallelConfig(tensor=2, pipeline=2, zero_stage=1,
+                                                                          microbatches=4),
+                          dataclasses.replace(OPTIM, grad_clip=1.0), MICRO_BATCH, seed=0, precision=precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    specs = sharded.module.carry_specs(MICRO_BATCH, SEQ, dtype)
+    batches = fixed_batches(4, cfg.vocab_size, seed=3)  # one fixed batch: the model must memorise it
+    return [sharded.train_step(batches, step, specs).loss for step in range(steps)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_tiny_model_learns_at_tp2_pp2(precision):
+    losses = run_distributed(_train_tp2pp2, 4, 25, precision)
+    for rank_losses in losses:
+        assert all(torch.isfinite(torch.tensor(rank_losses)))
+        assert rank_losses[-1] < 0.7 * rank_losses[0], rank_losses
+    assert losses[0] == losses[3], "every rank must report the same loss"
