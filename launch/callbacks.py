@@ -30,7 +30,7 @@ class MonitorCallback(Callback):
         step_time = metrics["time/step_s"]
         tokens_per_s = trainer.tokens_per_step / step_time
         tflops = self.flops_per_step / step_time / self.world_size / 1e12
-        if self.bar is not None:
+        if self.bar.active:
             self.bar.update(f"loss {metrics['train/loss']:.4f} · {tokens_per_s:,.0f} tok/s")
         if step % self.log_every and step != trainer.cfg.train.max_steps:
             return
@@ -54,7 +54,7 @@ class MonitorCallback(Callback):
                 f"lr {metrics['train/lr']:.2e} · grad norm {metrics['train/grad_norm']:.3f} · "
                 f"{scalars['throughput/tokens_per_s']:,.0f} tok/s · {tflops:.3f} TFLOP/s/rank · "
                 f"MFU {scalars['throughput/mfu']:.1%} · {trainer.state.consumed_tokens:,} tokens")
-        if self.bar is not None:
+        if self.bar.active:
             self.bar.write(line)
         else:
             self.log(line)

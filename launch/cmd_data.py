@@ -108,7 +108,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model file")
     pre.add_argument("--out", required=True, metavar="DIR")
     pre.add_argument("--seq-length", type=int, required=True, help="tokens per sample is seq_length + 1")
-    pre.add_argument("--samples-per-shard", type=int, default=1024)
+    pre.add_argument("--samples-per-shard", type=int, default=256,
+                     help="samples per .tar shard (enough shards for every rank x worker stream)")
     pre.add_argument("--val-percent", type=float, default=0.0,
                      help="hold out this percent of documents (by crc32 of the text) into DIR/val")
     pre.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")

@@ -65,8 +65,6 @@ class TrainConfig:
     """Steps between console lines and TensorBoard scalars."""
     eval_every: int = 200
     """Steps between held-out evaluations; 0 disables periodic evaluation."""
-    eval_batches: int = 20
-    """Micro-batches per rank in each evaluation."""
     max_minutes: float = 0.0
     """Stop with a checkpoint after this many minutes of training; 0 means no limit."""
     max_consecutive_nonfinite: int = 5
@@ -182,10 +180,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
                 expected = getattr(known[key].type, "__name__", str(known[key].type))
                 problems.append(f"'{key}': cannot use {value!r} ({type(value).__name__}) for a field of type "
                                 f"{expected}: {str(exc).splitlines()[0]}")
-    if problems:
-        raise ConfigError(problems)
-    cfg: RunConfig = OmegaConf.to_object(schema)
-    problems = validate(cfg, world_size, check_files)
+    cfg: RunConfig = OmegaConf.to_object(schema)  # the keys that were valid are applied
+    problems += validate(cfg, world_size, check_files)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -202,7 +198,7 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
     for name in ("micro_batch_size", "max_steps", "log_every"):
         if getattr(t, name) <= 0:
             problems.append(f"train.{name} must be positive, got {getattr(t, name)}")
-    for name, value in (("train.eval_every", t.eval_every), ("train.eval_batches", t.eval_batches),
+    for name, value in (("train.eval_every", t.eval_every),
                         ("train.max_minutes", t.max_minutes), ("checkpoint.every", c.every),
                         ("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip),
                         ("optim.weight_decay", o.weight_decay), ("train.mfu_peak_tflops", t.mfu_peak_tflops)):

@@ -90,11 +90,13 @@ class ProgressBar:
             self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.update(1)
 
+    @property
+    def active(self) -> bool:
+        return self.bar is not None
+
     def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        """Print above the bar without breaking it."""
+        self.bar.write(line)
 
     def close(self) -> None:
         if self.bar is not None:

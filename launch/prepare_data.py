@@ -24,7 +24,7 @@ def _prepared_dir(cache: Path, corpus: str, vocab_size: int, tokenizer_type: str
 
 
 def _build_corpus_shards(data: DataConfig, corpus: str, tokenizer_model: Path | None, seq_length: int,
-                         vocab_size: int, log) -> tuple[Path, Path]:
+                         vocab_size: int, log, val_percent: float = 0.0) -> tuple[dict, Path]:
     """Shards (and, if not given, a tokenizer) for a built-in corpus; cached between runs."""
     from data.shards import preprocess
     from data.tokenizer import train_tokenizer
@@ -43,13 +43,14 @@ def _build_corpus_shards(data: DataConfig, corpus: str, tokenizer_model: Path | 
             log(f"training a {data.tokenizer_type} tokenizer ({vocab_size} pieces) on {text}")
             folder.mkdir(parents=True, exist_ok=True)
             train_tokenizer(text, folder / "tokenizer", vocab_size=vocab_size, model_type=data.tokenizer_type)
-    shards = folder / corpus
-    manifest = shards / "manifest.json"
-    if not manifest.is_file():
+    shards = folder / (f"{corpus}-val{val_percent:g}" if val_percent > 0 else corpus)
+    splits = {"train": shards / "train" / "manifest.json", "val": shards / "val" / "manifest.json"} \
+        if val_percent > 0 else {"train": shards / "manifest.json"}
+    if not all(p.is_file() for p in splits.values()):
         log(f"tokenizing {corpus} into shards of {seq_length + 1} tokens under {shards}")
         preprocess(text, tokenizer_model, shards, seq_length, samples_per_shard=data.samples_per_shard,
-                   num_workers=data.preprocess_workers)
-    return manifest, tokenizer_model
+                   num_workers=data.preprocess_workers, val_percent=val_percent)
+    return {k: str(v) for k, v in splits.items()}, tokenizer_model
 
 
 def _prepare_on_this_rank(data: DataConfig, seq_length: int, vocab_size: int, log) -> PreparedData:
@@ -61,13 +62,16 @@ def _prepare_on_this_rank(data: DataConfig, seq_length: int, vocab_size: int, lo
             tokenizer = candidate if candidate.is_file() else None
         if tokenizer is None:
             raise FileNotFoundError(f"no tokenizer: set data.tokenizer or keep tokenizer.model next to {train}")
+        held_out = None
     else:
-        manifest, tokenizer = _build_corpus_shards(data, data.corpus, tokenizer, seq_length, vocab_size, log)
-        train = str(manifest)
+        manifests, tokenizer = _build_corpus_shards(data, data.corpus, tokenizer, seq_length, vocab_size, log,
+                                                    data.val_percent)
+        train, held_out = manifests["train"], manifests.get("val")
     evaluation = data.eval_data
     if evaluation is None and data.eval_corpus:
-        manifest, _ = _build_corpus_shards(data, data.eval_corpus, tokenizer, seq_length, vocab_size, log)
-        evaluation = str(manifest)
+        manifests, _ = _build_corpus_shards(data, data.eval_corpus, tokenizer, seq_length, vocab_size, log)
+        evaluation = manifests["train"]
+    evaluation = evaluation or held_out
     return PreparedData(train=str(train), eval=evaluation, tokenizer=str(tokenizer))
 
 

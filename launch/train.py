@@ -118,7 +118,7 @@ def run(cfg: RunConfig) -> int:
     if data.eval:
         callbacks.append(EvalCallback(
             lambda: eval_batches(data.eval, cfg.train.micro_batch_size, layout.dp_rank, layout.dp,
-                                 max_batches=cfg.train.eval_batches, seq_length=cfg.model.seq_length,
+                                 max_batches=cfg.data.eval_max_batches, seq_length=cfg.model.seq_length,
                                  tokenizer_sha256=tokenizer.sha256),
             cfg.train.eval_every, writer, log=log0))
     callbacks.append(CheckpointCallback(cfg.checkpoint.every, save, log=log0))

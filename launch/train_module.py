@@ -7,6 +7,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from launch.faults import nan_injection
 from model.parallel.groups import Layout
 from model.parallel.pipeline import forward_only
 from model.parallel.zero import ShardedStage
@@ -33,7 +34,8 @@ class TrainModule:
         self.sharded.set_lr(lr)
         self.module.train()
         batches = [mb.to(self.device, non_blocking=True) for mb in microbatches]
-        result = self.sharded.train_step(batches, step, self.specs)
+        with nan_injection(self.module, step):
+            result = self.sharded.train_step(batches, step, self.specs)
         finite = math.isfinite(result.loss) and math.isfinite(result.grad_norm)
         return {"train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": lr,
                 "finite": finite}

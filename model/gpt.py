@@ -83,9 +83,10 @@ class GPTStage(nn.Module):
                               bank=[None] * len(self.plan.cmr_sources))
 
     def forward(self, tokens: torch.Tensor, received: dict | None = None, step: int = 0,
-                update_ema: bool = True):
+                update_ema: bool = True, return_logits: bool = False):
         """tokens: [b, s+1] ids (inputs and shifted labels). received: tensors from the previous stage.
-        Returns the mean LM loss on the last stage, else the dict of tensors for the next stage."""
+        Returns the mean LM loss on the last stage (or the vocab-parallel logits [s, b, V_pad/tp] with
+        `return_logits`), else the dict of tensors for the next stage."""
         input_ids, labels = tokens[:, :-1], tokens[:, 1:]
         ctx = self.make_context(input_ids, step)
         ctx.update_ema = update_ema
@@ -95,6 +96,8 @@ class GPTStage(nn.Module):
         if not self.is_last:
             return self._stage_output(h, ctx)
         logits = self.logits(h)
+        if return_logits:
+            return logits
         loss = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())
         return loss.mean()
 

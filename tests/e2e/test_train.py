@@ -1,0 +1,99 @@
+"""`loom train` end to end: exact resume, atomic checkpoints, SIGTERM, NaN skipping, TensorBoard."""
+import math
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from launch.checkpoint import MANIFEST, find_resumable
+from tests.e2e.runner import REPO, TINY, loom_command, read_scalars, run_loom, test_env
+
+QUIET = ["train.log_every=1", "train.eval_every=0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline,zero", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, pipeline, zero):
+    common = [f"parallel.pipeline={pipeline}", f"parallel.zero_stage={zero}", "train.max_steps=6",
+              "checkpoint.every=3", "data.num_workers=1", *QUIET]
+    first = tmp_path / "uninterrupted"
+    run_loom(["train", TINY, f"output_dir={first}", *common], nproc=2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(first / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
+    out = run_loom(["train", TINY, f"output_dir={resumed}", *common, "--resume", "auto"], nproc=2)
+    assert "resumed from" in out.stdout and "at step 3" in out.stdout
+    want = read_scalars(first / "tensorboard")["train/loss"]
+    got = read_scalars(resumed / "tensorboard")["train/loss"]
+    assert sorted(got) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert got[step] == want[step], f"step {step}: resumed {got[step]!r} != uninterrupted {want[step]!r}"
+
+
+@pytest.mark.slow
+def test_monitoring_scalars_and_partial_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    out = run_loom(["train", TINY, f"output_dir={run}", "train.max_steps=4", "checkpoint.every=2",
+                    "train.eval_every=2", "train.log_every=1"], nproc=1)
+    scalars = read_scalars(run / "tensorboard")
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "throughput/tokens_per_s", "throughput/tflops_per_rank",
+                "throughput/mfu", "time/step_s", "time/data_wait_fraction", "memory/rss_gb",
+                "train/consumed_tokens", "train/skipped_steps", "eval/loss", "eval/perplexity"):
+        assert tag in scalars, f"{tag} missing from TensorBoard; have {sorted(scalars)}"
+        assert all(math.isfinite(v) for v in scalars[tag].values()), tag
+    # tiny.yaml: micro_batch_size 4 × microbatches 2 × seq_length 64 per step
+    assert scalars["train/consumed_tokens"] == {s: 4 * 2 * 64 * s for s in range(1, 5)}
+    assert "TensorBoard: tensorboard --logdir" in out.stdout
+
+    # a checkpoint killed mid-write has no manifest: it is skipped and the previous one is used
+    ckpts = run / "checkpoints"
+    broken = ckpts / "step_00000009"
+    shutil.copytree(ckpts / "step_00000004", broken)
+    (broken / MANIFEST).unlink()
+    corrupted = ckpts / "step_00000008"
+    shutil.copytree(ckpts / "step_00000004", corrupted)
+    victim = next(p for p in sorted(corrupted.rglob("*.pt")))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    warnings = []
+    assert find_resumable(run, log=warnings.append) == ckpts / "step_00000004"
+    assert any("step_00000009" in w and "incomplete" in w for w in warnings)
+    assert any("step_00000008" in w and "sha256" in w for w in warnings)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", TINY, f"output_dir={run}", "train.max_steps=100000", "checkpoint.every=0", *QUIET]
+    proc = subprocess.Popen(loom_command(args, nproc=2), cwd=REPO, env=test_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+            break
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, "a preempted run must not report success"
+    text = "".join(seen) + rest
+    assert "checkpoint saved" in text, text[-3000:]
+    folder = find_resumable(run)
+    assert folder is not None
+    out = run_loom(["train", TINY, f"output_dir={run}", "train.max_steps=" + str(int(folder.name[5:]) + 1),
+                    *QUIET, "--resume", "auto"], nproc=2)
+    assert f"resumed from {folder}" in out.stdout
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
+    run = tmp_path / "run"
+    out = run_loom(["train", TINY, f"output_dir={run}", "train.max_steps=10", "train.max_consecutive_nonfinite=3",
+                    *QUIET], env={"LOOM_FAULT_NAN_STEPS": "2,4,5,6"}, check=False)
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    skipped = read_scalars(run / "tensorboard")["train/skipped_steps"]
+    assert skipped[2] == 0 and skipped[3] == 1 and skipped[7] == 4
+    assert "non-finite" in out.stdout
+    folder = find_resumable(run)
+    assert folder is not None and folder.name == "step_00000007", "stops with a (finite) checkpoint"
