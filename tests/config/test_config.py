@@ -87,7 +87,7 @@ def test_cli_config_show_and_errors():
     ok = _loom("config", "show", TINY, "optim.lr=0.5")
     assert ok.returncode == 0, ok.stderr
     assert "lr: 0.5" in ok.stdout
-    bad = _loom("config", "show", TINY, "optim.lrr=1", "parallel.tensor=3")
+    bad = _loom("config", "show", TINY, "optim.lrr=1", "parallel.pipeline=3")
     assert bad.returncode == 2
     lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 2 and "Traceback" not in bad.stderr
