@@ -121,3 +121,32 @@ class CheckpointCallback(Callback):
 
     def on_stop(self, trainer, reason: str) -> None:
         self.save(trainer)
+
+
+class SampleCallback(Callback):
+    """At the end of a completed run: a greedy continuation of a prompt, and the held-out loss set
+    against the unigram baseline (how much the model learned beyond token frequencies)."""
+
+    def __init__(self, prompt: str, tokenizer, max_new_tokens: int, dtype, device, baseline_fn=None,
+                 eval_callback: "EvalCallback | None" = None, writer: MetricsWriter | None = None, log=print):
+        self.prompt, self.tokenizer, self.max_new_tokens = prompt, tokenizer, max_new_tokens
+        self.dtype, self.device, self.baseline_fn = dtype, device, baseline_fn
+        self.eval_callback, self.writer, self.log = eval_callback, writer, log
+
+    def on_stop(self, trainer, reason: str) -> None:
+        from launch.generate import greedy_generate
+
+        if reason != "done":
+            return
+        if self.prompt:
+            ids = self.tokenizer.encode(self.prompt)
+            out = greedy_generate(trainer.module.module, ids, self.max_new_tokens, self.dtype, self.device)
+            self.log(f"sample: {self.prompt!r} → {self.tokenizer.decode(out[len(ids):])!r}")
+        if self.baseline_fn is not None and self.eval_callback is not None and self.eval_callback.last \
+                and dist.get_rank() == 0:
+            baseline = self.baseline_fn()
+            loss = self.eval_callback.last["eval/loss"]
+            if self.writer is not None:
+                self.writer.scalars({"eval/unigram_baseline": baseline}, trainer.state.step)
+            self.log(f"held-out loss {loss:.3f} nats/token vs unigram baseline {baseline:.3f} "
+                     f"({loss - baseline:+.3f})")

@@ -71,6 +71,10 @@ class TrainConfig:
     """Stop with a checkpoint after this many consecutive steps with a non-finite loss or gradient."""
     mfu_peak_tflops: float = 0.0
     """Peak TFLOP/s per rank for MFU; 0 measures a matmul peak at start-up."""
+    sample_prompt: Optional[str] = None
+    """Text to continue greedily at the end of training (printed); null prints no sample."""
+    sample_tokens: int = 48
+    """Tokens generated for the end-of-run sample."""
 
 
 @dataclass

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from launch import checkpoint
-from launch.callbacks import CheckpointCallback, EvalCallback, MonitorCallback
+from launch.baselines import unigram_cross_entropy
+from launch.callbacks import CheckpointCallback, EvalCallback, MonitorCallback, SampleCallback
 from launch.config import RunConfig, load_config, to_dict, to_yaml
 from launch.env import init_distributed, read_dist_env
 from launch.metrics import MetricsWriter, flops_per_token, measure_peak_tflops
@@ -115,12 +116,18 @@ def run(cfg: RunConfig) -> int:
     callbacks = [MonitorCallback(writer, cfg.train.log_every, flops_per_token(cfg.model, cfg.model.seq_length)
                                  * tokens_per_step, peak, layout.world_size, device,
                                  progress=dist.get_rank() == 0 and os.isatty(2), log=log0)]
+    evaluator = None
     if data.eval:
-        callbacks.append(EvalCallback(
+        evaluator = EvalCallback(
             lambda: eval_batches(data.eval, cfg.train.micro_batch_size, layout.dp_rank, layout.dp,
                                  max_batches=cfg.data.eval_max_batches, seq_length=cfg.model.seq_length,
                                  tokenizer_sha256=tokenizer.sha256),
-            cfg.train.eval_every, writer, log=log0))
+            cfg.train.eval_every, writer, log=log0)
+        callbacks.append(evaluator)
+    callbacks.append(SampleCallback(
+        cfg.train.sample_prompt, tokenizer, cfg.train.sample_tokens, dtype, device,
+        baseline_fn=(lambda: unigram_cross_entropy(data.train, data.eval, cfg.model.vocab_size)) if data.eval else None,
+        eval_callback=evaluator, writer=writer, log=log0))
     callbacks.append(CheckpointCallback(cfg.checkpoint.every, save, log=log0))
     trainer = Trainer(cfg, module, loader, state, callbacks, tokens_per_step, log=log0)
     code = trainer.fit()
