@@ -98,8 +98,8 @@ class EvalCallback(Callback):
 class CheckpointCallback(Callback):
     """Periodic checkpoints, and one when the run stops for any reason."""
 
-    def __init__(self, every: int, save_fn, log=print):
-        self.every, self.save_fn, self.log = every, save_fn, log
+    def __init__(self, every: int, save_fn, stop_on_error: bool = False, log=print):
+        self.every, self.save_fn, self.stop_on_error, self.log = every, save_fn, stop_on_error, log
         self._saved_at = -1
 
     def save(self, trainer) -> None:
@@ -110,6 +110,8 @@ class CheckpointCallback(Callback):
             folder = self.save_fn(trainer)
         except checkpoint.CheckpointError as exc:
             self.log(f"error: {exc}")
+            if self.stop_on_error:
+                trainer.request_stop("save_failed")
             return
         self._saved_at = trainer.state.step
         if dist.get_rank() == 0:

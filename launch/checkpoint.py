@@ -140,28 +140,53 @@ def save(engine, run_dir: str, step: int, rank_state: dict, meta: dict, tokenize
     final = root / step_dirname(step)
     tmp = root / (".tmp-" + step_dirname(step))
     rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "loom").mkdir(parents=True)
-    dist.barrier()
-    engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"universal_checkpoint_info": {}},
-                           save_latest=False)
-    torch.save(rank_state, tmp / "loom" / f"rank_{rank:05d}.pt")
-    dist.barrier()
-    if rank == 0:
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        if tokenizer_path and os.path.isfile(tokenizer_path):
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, root / "latest")
-        _apply_retention(root, keep_last)
-    dist.barrier()
+    error = None
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "loom").mkdir(parents=True)
+    except OSError as exc:
+        error = exc
+    _agree(error, "preparing", tmp)
+    try:
+        engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"universal_checkpoint_info": {}},
+                               save_latest=False)
+        torch.save(rank_state, tmp / "loom" / f"rank_{rank:05d}.pt")
+    except (OSError, RuntimeError) as exc:  # a full disk surfaces as either
+        error = exc
+    _agree(error, "writing", tmp)
+    try:
+        if rank == 0:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            if tokenizer_path and os.path.isfile(tokenizer_path):
+                shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            latest_tmp = root / "latest.tmp"
+            latest_tmp.write_text(final.name + "\n")
+            os.replace(latest_tmp, root / "latest")
+            _apply_retention(root, keep_last)
+    except OSError as exc:
+        error = exc
+    _agree(error, "publishing", tmp)
     return final
+
+
+def _agree(error: Exception | None, phase: str, tmp: Path) -> None:
+    """All ranks learn whether any rank failed; on failure the partial folder is removed and the
+    previous checkpoints are left untouched."""
+    failed = torch.tensor([0.0 if error is None else 1.0])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item() == 0:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    detail = f": {error}" if error is not None else " on another rank"
+    raise CheckpointError(f"checkpoint save failed while {phase} {tmp.name}{detail}; the previous checkpoints "
+                          f"are intact")
 
 
 def _apply_retention(root: Path, keep_last: int) -> None:

@@ -85,6 +85,8 @@ class CheckpointConfig:
     """Complete checkpoints to keep; older ones are deleted."""
     resume: str = "none"
     """none, auto (the newest complete checkpoint in the run directory), or a checkpoint path."""
+    on_save_error: str = "continue"
+    """When a save fails (e.g. a full disk): continue training, or stop (exit code 4); earlier checkpoints stay intact."""
 
 
 @dataclass
@@ -208,6 +210,8 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
                         ("optim.weight_decay", o.weight_decay), ("train.mfu_peak_tflops", t.mfu_peak_tflops)):
         if value < 0:
             problems.append(f"{name} must not be negative, got {value}")
+    if c.on_save_error not in ("continue", "stop"):
+        problems.append(f"checkpoint.on_save_error must be continue or stop, got '{c.on_save_error}'")
     if c.keep_last <= 0:
         problems.append(f"checkpoint.keep_last must be positive, got {c.keep_last}")
     if t.precision not in ("auto", "fp32", "bf16"):
@@ -223,6 +227,10 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
                         "gradients during backward, before the two stages' embedding copies can be summed")
     if c.resume not in ("none", "auto") and check_files and not os.path.exists(c.resume):
         problems.append(f"checkpoint.resume: no checkpoint at '{c.resume}'")
+    for key in ("train_data", "eval_data", "tokenizer"):
+        value = getattr(cfg.data, key)
+        if value and check_files and "://" not in value and not value.startswith("pipe:") and not os.path.exists(value):
+            problems.append(f"data.{key}: no such file or directory: {value}")
     if cfg.deepspeed_json and check_files and not os.path.isfile(cfg.deepspeed_json):
         problems.append(f"deepspeed_json: file not found: {cfg.deepspeed_json}")
     return problems

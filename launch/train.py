@@ -17,6 +17,7 @@ from launch.config import RunConfig, load_config, to_dict, to_yaml
 from launch.env import init_distributed, read_dist_env
 from launch.metrics import MetricsWriter, flops_per_token, measure_peak_tflops
 from launch.prepare_data import prepare_data
+from launch.run_lock import acquire_run_lock
 from launch.train_module import TrainModule
 from launch.trainer import Trainer, TrainState
 
@@ -61,8 +62,8 @@ def run(cfg: RunConfig) -> int:
     log0(f"layout: DP {layout.dp} × PP {layout.pp} × TP {layout.tp}, ZeRO-{cfg.parallel.zero_stage}\n{grid}")
     _seed_everything(cfg.train.seed)
     run_dir = Path(cfg.output_dir)
+    acquire_run_lock(cfg.output_dir)
     if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     data = prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=log0)
     tokenizer = Tokenizer(data.tokenizer)
@@ -128,7 +129,7 @@ def run(cfg: RunConfig) -> int:
         cfg.train.sample_prompt, tokenizer, cfg.train.sample_tokens, dtype, device,
         baseline_fn=(lambda: unigram_cross_entropy(data.train, data.eval, cfg.model.vocab_size)) if data.eval else None,
         eval_callback=evaluator, writer=writer, log=log0))
-    callbacks.append(CheckpointCallback(cfg.checkpoint.every, save, log=log0))
+    callbacks.append(CheckpointCallback(cfg.checkpoint.every, save, cfg.checkpoint.on_save_error == "stop", log=log0))
     trainer = Trainer(cfg, module, loader, state, callbacks, tokens_per_step, log=log0)
     code = trainer.fit()
     writer.close()

@@ -17,6 +17,7 @@ from launch.schedule import learning_rate
 
 EXIT_DONE = 0
 EXIT_NONFINITE = 3
+EXIT_SAVE_FAILED = 4
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped with a checkpoint; the job script requeues on this code
 
 
@@ -58,6 +59,11 @@ class Trainer:
         self.callbacks, self.tokens_per_step, self.log = callbacks, tokens_per_step, log
         self.signals = StopSignals()
         self.started = time.monotonic()
+        self._requested: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """A callback's request; every rank's callbacks see the same events, so they agree."""
+        self._requested = reason
 
     def _lr(self, step: int) -> float:
         o = self.cfg.optim
@@ -85,7 +91,7 @@ class Trainer:
         reason = reason or "done"
         for cb in self.callbacks:
             cb.on_stop(self, reason)
-        return {"done": EXIT_DONE, "nonfinite": EXIT_NONFINITE}.get(reason, EXIT_REQUEUE)
+        return {"done": EXIT_DONE, "nonfinite": EXIT_NONFINITE, "save_failed": EXIT_SAVE_FAILED}.get(reason, EXIT_REQUEUE)
 
     def _account(self, metrics: dict) -> None:
         s = self.state
@@ -101,6 +107,8 @@ class Trainer:
         metrics.update({"train/consumed_tokens": s.consumed_tokens, "train/skipped_steps": s.skipped_steps})
 
     def _stop_reason(self) -> str | None:
+        if self._requested:
+            return self._requested
         limit = self.cfg.train.max_minutes
         flags = torch.tensor([
             1.0 if self.signals.received else 0.0,

@@ -55,9 +55,11 @@ def test_each_bad_config_has_its_own_message(overrides, world, needle):
 
 def test_missing_files_are_reported():
     with pytest.raises(ConfigError) as info:
-        load_config(TINY, ["checkpoint.resume=/nonexistent/ckpt", "deepspeed_json=/nope.json"])
+        load_config(TINY, ["checkpoint.resume=/nonexistent/ckpt", "deepspeed_json=/nope.json",
+                           "data.train_data=/no/shards", "data.tokenizer=/no/tok.model"])
     text = "\n".join(info.value.problems)
-    assert "/nonexistent/ckpt" in text and "/nope.json" in text
+    for path in ("/nonexistent/ckpt", "/nope.json", "/no/shards", "/no/tok.model"):
+        assert path in text
 
 
 def test_missing_config_file():

@@ -31,6 +31,44 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, pipeline, zer
         assert got[step] == want[step], f"step {step}: resumed {got[step]!r} != uninterrupted {want[step]!r}"
 
 
+ALL_FIVE = ["techniques.lcm.enabled=true", "techniques.lcm.K=4", "techniques.scr.enabled=true",
+            "techniques.scr.rank=8", "techniques.cmr.enabled=true", "techniques.cmr.rank=8",
+            "techniques.sca.enabled=true", "techniques.sca.rank=8", "techniques.sca.window=16",
+            "techniques.sca.warmup_steps=2", "techniques.sca.buffer_sync_every=2", "techniques.hcma.enabled=true",
+            "techniques.hcma.K1=8", "techniques.hcma.K2=32", "techniques.hcma.proj_dim=16",
+            "techniques.hcma.refresh_every=2", "techniques.hcma.lambda_hcma=0.01"]
+
+
+@pytest.mark.slow
+def test_all_five_techniques_resume_exactly(tmp_path):
+    """SCA's statistics (model buffers) and HCMA's refresh state travel with checkpoints: a resumed
+    run with every technique on reproduces the uninterrupted losses, across pipeline stages."""
+    common = ["parallel.pipeline=2", "parallel.zero_stage=1", "train.max_steps=6", "checkpoint.every=3",
+              *ALL_FIVE, *QUIET]
+    first = tmp_path / "uninterrupted"
+    run_loom(["train", TINY, f"output_dir={first}", *common], nproc=2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(first / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
+    run_loom(["train", TINY, f"output_dir={resumed}", *common, "--resume", "auto"], nproc=2)
+    want = read_scalars(first / "tensorboard")["train/loss"]
+    got = read_scalars(resumed / "tensorboard")["train/loss"]
+    assert {s: got[s] for s in (4, 5, 6)} == {s: want[s] for s in (4, 5, 6)}
+
+
+@pytest.mark.slow
+def test_all_five_techniques_train_stably_on_real_text(tmp_path):
+    run = tmp_path / "run"
+    run_loom(["train", TINY, f"output_dir={run}", "train.max_steps=30", "checkpoint.every=0", *ALL_FIVE, *QUIET])
+    scalars = read_scalars(run / "tensorboard")
+    losses = [scalars["train/loss"][s] for s in sorted(scalars["train/loss"])]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert scalars["train/skipped_steps"][30] == 0
+    technique_tags = [t for t in scalars if t.startswith("techniques/")]
+    for needle in ("lcm/gate_mean", "scr/relevance_mean", "reweave/attn_entropy", "sca/l_field", "hcma/"):
+        assert any(needle in t for t in technique_tags), f"no {needle} scalar in {technique_tags}"
+
+
 @pytest.mark.slow
 def test_monitoring_scalars_and_partial_checkpoints(tmp_path):
     run = tmp_path / "run"
