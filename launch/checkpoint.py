@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launch.faults import maybe_kill
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "MANIFEST.json"
 
@@ -154,6 +156,7 @@ def save(engine, run_dir: str, step: int, rank_state: dict, meta: dict, tokenize
         torch.save(rank_state, tmp / "loom" / f"rank_{rank:05d}.pt")
     except (OSError, RuntimeError) as exc:  # a full disk surfaces as either
         error = exc
+    maybe_kill(step, "save")
     _agree(error, "writing", tmp)
     try:
         if rank == 0:

@@ -73,16 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--check", action="store_true", help="fail if the file is out of date")
     docs.set_defaults(func=_cmd_config_docs)
 
-    from launch import cmd_data
+    from launch import cmd_convert, cmd_data
 
     cmd_data.add_commands(sub)
+    cmd_convert.add_commands(sub)
 
-    for name, text, issue in (("eval", "evaluate a checkpoint (perplexity and the techniques' metrics)", "issue 9"),
-                              ("convert", "convert checkpoints (Hugging Face, consolidated, other layouts)", "issue 8"),
-                              ("bench", "benchmarks against peers and the hardware limit", "issue 11")):
+    for name, text, issue in (("eval", "evaluate a checkpoint (perplexity and the techniques' metrics)", "issue 9"),):
         p = sub.add_parser(name, help=f"{text} — not available yet")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_not_yet(issue))
+
+    from launch import cmd_bench
+
+    cmd_bench.add_commands(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -22,16 +23,33 @@ class DistEnv:
     launcher: str
 
 
+def _scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=True).stdout
+
+
 def _first_slurm_host() -> str:
+    """The first node of the job, as an address the other nodes can reach: its name if that resolves,
+    else the node's NodeAddr from scontrol (node names need not be in DNS, e.g. several slurmd on one host)."""
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
-        return out[0] if out else "127.0.0.1"
+        names = _scontrol("show", "hostnames", nodelist).split()
     except (OSError, subprocess.SubprocessError):
         return nodelist.split(",")[0]
+    if not names:
+        return "127.0.0.1"
+    head = names[0]
+    try:
+        socket.getaddrinfo(head, None)
+        return head
+    except OSError:
+        pass
+    try:
+        fields = dict(f.split("=", 1) for f in _scontrol("show", "node", head, "-o").split() if "=" in f)
+        return fields.get("NodeAddr") or head
+    except (OSError, subprocess.SubprocessError):
+        return head
 
 
 def read_dist_env(environ=None) -> DistEnv:
@@ -41,8 +59,10 @@ def read_dist_env(environ=None) -> DistEnv:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), launcher)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        job = int(env.get("SLURM_JOB_ID", 0))
-        port = int(env.get("MASTER_PORT", 20000 + job % 10000 + int(env.get("SLURM_RESTART_COUNT", 0))))
+        # a port per job and per restart (as in launch/slurm/*.sbatch): a requeued job may land on the
+        # same node while the previous run's socket is still in TIME_WAIT
+        job, restart = int(env.get("SLURM_JOB_ID", 0)), int(env.get("SLURM_RESTART_COUNT", 0))
+        port = int(env.get("MASTER_PORT", 20000 + (job % 4000) * 10 + restart % 10))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                        env.get("MASTER_ADDR") or _first_slurm_host(), port, "srun")
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single process")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from launch.faults import maybe_kill
 from launch.schedule import learning_rate
 
 EXIT_DONE = 0
@@ -83,6 +84,7 @@ class Trainer:
             step_time = time.perf_counter() - t0
             self._account(metrics)
             metrics.update({"time/step_s": step_time, "time/data_wait_fraction": t_data / max(step_time, 1e-9)})
+            maybe_kill(self.state.step, "step")
             for cb in self.callbacks:
                 cb.on_step_end(self, metrics)
             reason = self._stop_reason()

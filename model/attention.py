@@ -34,9 +34,13 @@ class Attention(nn.Module):
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)
         qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.q_per_group].reshape(s, b, -1, self.head_dim)
-        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # split, not slicing: split's backward is one concatenation, while every slice's backward
+        # would zero-fill a full qkv-sized gradient; RoPE runs once over q and k together
+        qk, v = qkv.split([self.q_per_group + 1, 1], dim=3)
+        qk = apply_rotary(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))
+        q, k = qk.split([self.q_per_group, 1], dim=3)
+        q = q.reshape(s, b, -1, self.head_dim)
+        k, v = k.squeeze(3), v.squeeze(3)
         # SDPA wants [b, h, s, head_dim]; it never materialises the [s, s] scores on the fast paths
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)

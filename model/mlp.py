@@ -21,8 +21,18 @@ class SwiGLU(nn.Module):
         self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, config=layer_config, init_method=_no_init,
                                       bias=False, input_is_parallel=True, skip_bias_add=False)
 
+        # ZeRO-3 gathers parameters per module as its forward starts; forward reads gate_up's weight
+        # before calling gate_up, so the whole SwiGLU is one ZeRO-3 unit (DeepSpeed's "leaf module")
+        self._z3_leaf = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, _ = self.gate_up(x)
-        gate, up = gate_up.unflatten(-1, (-1, 2)).unbind(-1)
+        # Multiply by the weight with its rows regrouped [all gate rows; all up rows] (a small copy,
+        # differentiable) instead of splitting the interleaved output: silu and the product then run
+        # on contiguous halves, which is vectorised, where stride-2 halves take a scalar loop.
+        weight = self.gate_up.weight
+        inner = weight.shape[0] // 2
+        grouped = weight.view(inner, 2, weight.shape[1]).transpose(0, 1).reshape(2 * inner, weight.shape[1])
+        gate_up, _ = self.gate_up(x, weight=grouped)
+        gate, up = gate_up.chunk(2, dim=-1)
         y, _ = self.down(F.silu(gate) * up)
         return y

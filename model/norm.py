@@ -1,5 +1,6 @@
 """RMSNorm computed in fp32 and cast back, so bf16 runs normalise exactly like fp32 ones."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -10,6 +11,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        # F.rms_norm computes x·rsqrt(mean(x²)+eps)·w, the same arithmetic as the spelled-out form
+        # (bit-identical in fp32 on CPU), with fewer kernels and saved tensors
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)

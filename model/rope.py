@@ -24,6 +24,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    """x·cos + rotate_half(x)·sin with rotate_half(x) = [-x2, x1]. The sign is folded into the small
+    sin table ([-x2]·s == x2·[-s] exactly) and the halves come from `chunk`, whose backward is one
+    concatenation; slicing would cost a zero-filled full-size gradient per slice. Bit-identical to
+    the textbook form."""
+    x1, x2 = x.chunk(2, dim=-1)
+    s1, s2 = sin.chunk(2, dim=-1)
+    return x * cos + torch.cat([x2, x1], dim=-1) * torch.cat([-s1, s2], dim=-1)

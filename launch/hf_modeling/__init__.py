@@ -1,0 +1,9 @@
+"""Loom's own Hugging Face modeling code, copied into exports that need it (`trust_remote_code`).
+
+`configuration_loom.py` and `modeling_loom.py` are self-contained (torch + transformers only): they
+re-implement Loom's network with LCM, SCR and CMR so that an export runs without the loom package.
+"""
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FILES = ("configuration_loom.py", "modeling_loom.py")

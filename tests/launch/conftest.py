@@ -1,0 +1,143 @@
+"""Shared pieces of the launcher tests: what the machine must offer, the tiny run, process handling.
+
+Every launcher test runs the project's own scripts (launch/slurm, launch/deepspeed, launch/cluster) as
+subprocesses. Processes are started in their own session and stopped by process-group id; clusters and
+network namespaces are torn down by fixtures, also when a test fails.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = "configs/tiny.yaml"
+PYTHON = sys.executable
+CLUSTER = REPO / "launch" / "cluster"
+# a few quick steps: no evaluation, a checkpoint every 2 steps, every step logged to TensorBoard
+QUICK = ["train.eval_every=0", "checkpoint.every=2", "train.log_every=1"]
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (Slurm daemons, network namespaces)")
+
+
+def require_netns() -> None:
+    """Root, iproute2, util-linux and a kernel with network namespaces, veth and bridges."""
+    require_root()
+    for tool in ("ip", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found (iproute2 / util-linux)")
+    probe = f"loomprobe{os.getpid()}"
+    try:
+        steps = [["ip", "netns", "add", probe],
+                 ["ip", "-n", probe, "link", "add", "br0", "type", "bridge"],
+                 ["ip", "-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]]
+        for cmd in steps:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            if res.returncode != 0:
+                pytest.skip(f"network namespaces unusable here: {' '.join(cmd)}: {res.stderr.strip()}")
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env(extra: dict | None = None) -> dict:
+    """The environment launched jobs inherit (Slurm jobs get the submitter's environment)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTEST_XDIST_WORKER"):
+        env.pop(name, None)
+    env.update(extra or {})
+    return env
+
+
+class Proc:
+    """A command in its own session: stopped by its process-group id, never by name."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict | None = None, cwd: Path = REPO):
+        self.cmd, self.log = cmd, log
+        self._out = open(log, "w")
+        self.popen = subprocess.Popen(cmd, cwd=cwd, env=env or job_env(), stdout=self._out,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"timed out after {timeout} s: {' '.join(self.cmd)}\n{self.text()[-4000:]}")
+        finally:
+            self._out.flush()
+
+    def stop(self) -> None:
+        """TERM the process group (never INT: DeepSpeed's runner then pkills by command line), then KILL."""
+        if self.popen.poll() is None:
+            for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.popen.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.popen.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._out.close()
+
+    def text(self) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def procs():
+    """Processes a test starts; whatever still runs when the test ends is stopped."""
+    started: list[Proc] = []
+
+    def start(cmd, log, env=None, cwd=REPO) -> Proc:
+        p = Proc([str(c) for c in cmd], log, env, cwd)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def loss_curve(run_dir: Path) -> dict[int, float]:
+    from tests.e2e.runner import read_scalars
+
+    return read_scalars(run_dir / "tensorboard")["train/loss"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_data_prepared():
+    """Tokenizer and shards of the tiny config exist before concurrent jobs start (no preparation races)."""
+    from launch.config import load_config
+    from launch.prepare_data import _prepare_on_this_rank
+
+    cfg = load_config(str(REPO / TINY), [], world_size=1, check_files=False)
+    _prepare_on_this_rank(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=lambda *_: None)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
