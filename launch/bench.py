@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import gc
 import math
 import multiprocessing as mp
 import os
@@ -369,6 +368,10 @@ class LoomTrainer(Workload):
         from techniques.config import TechniquesConfig
 
         self.layout = layout = init_grid(tp, pp)
+        if zero == 3:  # zero.Init reads the DP size through deepspeed.comm, which nothing has started yet
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
         self.shape, self.tech = shape, tech or TechniquesConfig()
         per_rank = shape.batch // layout.dp
         if per_rank * layout.dp != shape.batch or per_rank % microbatches:
@@ -406,6 +409,7 @@ class LoomTrainer(Workload):
                "params_full": 4 * sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in params),
                "buffers": tensor_bytes(module.buffers())}
         out["grads"] = tensor_bytes([p.grad for p in params] + _zero_grad_buffers(engine.optimizer))
+        out["buckets"] = tensor_bytes(_zero_buckets(engine.optimizer))
         out["optimizer"] = tensor_bytes(_optimizer_tensors(engine.optimizer))
         hcma = getattr(module, "hcma", None)
         out["technique_state"] = tensor_bytes(getattr(hcma, "_state", {}).values()) if hcma is not None else 0
@@ -445,6 +449,7 @@ class LoomTrainer(Workload):
         first = self.batches[0]
         engine.backward(engine(first, None, step=self.step_index))
         between = tensor_bytes([p.grad for p in engine.module.parameters()] + _zero_grad_buffers(engine.optimizer))
+        buckets = tensor_bytes(_zero_buckets(engine.optimizer))
         engine.step()
         for mb in self.batches[1:]:
             engine.backward(engine(mb, None, step=self.step_index))
@@ -452,18 +457,8 @@ class LoomTrainer(Workload):
         self.step_index += 1
         out = self.state_bytes()
         out["grads_between_microbatches"] = between
-        gc.collect()
-        out["live_tensors"] = tensor_bytes(o for o in gc.get_objects() if _is_tensor(o))
+        out["buckets"] = max(buckets, out["buckets"])
         return out
-
-
-def _is_tensor(obj) -> bool:
-    import torch
-
-    try:
-        return isinstance(obj, torch.Tensor)
-    except Exception:  # noqa: BLE001 - some gc objects fail isinstance checks
-        return False
 
 
 def _optimizer_tensors(optimizer) -> list:
@@ -479,26 +474,40 @@ def _optimizer_tensors(optimizer) -> list:
 
 
 def _zero_grad_buffers(optimizer) -> list:
-    """Gradient storage inside DeepSpeed's ZeRO optimizers (partitioned gradients, IPG buckets)."""
+    """Gradient storage inside DeepSpeed's ZeRO optimizers (gradient partitions; buckets separately)."""
     import torch
 
     out = []
-    for name in ("averaged_gradients", "grads_in_partition"):
+    for name in ("averaged_gradients", "grads_in_partition", "all_grad_tensors"):
         value = getattr(optimizer, name, None)
         if isinstance(value, dict):
-            value = [t for v in value.values() for t in (v if isinstance(v, (list, tuple)) else [v])]
+            value = list(value.values())
         if isinstance(value, (list, tuple)):
-            out += [t for t in value if torch.is_tensor(t)]
+            for v in value:
+                items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+                out += [t for t in items if torch.is_tensor(t)]
         elif torch.is_tensor(value):
             out.append(value)
     for name in ("_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",):
         value = getattr(optimizer, name, None)
         if isinstance(value, dict):
             out += [t for t in value.values() if torch.is_tensor(t)]
+    return out
+
+
+def _zero_buckets(optimizer) -> list:
+    """DeepSpeed's reduce buckets (`reduce_bucket_size` elements per dtype)."""
+    import torch
+
+    out = []
     buckets = getattr(optimizer, "ipg_buckets", None)
     if isinstance(buckets, dict):
         for bucket in buckets.values():
-            out += [t for t in getattr(bucket, "buffer", []) if torch.is_tensor(t)]
+            buffer = getattr(bucket, "buffer", None)
+            if torch.is_tensor(buffer):  # ZeRO-3: one flat tensor (never iterate over it)
+                out.append(buffer)
+            elif isinstance(buffer, (list, tuple)):
+                out += [t for t in buffer if torch.is_tensor(t)]
     return out
 
 
@@ -588,8 +597,10 @@ def preimport() -> None:
 
 
 def _worker_main(rank: int, world: int, port: int, threads: int, factory, kwargs: dict, conn) -> None:
+    import faulthandler
     import logging
 
+    faulthandler.enable()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=str(threads))
     warnings.filterwarnings("ignore")
@@ -638,7 +649,7 @@ class WorkerGroup:
         for rank in range(world):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker_main, args=(rank, world, port, threads, factory, kwargs, child),
-                            daemon=True, name=f"bench-{name}-{rank}")
+                            daemon=False, name=f"bench-{name}-{rank}")  # may start loader workers
             p.start()
             child.close()
             self.conns.append(parent)
@@ -989,19 +1000,21 @@ def section_zero(opts: BenchOptions, report: Report, log) -> None:
             3: (full / n, full / n, 3 * full / n),
         }[zero]
         measured = (m["params"], m["grads_between_microbatches"], m["optimizer"])
-        results[zero] = {"measured": measured, "theory": theory, "live": m["live_tensors"]}
+        results[zero] = {"measured": measured, "theory": theory, "buckets": m["buckets"]}
         rows.append([f"ZeRO-{zero}"] + [f"{_fmt_bytes(a)} ({a / b:.2f}×)" for a, b in zip(measured, theory)]
-                    + [_fmt_bytes(sum(theory)), _fmt_bytes(m["live_tensors"]), _fmt_time(seconds)])
+                    + [_fmt_bytes(sum(measured)), _fmt_bytes(sum(theory)), _fmt_bytes(m["buckets"]),
+                       _fmt_time(seconds)])
     report.add("### ZeRO stages: per-rank bytes on DP=2 against theory", "",
                f"Ψ = {full / 4 / 1e6:.2f} M parameters (fp32, 4Ψ = {_fmt_bytes(full)}). Theory per rank for fp32 "
                "DeepSpeed with N=2: ZeRO-0 params 4Ψ, grads 4Ψ, optimizer 8Ψ (torch AdamW moments); ZeRO-1 "
                "optimizer 12Ψ/N (fp32 master partition + moments); ZeRO-2 also grads 4Ψ/N; ZeRO-3 also params 4Ψ/N. "
                "Gradients are measured between the two micro-batches of a step (ZeRO-1 holds full gradients "
                "there, ZeRO-2/3 only their partition); each cell shows measured (measured / theory). "
-               "'all live tensors' is every tensor reachable from Python after a step (gc walk), buffers included. "
+               "Reduce buckets are DeepSpeed's communication buffers (`parallel.reduce_bucket_size` elements, "
+               "not in the theory; the largest seen during or after the step). "
                "Step time: 2 micro-batches, not alternated (indicative only).", "")
-    report.table(["stage", "params", "grads", "optimizer state", "theory total", "all live tensors", "step time"],
-                 rows)
+    report.table(["stage", "params", "grads", "optimizer state", "measured total", "theory total",
+                  "reduce buckets", "step time"], rows)
     report.results["zero"] = results
 
 

@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return USAGE_ERROR
+    from data.shard_reader import CorruptShardError
+    from launch.checkpoint import CheckpointError
     from launch.config import ConfigError
 
     try:
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return USAGE_ERROR
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, CheckpointError,
+            CorruptShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -114,7 +114,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     rs = sub.add_parser("reshard", help="start point for another TP×PP×DP×ZeRO layout, optimizer state included")
     common(rs)
-    rs.add_argument("--tensor", type=int, default=None, help="target parallel.tensor (validated, written to config.yaml)")
+    rs.add_argument("--tensor", type=int, default=None,
+                    help="target parallel.tensor (validated, written to config.yaml)")
     rs.add_argument("--pipeline", type=int, default=None, help="target parallel.pipeline")
     rs.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="target parallel.zero_stage")
     rs.add_argument("--data", type=int, default=None, help="target data-parallel size (only validated)")

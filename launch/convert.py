@@ -120,12 +120,6 @@ def run_config_from_dict(config: dict):
         raise ConvertError(f"the checkpoint's config cannot be read: {str(exc).splitlines()[0]}") from None
 
 
-def config_dict(obj) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.structured(obj))
-
-
 def model_config_from_dict(d: dict):
     from model.config import ModelConfig
 
@@ -209,7 +203,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise ConvertError(f"{path}: no such file or directory")
     if not p.is_dir():
-        raise ConvertError(f"{path} is a file; expected a checkpoint folder (…/checkpoints/step_N) or a run directory")
+        raise ConvertError(f"{path} is a file; expected a checkpoint folder (…/checkpoints/step_N) "
+                           f"or a run directory")
     if any((p / marker).exists() for marker in (INFO_FILE, "meta.json", ckpt.MANIFEST, "ds")):
         problem = ckpt.verify(p)
         if problem is not None:
@@ -235,7 +230,8 @@ def _quiet_torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # pickling/format errors of a damaged file the manifest did not catch
-        raise ConvertError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConvertError(f"cannot read {path}: {type(exc).__name__}: {first}") from None
 
 
 def _deepspeed_ready() -> None:
@@ -305,7 +301,8 @@ def read_checkpoint(folder: Path, optimizer: bool = False, log=None) -> Consolid
         elif not any(n.startswith("optimizer state") for n in notes):
             notes.append("this checkpoint has no readable optimizer state; it is left out")
     if len(merged.get("embedding.weight", ())) and merged["embedding.weight"].shape[0] < cfg.vocab_size:
-        raise ConvertError(f"embedding has {merged['embedding.weight'].shape[0]} rows < model.vocab_size {cfg.vocab_size}")
+        raise ConvertError(f"embedding has {merged['embedding.weight'].shape[0]} rows < model.vocab_size "
+                           f"{cfg.vocab_size}")
     _check_core_shapes(merged, cfg, str(folder))
     tokenizer = folder / TOKENIZER_FILE
     return Consolidated(
@@ -336,7 +333,9 @@ def _read_model_parallel_rank(ds_dir: Path, mp: int, dp: int, zero: int, optimiz
     if zero == 0:
         return _read_zero0(states, module, buffers, optimizer)
     optim_files = [ds_dir / f"zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt" for d in range(dp)]
-    absent = [f.name for f in optim_files if not f.is_file()]
+    if not optim_files[0].is_file():  # bf16 ZeRO-1/2 runs name them bf16_zero_pp_rank_…
+        optim_files = [f.with_name("bf16_" + f.name) for f in optim_files]
+    absent = [f.name.replace("bf16_", "") for f in optim_files if not f.is_file()]
     if absent:
         raise ConvertError(f"{absent[0]} is missing from {ds_dir} (layout says DP {dp}, ZeRO-{zero})")
     shards = [_quiet_torch_load(f)["optimizer_state_dict"] for f in optim_files]
@@ -349,28 +348,36 @@ def _read_model_parallel_rank(ds_dir: Path, mp: int, dp: int, zero: int, optimiz
 
 
 def _read_zero0(states: dict, module: dict, buffers: dict, optimizer: bool):
+    """ZeRO-0: module weights in the working dtype; a bf16 run's DeepSpeed optimizer also keeps
+    fp32 masters (`fp32_groups`) in the order of Loom's `build_optimizer` groups."""
     params = {k: v.detach() for k, v in module.items()
               if torch.is_tensor(v) and k not in buffers and not k.endswith("_extra_state")}
-    note = None
-    if any(v.dtype != torch.float32 for v in params.values()):
-        note = "ZeRO-0 keeps no fp32 master copy: weights come from the bf16 working copy"
+    # Loom's build_optimizer: matrices (ndim >= 2) in group 0, vectors in group 1, each in module order
+    names = list(params)
+    order = [n for n in names if params[n].ndim >= 2] + [n for n in names if params[n].ndim < 2]
     weights = {k: v.float().clone() for k, v in params.items()}
+    note = None
+    osd = states.get("optimizer")
+    masters = osd.get("fp32_groups") if isinstance(osd, dict) else None
+    if masters is not None and sum(len(g) for g in masters) == len(order):
+        for name, master in zip(order, [t for g in masters for t in g]):
+            weights[name] = master.detach().float().reshape(params[name].shape).clone()
+    elif any(v.dtype != torch.float32 for v in params.values()):
+        note = "ZeRO-0 keeps no fp32 master copy here: weights come from the bf16 working copy"
     weights.update(buffers)
     opt, step = {}, None
     if optimizer:
-        opt, step = _zero0_optimizer(states.get("optimizer"), params)
+        torch_state = osd.get("optimizer_state_dict", osd) if isinstance(osd, dict) else None
+        opt, step = _zero0_optimizer(torch_state, params, order)
         if not opt:
             note = note or "optimizer state of this ZeRO-0 checkpoint cannot be mapped to names"
     return weights, opt, step, note
 
 
-def _zero0_optimizer(osd, params: dict):
-    """torch AdamW state of a ZeRO-0 run: Loom's `build_optimizer` puts matrices (ndim >= 2) in
-    group 0 and vectors in group 1, each in module order, and torch numbers them in that order."""
+def _zero0_optimizer(osd, params: dict, order: list[str]):
+    """torch AdamW state of a ZeRO-0 run; torch numbers the parameters in group order."""
     if not isinstance(osd, dict) or "param_groups" not in osd or "state" not in osd:
         return {}, None
-    names = list(params)
-    order = [n for n in names if params[n].ndim >= 2] + [n for n in names if params[n].ndim < 2]
     ids = [i for g in osd["param_groups"] for i in g["params"]]
     if len(ids) != len(order):
         return {}, None
@@ -385,7 +392,7 @@ def _zero0_optimizer(osd, params: dict):
                 out[key][name] = st[key].detach().float().reshape(params[name].shape).clone()
         if "step" in st:
             step = float(st["step"])
-    return out, step
+    return (out if out["exp_avg"] else {}), step
 
 
 def _read_zero12(shards: list[dict], shapes: list[dict], buffers: dict, optimizer: bool):
@@ -535,6 +542,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         seen[t.data_ptr()] = name
         out[name] = t
     save_file(out, str(path), metadata={"format": "pt", **(metadata or {})})
+    os.chmod(path, 0o644)
 
 
 def write_consolidated(data: Consolidated, folder: Path, kind: str = "consolidate",

@@ -72,7 +72,8 @@ def llama_state_dict(weights: dict, cfg) -> dict[str, torch.Tensor]:
     d, hd, kv = cfg.hidden_size, cfg.head_dim, cfg.kv_heads
     qpg = cfg.num_heads // kv
     V = cfg.vocab_size
-    out = {"model.embed_tokens.weight": weights["embedding.weight"][:V], "model.norm.weight": weights["final_norm.weight"]}
+    out = {"model.embed_tokens.weight": weights["embedding.weight"][:V],
+           "model.norm.weight": weights["final_norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = weights["output_layer.weight"][:V]
     for i in range(cfg.num_layers):
@@ -135,7 +136,8 @@ def _sp_info(path: Path):
 
 
 SELF_CHECK_TEXTS = ("Hello world", "To be, or not to be: that is the question.",
-                    "x = 12345 + 0.5e-3;\nprint(x)  # two  spaces", "naïve café — 東京 😀 ∑", "ends with space ")
+                    "x = 12345 + 0.5e-3;\nprint(x)  # two  spaces", "naïve café — 東京 😀 ∑",
+                    "ends with space ")
 
 
 def export_tokenizer(tokenizer_model: Path, out: Path, vocab_size: int, log=print) -> None:
@@ -203,13 +205,25 @@ def remote_code_techniques(tech, cfg, source_pp: int) -> dict:
                 first = stage_layer_range(cfg.num_layers, source_pp, (target - 1) // per_stage).start
             readable[str(target)] = plan.slots_before(target, first)
         out["cmr"] = {"sources": list(plan.cmr_sources), "targets": list(plan.cmr_targets),
-                      "rank": tech.cmr.rank, "readable": readable}
+                      "rank": tech.cmr.rank, "readable": readable,
+                      # stage-local CMR carries no bank between the saved layout's pipeline stages
+                      "reset_bank_at": [r * (cfg.num_layers // source_pp) for r in range(1, source_pp)]
+                      if plan.cmr_stage_local else []}
     return out
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConvertError("exporting to Hugging Face needs the transformers package: "
+                           "pip install transformers") from None
 
 
 def to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, remote_code: bool = False, dtype: str = "fp32",
           tokenizer: Optional[str] = None, skip_tokenizer: bool = False, force: bool = False, log=print) -> Path:
     """`loom convert to-hf`: checkpoint or consolidated folder → Hugging Face model folder."""
+    _require_transformers()
     if dtype not in _DTYPES:
         raise ConvertError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if tokenizer is not None and not Path(tokenizer).is_file():

@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from launch.convert import (OPTIMIZER_KEYS, VOCAB_WEIGHTS, ConvertError, config_dict, is_technique_name, load,
-                            output_folder, partition_dim, read_consolidated, write_consolidated)
+from launch.convert import (OPTIMIZER_KEYS, VOCAB_WEIGHTS, ConvertError, is_technique_name, load, output_folder,
+                            partition_dim, read_consolidated, write_consolidated)
 
 
 # ------------------------------------------------------------------------------------- slicing
@@ -165,7 +165,6 @@ def _load_buffers(module, weights: dict) -> None:
     _, buffers = _stage_names(module)
     for name in buffers:
         if name in weights:
-            owner, attr = name.rsplit(".", 1) if "." in name else ("", name)
             buf = module.get_buffer(name)
             value = weights[name]
             if tuple(value.shape) != tuple(buf.shape):
@@ -295,7 +294,7 @@ def is_start_point(folder: str | os.PathLike) -> bool:
     return is_consolidated(p) and not (p / "ds").is_dir()
 
 
-def check_compatible(model_cfg, saved: dict, where: str) -> None:
+def check_compatible(model_cfg, saved: dict, where: str, log=print) -> None:
     """The run's model shape must equal the saved one (layout and techniques may differ)."""
     keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
             "tie_embeddings")
@@ -314,8 +313,8 @@ def check_compatible(model_cfg, saved: dict, where: str) -> None:
     if problems:
         raise ConvertError("the run's model does not match the start point: " + "; ".join(problems))
     for key in ("rope_theta", "norm_eps", "eos_id"):
-        if getattr(model_cfg, key) != getattr(s, key):
-            print(f"warning: model.{key} is {getattr(model_cfg, key)} in the run but {getattr(s, key)} in {where}")
+        if getattr(model_cfg, key) != getattr(s, key) and log is not None:
+            log(f"warning: model.{key} is {getattr(model_cfg, key)} in the run but {getattr(s, key)} in {where}")
 
 
 def load_start_point(sharded, folder: str | os.PathLike, model_cfg=None, tokenizer_sha256: Optional[str] = None,
@@ -334,7 +333,7 @@ def load_start_point(sharded, folder: str | os.PathLike, model_cfg=None, tokeniz
                            f"`loom convert consolidate` or `loom convert from-hf`")
     data = read_consolidated(p, optimizer=optimizer)
     if model_cfg is not None:
-        check_compatible(model_cfg, data.run_config.get("model", {}), str(folder))
+        check_compatible(model_cfg, data.run_config.get("model", {}), str(folder), log=log)
     if tokenizer_sha256 is not None:
         saved = data.tokenizer_sha256()
         if saved is not None and saved != tokenizer_sha256:
@@ -376,6 +375,10 @@ def reshard(ckpt: str | os.PathLike, out: str | os.PathLike, tensor: Optional[in
         raise ConvertError("the target layout is not valid for this model: " + "; ".join(problems))
     for note in data.notes:
         log(f"note: {note}")
+    src_pp = int((data.source.get("layout") or {}).get("pp") or p.pipeline)
+    if run_cfg.techniques.cmr.enabled and run_cfg.techniques.cmr.stage_local and src_pp != p.pipeline:
+        log(f"warning: CMR is stage-local: with PP {p.pipeline} instead of {src_pp} its targets read other sources, "
+            f"so the network changes")
     if optimizer and data.optimizer is None:
         log("note: no optimizer state could be read; training from the resharded folder restarts Adam's moments")
     with output_folder(out, force) as tmp:
@@ -395,4 +398,4 @@ def reshard(ckpt: str | os.PathLike, out: str | os.PathLike, tensor: Optional[in
 
 
 __all__ = ["local_slice", "load_consolidated_into_stage", "load_consolidated_into_engine", "load_start_point",
-           "is_start_point", "check_compatible", "reshard", "config_dict"]
+           "is_start_point", "check_compatible", "reshard"]

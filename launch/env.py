@@ -68,7 +68,7 @@ def read_dist_env(environ=None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single process")
 
 
-def init_distributed(denv: DistEnv, timeout_minutes: float = 10.0) -> str:
+def init_distributed(denv: DistEnv, timeout_s: float = 600.0) -> str:
     """Start the default process group (NCCL on GPUs, gloo on CPU); returns the backend."""
     import torch
     import torch.distributed as dist
@@ -80,5 +80,5 @@ def init_distributed(denv: DistEnv, timeout_minutes: float = 10.0) -> str:
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=denv.rank, world_size=denv.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return backend

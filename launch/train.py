@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from launch.env import init_distributed, read_dist_env
 from launch.metrics import MetricsWriter, flops_per_token, measure_peak_tflops
 from launch.prepare_data import prepare_data
 from launch.run_lock import acquire_run_lock
+from launch.watchdog import Heartbeat
 from launch.train_module import TrainModule
 from launch.trainer import Trainer, TrainState
 
@@ -31,15 +33,34 @@ def train_from_cli(config_path: str, overrides: list[str], resume: str | None = 
     denv = read_dist_env()
     overrides = list(overrides) + ([f"checkpoint.resume={resume}"] if resume else [])
     cfg = load_config(config_path, overrides, world_size=denv.world_size)  # fails before any process group
-    backend = init_distributed(denv)
+    backend = init_distributed(denv, cfg.parallel.timeout_s)
+    heartbeat = Heartbeat() if denv.world_size > 1 else None
     try:
         log0(f"loom: {cfg.name} · {denv.world_size} process(es) via {denv.launcher} · backend {backend}")
         return run(cfg)
+    except dist.DistError as exc:  # includes DistBackendError / DistNetworkError from gloo and NCCL
+        if heartbeat is None:
+            raise
+        print(f"error: rank {denv.rank}: {heartbeat.explain(exc)}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as exc:
+        if heartbeat is None or not _looks_like_lost_peer(exc):
+            raise
+        print(f"error: rank {denv.rank}: {heartbeat.explain(exc)}", file=sys.stderr, flush=True)
+        return 1
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def _looks_like_lost_peer(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                                   "timed out", "Broken pipe", "NCCL communicator was aborted"))
 
 
 def _seed_everything(seed: int) -> None:

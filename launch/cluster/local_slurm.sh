@@ -157,6 +157,9 @@ KillWait=10
 MinJobAge=300
 Waittime=0
 JobRequeue=1
+# clusters running side by side on one machine hand out different job ids, so the rendezvous ports the job
+# scripts derive from the job id differ too
+FirstJobId=$(( ((port - 16817) / 20 % 50) * 1000 + 1 ))
 EOF
   for i in $(seq 1 "$NODES"); do
     if [ "$NETNS" = 1 ]; then
@@ -191,7 +194,8 @@ cancel_jobs() {
   local jobs
   jobs=$(client squeue -h -o %i 2>/dev/null || true)
   [ -n "$jobs" ] || return 0
-  log "cancelling jobs: $(echo $jobs)"
+  log "cancelling jobs: ${jobs//$'\n'/ }"
+  # shellcheck disable=SC2086  # a list of job ids
   client scancel $jobs 2>/dev/null || true
   for _ in $(seq 1 60); do                      # KillWait=10: the steps get TERM, then KILL
     [ -z "$(client squeue -h -o %i 2>/dev/null || true)" ] && return 0
@@ -200,6 +204,7 @@ cancel_jobs() {
   log "jobs still listed after 30 s: $(client squeue -h 2>/dev/null | tr '\n' ';')"
 }
 
+# shellcheck disable=SC2086  # $files is a list of pid files (no spaces: the state folder is ours)
 stop_slurm_daemons() {
   local files; files=$(slurm_pidfiles)
   [ -n "$files" ] && any_alive $files || return 0
@@ -211,7 +216,7 @@ stop_slurm_daemons() {
     if alive "$f"; then
       kill -TERM "$(cat "$f")" 2>/dev/null || true
       for _ in $(seq 1 20); do alive "$f" || break; sleep 0.1; done
-      alive "$f" && kill -KILL "$(cat "$f")" 2>/dev/null || true
+      if alive "$f"; then kill -KILL "$(cat "$f")" 2>/dev/null || true; fi
     fi
   done
   return 0

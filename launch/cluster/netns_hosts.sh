@@ -57,9 +57,11 @@ require_root() {
 stop_ns_processes() {
   local ns=$1 pids
   pids=$(ns_pids "$ns"); [ -n "$pids" ] || return 0
-  log "stopping processes in $ns: $(echo $pids)"
+  log "stopping processes in $ns: ${pids//$'\n'/ }"
+  # shellcheck disable=SC2086  # a list of PIDs
   kill -TERM $pids 2>/dev/null || true
   for _ in $(seq 1 30); do pids=$(ns_pids "$ns"); [ -n "$pids" ] || return 0; sleep 0.1; done
+  # shellcheck disable=SC2086
   kill -KILL $pids 2>/dev/null || true
   for _ in $(seq 1 20); do [ -n "$(ns_pids "$ns")" ] || return 0; sleep 0.1; done
 }
@@ -123,6 +125,7 @@ nsexec() {
   [ $# -gt 0 ] || { echo "usage: netns_hosts.sh exec I CMD..." >&2; exit 2; }
   local ns; ns=$(ns_of "$i")
   ns_exists "$ns" || { echo "netns_hosts.sh: host $i is not up ($ns missing); run 'up' first" >&2; exit 1; }
+  # shellcheck disable=SC2016  # expanded by the inner sh
   exec nsenter --net="/run/netns/$ns" -- unshare --mount --uts -- sh -c '
     hostname "$0"
     mount --bind "$1/etc/hosts" /etc/hosts
@@ -177,6 +180,7 @@ ssh_up() {
   for i in $(seq 1 "$NODES"); do
     if "$SELF" --dir "$DIR" exec "$i" ssh -o ConnectTimeout=2 "node$i" true 2>/dev/null; then continue; fi
     # sshd needs /run/sshd: a private tmpfs on /run inside this host's mount namespace only.
+    # shellcheck disable=SC2016  # expanded by the inner sh
     # -D keeps sshd in the foreground of this (backgrounded) process so the PID is the daemon's.
     "$SELF" --dir "$DIR" exec "$i" sh -c 'mount -t tmpfs -o mode=755 tmpfs /run && mkdir -m 755 /run/sshd &&
       exec /usr/sbin/sshd -D -f "$0/ssh/sshd_config" -o ListenAddress="$1" -E "$0/logs/sshd-node$2.log"' \

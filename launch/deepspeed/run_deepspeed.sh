@@ -36,10 +36,11 @@
 # Notes:
 # - DeepSpeed passes `--local_rank=N` right after the script; with `-m launch.cli` that would land before
 #   the `train` subcommand, so --no_local_rank is used: the ranks read LOCAL_RANK from the environment.
-# - Stop a run by signalling the runner's PID (TERM). Do not Ctrl-C/SIGINT the multi-node runner on a
-#   shared machine: its cleanup runs `pkill -f <launch command>` on every host, matching by command line.
-# - Exit codes pass through: 75 = stopped with a checkpoint (SIGTERM/SIGUSR1 to the ranks), resume with
-#   `--resume auto`.
+# - To stop a run with a checkpoint, send SIGTERM or SIGUSR1 to the rank processes: they checkpoint and exit
+#   75 (passed through as this script's exit code; resume with `--resume auto`) and the launchers follow.
+#   Signalling the multi-node runner itself (Ctrl-C/SIGINT or SIGTERM) makes it run
+#   `pkill -f <launch command>` on every host, matching by command line: fine on dedicated nodes, not on a
+#   machine shared with other jobs. The single-node runner has no handler (a signal stops only the runner).
 set -euo pipefail
 
 if [ $# -lt 1 ]; then sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
@@ -120,7 +121,6 @@ trap 'rm -f "$ENV_FILE"' EXIT
 } > "$ENV_FILE" || true
 export DS_ENV_FILE=$ENV_FILE            # an absolute name: the runner reads exactly this file
 [ "${DS_NO_SSH_CHECK:-0}" = 1 ] && common+=(--no_ssh_check)
-# Not exec'd, so the env file is removed afterwards. Stop it with `kill -TERM <pid of this script's child>`;
-# the runner then stops the remote launchers (see the note above about SIGINT).
+# Not exec'd, so that the env file is removed afterwards.
 "${runner[@]}" --hostfile "$HOSTFILE" --launcher "${DS_LAUNCHER:-pdsh}" --master_addr "${MASTER_ADDR:-${hosts[0]}}" \
   "${common[@]}" "${extra[@]}" "${train[@]}"

@@ -360,7 +360,10 @@ class LoomForCausalLM(LoomPreTrainedModel, GenerationMixin):
         ctx = {"pos": pos, "start": start, "cos": cos, "sin": sin, "rho": None, "bank": bank,
                "bank_tensor": bank_tensor}
         h = residual_point(self, h, ctx)
-        for block in self.layers:
+        resets = set(((self.config.techniques or {}).get("cmr") or {}).get("reset_bank_at") or [])
+        for index, block in enumerate(self.layers):
+            if index in resets:  # a new pipeline stage of the saved layout: stage-local CMR starts empty
+                bank[:] = [None] * len(bank)
             h = block(h, ctx)
         h = self.final_norm(h)
         weight = self.embedding.weight if self.output_layer is None else self.output_layer.weight

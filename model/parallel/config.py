@@ -16,10 +16,12 @@ class ParallelConfig:
     """Micro-batches per optimizer step on each data-parallel rank (gradient accumulation / pipeline depth)."""
     reduce_bucket_size: int = 50_000_000
     """DeepSpeed reduce/all-gather bucket size in elements; small on CPU avoids huge buffers."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for a peer before the run fails, naming the silent rank."""
 
     def validate(self, world_size: int | None) -> list[str]:
         problems = []
-        for name in ("tensor", "pipeline", "microbatches", "reduce_bucket_size"):
+        for name in ("tensor", "pipeline", "microbatches", "reduce_bucket_size", "timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"parallel.{name} must be positive, got {getattr(self, name)}")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -41,8 +41,10 @@ def init_parallel_groups(parallel: ParallelConfig) -> Layout:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    # every group gets the run's timeout, so a hung peer fails the run instead of stalling it for 30 min
     ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor,
-                                 pipeline_model_parallel_size=parallel.pipeline)
+                                 pipeline_model_parallel_size=parallel.pipeline,
+                                 distributed_timeout_minutes=parallel.timeout_s / 60)
     return current_layout()
 
 

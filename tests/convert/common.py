@@ -71,7 +71,7 @@ def run_config(overrides: list[str]):
 
 def layout_run_fn(rank, world_size, overrides: list[str], tp: int, pp: int, zero: int, batches: list,
                   start: str | None = None, save_dir: str | None = None, tokenizer: str | None = None,
-                  train_steps: int = 0, then_steps: int = 0, seed: int = 0) -> dict:
+                  train_steps: int = 0, then_steps: int = 0, seed: int = 0, precision: str = "fp32") -> dict:
     """At TP×PP (DP = world / (TP×PP)): optionally load a start point, train `train_steps`, save a
     checkpoint, measure the loss on batches[0], then train `then_steps` more. Returns the eval loss,
     the losses of the `then` steps and the full weights afterwards (rank 0 of each result)."""
@@ -89,12 +89,13 @@ def layout_run_fn(rank, world_size, overrides: list[str], tp: int, pp: int, zero
                                   "parallel.microbatches=1", f"train.micro_batch_size={MICRO_BATCH}"])
     parallel = ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=1)
     sharded = parallelize(cfg.model, cfg.techniques, layout, parallel, copy.copy(OPTIM), MICRO_BATCH, seed,
-                          precision="fp32")
+                          precision=precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     step = 0
     if start is not None:
         meta = load_start_point(sharded, start, cfg.model, optimizer=True, log=None)
         step = int(meta["state"].get("step", 0))
-    module = TrainModule(sharded, layout, MICRO_BATCH, cfg.model.seq_length, torch.float32, torch.device("cpu"))
+    module = TrainModule(sharded, layout, MICRO_BATCH, cfg.model.seq_length, dtype, torch.device("cpu"))
 
     def one_step():
         nonlocal step
@@ -113,8 +114,15 @@ def layout_run_fn(rank, world_size, overrides: list[str], tp: int, pp: int, zero
     eval_loss = module.evaluate([batches[0]])["eval/loss"]
     then = [one_step() for _ in range(then_steps)]
     weights = full_state_dict(sharded.module)
+    masters = {}
+    if precision == "bf16" and layout.tp == 1 and layout.pp == 1:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters = {n: safe_get_full_fp32_param(p).clone() for n, p in sharded.module.named_parameters()}
     sharded.engine.destroy()
-    return {"eval_loss": eval_loss, "then": then, "weights": weights, "step": step} if rank == 0 else None
+    if rank != 0:
+        return None
+    return {"eval_loss": eval_loss, "then": then, "weights": weights, "step": step, "masters": masters}
 
 
 def assert_weights_close(ref: dict, got: dict, vocab: int, rel: float = 1e-4, what: str = "") -> None:

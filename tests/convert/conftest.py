@@ -24,30 +24,35 @@ def ckpt_tp2_pp2(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ckpt_dp2_zero2(tmp_path_factory) -> str:
-    """DP=2, ZeRO-2: the fp32 masters are split over two data-parallel partitions."""
-    return _cli_checkpoint(tmp_path_factory, "dp2z2", 2, ["parallel.zero_stage=2"])
-
-
-@pytest.fixture(scope="session")
 def ckpt_techniques(tmp_path_factory) -> str:
     """PP=2 with LCM, SCR, CMR, SCA and HCMA on, trained 2 steps so LCM/SCR/CMR are no longer the identity."""
     return _cli_checkpoint(tmp_path_factory, "tech", 2, ["parallel.pipeline=2", *TECHNIQUES])
 
 
 @pytest.fixture(scope="session")
-def tokenizer_model(ckpt_dp2_zero2) -> str:
-    return f"{ckpt_dp2_zero2}/tokenizer.model"
+def tokenizer_model(ckpt_tp2_pp2) -> str:
+    return f"{ckpt_tp2_pp2}/tokenizer.model"
+
+
+def _harness_checkpoint(tmp_path_factory, name, tokenizer, world, tp, pp, zero) -> tuple[str, dict]:
+    """A real checkpoint (`launch.checkpoint.save`) from forked gloo ranks, and its live full weights.
+    Cheaper than torchrun on 2 cores, and it reaches ZeRO-3 with DP > 1, where `loom train` on CPU
+    trips a DeepSpeed batch-size check (zero.Init runs before deepspeed.comm is initialised)."""
+    from tests.harness import run_distributed
+
+    run = tmp_path_factory.mktemp(name)
+    out = run_distributed(layout_run_fn, world, HARNESS_OVERRIDES, tp, pp, zero, fixed_batches(4),
+                          save_dir=str(run), tokenizer=tokenizer, train_steps=2)
+    return str(run / "checkpoints" / "step_00000002"), out[0]["weights"]
+
+
+@pytest.fixture(scope="session")
+def ckpt_dp2_zero2(tmp_path_factory, tokenizer_model) -> tuple[str, dict]:
+    """DP=2, ZeRO-2: the fp32 masters are split over two data-parallel partitions."""
+    return _harness_checkpoint(tmp_path_factory, "dp2z2", tokenizer_model, 2, 1, 1, 2)
 
 
 @pytest.fixture(scope="session")
 def ckpt_zero3(tmp_path_factory, tokenizer_model) -> tuple[str, dict]:
-    """TP=2 × DP=2, ZeRO-3 (every parameter partitioned over DP), and its live full weights.
-    Written through the harness: `loom train` with ZeRO-3 and DP > 1 trips a DeepSpeed config check
-    on CPU (its zero.Init runs before deepspeed.comm is initialised)."""
-    from tests.harness import run_distributed
-
-    run = tmp_path_factory.mktemp("z3")
-    out = run_distributed(layout_run_fn, 4, HARNESS_OVERRIDES, 2, 1, 3, fixed_batches(4), save_dir=str(run),
-                          tokenizer=tokenizer_model, train_steps=2)
-    return str(run / "checkpoints" / "step_00000002"), out[0]["weights"]
+    """TP=2 × DP=2, ZeRO-3: every parameter partitioned over DP inside each TP shard."""
+    return _harness_checkpoint(tmp_path_factory, "z3", tokenizer_model, 4, 2, 1, 3)

@@ -52,15 +52,15 @@ def test_exported_llama_matches_loom_logits_and_generates(source, request, tmp_p
         assert int(generated[0, 6]) == int(ref[0, 5].argmax())
 
 
-def test_exported_tokenizer_encodes_like_loom(ckpt_dp2_zero2, tmp_path):
+def test_exported_tokenizer_encodes_like_loom(ckpt_tp2_pp2, tmp_path):
     from transformers import AutoTokenizer
 
     from data.tokenizer import Tokenizer
 
     out = tmp_path / "hf"
-    to_hf(ckpt_dp2_zero2, out, log=lambda *_: None)
+    to_hf(ckpt_tp2_pp2, out, log=lambda *_: None)
     hf_tok = AutoTokenizer.from_pretrained(str(out))
-    loom_tok = Tokenizer(f"{ckpt_dp2_zero2}/tokenizer.model")
+    loom_tok = Tokenizer(f"{ckpt_tp2_pp2}/tokenizer.model")
     for text in TEXTS:
         ids = loom_tok.encode(text)
         assert hf_tok.encode(text, add_special_tokens=False) == ids, text
@@ -134,6 +134,6 @@ def test_remote_code_cmr_slots_follow_the_saved_pipeline_when_stage_local():
     tech.cmr.enabled = True  # sources h^0, h^2, h^4, h^5; targets h^6, h^8
     everywhere = remote_code_techniques(tech, cfg, source_pp=2)["cmr"]["readable"]
     assert everywhere == {"6": [0, 1, 2, 3], "8": [0, 1, 2, 3]}
-    tech.cmr.stage_local = True  # with PP=2 the second stage holds blocks 4..7 (states h^5..h^8)
-    local = remote_code_techniques(tech, cfg, source_pp=2)["cmr"]["readable"]
-    assert local == {"6": [3], "8": [3]}
+    tech.cmr.stage_local = True  # with PP=2 the second stage holds blocks 4..7, its first state is h^4
+    local = remote_code_techniques(tech, cfg, source_pp=2)["cmr"]
+    assert local["readable"] == {"6": [2, 3], "8": [2, 3]} and local["reset_bank_at"] == [4]

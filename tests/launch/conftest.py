@@ -67,10 +67,10 @@ def job_env(extra: dict | None = None) -> dict:
 class Proc:
     """A command in its own session: stopped by its process-group id, never by name."""
 
-    def __init__(self, cmd: list[str], log: Path, env: dict | None = None, cwd: Path = REPO):
-        self.cmd, self.log = cmd, log
+    def __init__(self, cmd: list[str], log: Path, env: dict | None = None, cwd: Path = REPO, kill_only: bool = False):
+        self.cmd, self.log, self.kill_only = [str(c) for c in cmd], log, kill_only
         self._out = open(log, "w")
-        self.popen = subprocess.Popen(cmd, cwd=cwd, env=env or job_env(), stdout=self._out,
+        self.popen = subprocess.Popen(self.cmd, cwd=cwd, env=env or job_env(), stdout=self._out,
                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait(self, timeout: float) -> int:
@@ -80,12 +80,15 @@ class Proc:
             self.stop()
             raise AssertionError(f"timed out after {timeout} s: {' '.join(self.cmd)}\n{self.text()[-4000:]}")
         finally:
-            self._out.flush()
+            if not self._out.closed:
+                self._out.flush()
 
     def stop(self) -> None:
-        """TERM the process group (never INT: DeepSpeed's runner then pkills by command line), then KILL."""
+        """TERM the process group, then KILL. Never INT. kill_only: straight KILL, for DeepSpeed's multi-node
+        runner, whose INT/TERM handler would `pkill -f` the launch command line on every host."""
         if self.popen.poll() is None:
-            for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            steps = ((signal.SIGKILL, 5),) if self.kill_only else ((signal.SIGTERM, 15), (signal.SIGKILL, 5))
+            for sig, grace in steps:
                 try:
                     os.killpg(self.popen.pid, sig)
                 except ProcessLookupError:
@@ -98,7 +101,8 @@ class Proc:
         self._out.close()
 
     def text(self) -> str:
-        self._out.flush()
+        if not self._out.closed:
+            self._out.flush()
         return self.log.read_text(errors="replace")
 
 
@@ -108,7 +112,7 @@ def procs():
     started: list[Proc] = []
 
     def start(cmd, log, env=None, cwd=REPO) -> Proc:
-        p = Proc([str(c) for c in cmd], log, env, cwd)
+        p = Proc(cmd, log, env, cwd)
         started.append(p)
         return p
 
