@@ -6,7 +6,7 @@ import time
 import torch.distributed as dist
 
 from launch import checkpoint
-from launch.metrics import MetricsWriter, ProgressBar, memory_scalars
+from launch.metrics import MetricsWriter, ProgressBar, memory_scalars, system_scalars
 from launch.trainer import Callback
 
 
@@ -46,6 +46,7 @@ class MonitorCallback(Callback):
             "data/corrupt_shards_skipped": getattr(trainer.loader, "corrupt_shards_skipped", 0),
         })
         scalars.update(memory_scalars(self.device))
+        scalars.update(system_scalars())
         scalars.update(trainer.module.technique_scalars())
         self._window.clear()
         self.writer.scalars(scalars, step)

@@ -27,10 +27,11 @@ def _scontrol(*args: str) -> str:
     return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=True).stdout
 
 
-def _first_slurm_host() -> str:
+def _first_slurm_host(env=None) -> str:
     """The first node of the job, as an address the other nodes can reach: its name if that resolves,
     else the node's NodeAddr from scontrol (node names need not be in DNS, e.g. several slurmd on one host)."""
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    env = os.environ if env is None else env
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return "127.0.0.1"
     try:
@@ -64,8 +65,17 @@ def read_dist_env(environ=None) -> DistEnv:
         job, restart = int(env.get("SLURM_JOB_ID", 0)), int(env.get("SLURM_RESTART_COUNT", 0))
         port = int(env.get("MASTER_PORT", 20000 + (job % 4000) * 10 + restart % 10))
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR") or _first_slurm_host(), port, "srun")
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single process")
+                       env.get("MASTER_ADDR") or _first_slurm_host(env), port, "srun")
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single process")
+
+
+def _free_port() -> int:
+    """A single process needs a store port too; a fixed one would clash with a second run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(denv: DistEnv, timeout_s: float = 600.0) -> str:

@@ -39,9 +39,20 @@ def memory_scalars(device: torch.device) -> dict[str, float]:
         return {"memory/allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
                 "memory/reserved_gb": torch.cuda.memory_reserved(device) / 2**30,
                 "memory/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"memory/rss_gb": _process().memory_info().rss / 2**30}
+
+
+def _process():
     import psutil
 
-    return {"memory/rss_gb": psutil.Process(os.getpid()).memory_info().rss / 2**30}
+    return psutil.Process(os.getpid())
+
+
+def system_scalars() -> dict[str, float]:
+    """Leak detectors for long runs: open files, threads and child processes of this rank."""
+    proc = _process()
+    return {"system/open_fds": float(proc.num_fds()), "system/threads": float(proc.num_threads()),
+            "system/child_processes": float(len(proc.children(recursive=True)))}
 
 
 class MetricsWriter:
