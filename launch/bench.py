@@ -848,7 +848,7 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
     log(f"peers: {shape.describe()}, 1 process x {t} threads")
     hw = Hardware()
     with worker_groups(specs) as groups:
-        probe = groups.pop("probe")
+        probe, groups = groups["probe"], {k: g for k, g in groups.items() if k != "probe"}
         series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, log)
     report.results["hardware_peers"] = hw
     labels = {"loom": "Loom (trainer path: `parallelize` → DeepSpeed engine, ZeRO-0)",
@@ -955,7 +955,7 @@ def section_layouts(opts: BenchOptions, report: Report, log) -> None:
     hw = Hardware()
     fpt = flops_per_token(shape)
     with worker_groups(specs) as groups:
-        probe = groups.pop("probe")
+        probe, groups = groups["probe"], {k: g for k, g in groups.items() if k != "probe"}
         series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, log)
         state = {name: g.call("state_bytes") for name, g in groups.items()}
     names = list(series)

@@ -32,7 +32,7 @@
 # Needs root, Debian/Ubuntu (apt) or the packages already installed; no systemd, no cgroups, no accounting.
 set -euo pipefail
 
-usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 BASE=${LOOM_SLURM_DIR:-slurm-local}
 while [ $# -gt 0 ]; do
@@ -44,7 +44,8 @@ while [ $# -gt 0 ]; do
 done
 BASE=$(realpath -m "$BASE")            # Slurm and munge need absolute paths in slurm.conf
 NODES=${LOOM_SLURM_NODES:-2}
-CPUS=${LOOM_SLURM_CPUS:-$(nproc)}
+# (nproc would honour OMP_NUM_THREADS, which test environments set to 1)
+CPUS=${LOOM_SLURM_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 NETNS=${LOOM_SLURM_NETNS:-0}
 CRED_EXPIRE=${LOOM_SLURM_CRED_EXPIRE:-10}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -187,7 +188,10 @@ start_munge() {
 }
 
 slurm_pidfiles() { ls "$ST"/run/slurmctld.pid "$ST"/run/slurmd-*.pid 2>/dev/null || true; }
-any_alive() { local f; for f in "$@"; do alive "$f" && return 0; done; return 1; }
+# PIDs of the Slurm daemons we started, read before stopping them: a daemon removes its pid file while it
+# is still shutting down, so the waiting is done on the PIDs themselves
+slurm_pids() { local f; for f in $(slurm_pidfiles); do alive "$f" && cat "$f"; done; return 0; }
+pids_alive() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 
 cancel_jobs() {
   alive "$ST/run/slurmctld.pid" || return 0
@@ -204,21 +208,16 @@ cancel_jobs() {
   log "jobs still listed after 30 s: $(client squeue -h 2>/dev/null | tr '\n' ';')"
 }
 
-# shellcheck disable=SC2086  # $files is a list of pid files (no spaces: the state folder is ours)
 stop_slurm_daemons() {
-  local files; files=$(slurm_pidfiles)
-  [ -n "$files" ] && any_alive $files || return 0
+  local pids p
+  mapfile -t pids < <(slurm_pids)
+  [ "${#pids[@]}" -gt 0 ] || return 0
   cancel_jobs
   alive "$ST/run/slurmctld.pid" && { client scontrol shutdown >/dev/null 2>&1 || true; }
-  for _ in $(seq 1 50); do any_alive $files || break; sleep 0.2; done
-  local f
-  for f in $files; do                           # fallback: TERM, then KILL, by recorded PID
-    if alive "$f"; then
-      kill -TERM "$(cat "$f")" 2>/dev/null || true
-      for _ in $(seq 1 20); do alive "$f" || break; sleep 0.1; done
-      if alive "$f"; then kill -KILL "$(cat "$f")" 2>/dev/null || true; fi
-    fi
-  done
+  for _ in $(seq 1 50); do pids_alive "${pids[@]}" || return 0; sleep 0.2; done
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done   # fallback: TERM, then KILL
+  for _ in $(seq 1 30); do pids_alive "${pids[@]}" || return 0; sleep 0.1; done
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   return 0
 }
 

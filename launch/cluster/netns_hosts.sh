@@ -22,7 +22,7 @@
 # util-linux (nsenter, unshare) and a kernel with CONFIG_NET_NS, CONFIG_VETH, CONFIG_BRIDGE.
 set -euo pipefail
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 DIR=${LOOM_NETNS_DIR:-netns-local}
 while [ $# -gt 0 ]; do

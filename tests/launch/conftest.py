@@ -127,9 +127,10 @@ def loss_curve(run_dir: Path) -> dict[int, float]:
     return read_scalars(run_dir / "tensorboard")["train/loss"]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _tiny_data_prepared():
-    """Tokenizer and shards of the tiny config exist before concurrent jobs start (no preparation races)."""
+@pytest.fixture(scope="session")
+def tiny_data():
+    """Tokenizer and shards of the tiny config exist before concurrent jobs start (no preparation races).
+    Requested after the skip checks, so a skipped module prepares nothing."""
     from launch.config import load_config
     from launch.prepare_data import _prepare_on_this_rank
 

@@ -7,7 +7,7 @@ from tests.launch.conftest import QUICK, REPO, TINY, free_port, job_env, loss_cu
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_runs_two_ranks_on_one_node(tmp_path, procs):
+def test_deepspeed_launcher_runs_two_ranks_on_one_node(tiny_data, tmp_path, procs):
     run = tmp_path / "run"
     env = job_env({"NUM_GPUS": "2", "MASTER_PORT": str(free_port())})
     proc = procs([REPO / "launch" / "deepspeed" / "run_deepspeed.sh", TINY, f"output_dir={run}",

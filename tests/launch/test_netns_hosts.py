@@ -59,6 +59,7 @@ class Launched:
 @pytest.fixture(scope="module")
 def launched(request, tmp_path_factory):
     require_netns()
+    request.getfixturevalue("tiny_data")
     selected = {item.originalname for item in request.session.items if item.module is request.module}
     hosts = Hosts(tmp_path_factory.mktemp("netns"))
     out = tmp_path_factory.mktemp("netns_jobs")

@@ -26,8 +26,10 @@ PREEMPT_STEPS = 40   # long enough that the signal lands well before the end
 class LocalSlurm:
     def __init__(self, base: Path):
         self.base = base
+        (base / "jobtmp").mkdir()
+        # TMPDIR travels into the jobs: the per-node files they write (DeepSpeed hostfiles) stay under tmp
         self.env = job_env({"LOOM_SLURM_DIR": str(base), "LOOM_SLURM_NODES": str(NODES),
-                            "SLURM_CONF": str(base / "etc" / "slurm.conf")})
+                            "SLURM_CONF": str(base / "etc" / "slurm.conf"), "TMPDIR": str(base / "jobtmp")})
 
     def script(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(LOCAL_SLURM), *args], env=self.env, cwd=REPO, capture_output=True, text=True,
@@ -84,6 +86,7 @@ class Job:
     id: int = 0
     errors: list = dc_field(default_factory=list)
     watcher: threading.Thread | None = None
+    done: threading.Event = dc_field(default_factory=threading.Event)
 
     @property
     def run(self) -> Path:
@@ -104,8 +107,10 @@ def _submit(slurm: LocalSlurm, job: Job) -> None:
     if job.preempt:
         def send_signal_after_step_2():
             try:
-                wait_for(lambda: re.search(r"^step 2/", job.log(), re.M), 400, f"step 2 in job {job.id}'s log")
-                slurm.signal_batch_shell(job.id, "USR1")
+                wait_for(lambda: job.done.is_set() or re.search(r"^step 2/", job.log(), re.M), 400,
+                         f"step 2 in job {job.id}'s log")
+                if not job.done.is_set():
+                    slurm.signal_batch_shell(job.id, "USR1")
             except BaseException as exc:  # reported by the test
                 job.errors.append(exc)
 
@@ -121,7 +126,7 @@ JOBS = {
 
 
 @pytest.fixture(scope="module")
-def jobs(slurm, request, tmp_path_factory) -> dict[str, Job]:
+def jobs(slurm, tiny_data, request, tmp_path_factory) -> dict[str, Job]:
     """Submit the jobs of the selected tests together; the cluster fixture cancels leftovers."""
     selected = {item.originalname for item in request.session.items if item.module is request.module}
     submitted = {}
@@ -140,6 +145,7 @@ def field(record: str, name: str) -> str:
 
 def finished(slurm: LocalSlurm, job: Job) -> tuple[str, str]:
     record = slurm.wait(job.id, timeout=420)
+    job.done.set()
     if job.watcher is not None:
         job.watcher.join(timeout=5)
     log = job.log()

@@ -1,0 +1,46 @@
+"""`loom bench` runs end to end and prints its tables (the harness, not the timings: nothing here
+asserts a speed; the numbers live in docs/performance.md)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.distributed
+def test_bench_quick_prints_every_table(tmp_path):
+    # a fresh interpreter: the benchmark forks its workers from a parent that has never run a
+    # multi-threaded torch op, which the pytest process cannot promise
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    out = tmp_path / "bench.md"
+    done = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "--quick", "--silent", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout
+    for heading in ("Hardware ceiling", "Targets", "Peers", "Technique overhead", "Parallel layouts",
+                    "ZeRO stages", "Data path"):
+        assert f"### {heading}" in text, f"missing section {heading!r}:\n{text}"
+    for row in ("HF `LlamaForCausalLM` (sdpa)", "megatron-core `GPTModel`", "| all five |", "| ZeRO-3 |",
+                "| TP2 |", "loader, num_workers=0"):
+        assert row in text, f"missing row {row!r}:\n{text}"
+    # every table row is complete (no empty cells from a failed measurement)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows and all("|  |" not in row and "nan" not in row.lower() for row in rows), text
+    # ZeRO per-rank bytes follow the theory (a property of the harness's accounting, not of timing)
+    zero_rows = [row for row in rows if row.startswith("| ZeRO-")]
+    assert len(zero_rows) == 4 and all(row.count("(1.00×)") == 3 for row in zero_rows), "\n".join(zero_rows)
+    assert out.read_text().startswith("<!-- written by `loom bench --quick`")
+    ext = tmp_path / "ext"
+    assert not ext.exists() or os.listdir(ext) == [], "the benchmark triggered a DeepSpeed JIT build"
+
+
+def test_bench_cli_rejects_unknown_section(capsys):
+    from launch.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--sections", "peers,nope"])
+    assert exc.value.code == 2
+    assert "unknown section" in capsys.readouterr().err
