@@ -41,14 +41,6 @@ def _cmd_train(args) -> int:
     return train_from_cli(args.config, args.overrides, resume=args.resume)
 
 
-def _not_yet(issue: str):
-    def handler(args) -> int:
-        print(f"error: `loom {args.command}` is not available yet ({issue} is open)", file=sys.stderr)
-        return USAGE_ERROR
-
-    return handler
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loom", description="Distributed GPT pretraining with megatron-core TP, 1F1B pipelines, "
@@ -73,19 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--check", action="store_true", help="fail if the file is out of date")
     docs.set_defaults(func=_cmd_config_docs)
 
-    from launch import cmd_convert, cmd_data
+    from launch import cmd_bench, cmd_convert, cmd_data, cmd_eval
 
-    cmd_data.add_commands(sub)
-    cmd_convert.add_commands(sub)
-
-    for name, text, issue in (("eval", "evaluate a checkpoint (perplexity and the techniques' metrics)", "issue 9"),):
-        p = sub.add_parser(name, help=f"{text} — not available yet")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_yet(issue))
-
-    from launch import cmd_bench
-
-    cmd_bench.add_commands(sub)
+    for commands in (cmd_data, cmd_convert, cmd_eval, cmd_bench):
+        commands.add_commands(sub)
     return parser
 
 

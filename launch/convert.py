@@ -286,6 +286,7 @@ def read_checkpoint(folder: Path, optimizer: bool = False, log=None) -> Consolid
         if note and note not in notes:
             notes.append(note)
 
+    _check_stage_order(per_stage, cfg, pp)
     merged = _merge_layout(per_stage, cfg, tp, pp)
     opt_merged = None
     if optimizer:
@@ -310,6 +311,19 @@ def read_checkpoint(folder: Path, optimizer: bool = False, log=None) -> Consolid
         source={"checkpoint": str(folder.resolve()), "layout": dict(layout), "world_size": meta.get("world_size")},
         optimizer=opt_merged, optimizer_step=(max(steps) if (opt_merged is not None and steps) else None),
         tokenizer=tokenizer if tokenizer.is_file() else None, notes=notes)
+
+
+def _check_stage_order(per_stage: list[list[dict]], cfg, pp: int) -> None:
+    """Model-parallel rank = pp_rank * tp + tp_rank (megatron's TP×PP group order): every file of a
+    stage must hold exactly that stage's blocks."""
+    per = cfg.num_layers // pp
+    for pp_rank, shards in enumerate(per_stage):
+        want = set(range(pp_rank * per, (pp_rank + 1) * per))
+        for shard in shards:
+            got = {int(m.group(1)) for n in shard for m in [re.match(r"layers\.(\d+)\.", n)] if m}
+            if got != want:
+                raise ConvertError(f"pipeline stage {pp_rank} of the checkpoint holds blocks {sorted(got)}, expected "
+                                   f"{sorted(want)}: the files do not match the layout in meta.json")
 
 
 def _is_trainable_name(name: str) -> bool:

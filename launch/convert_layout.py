@@ -246,14 +246,27 @@ def _zero0_masters(engine) -> dict:
     return {}
 
 
+def _z3_set_partition(opt, param, value: torch.Tensor, key: Optional[str] = None) -> None:
+    """This rank's slice of a full value into the ZeRO-3 fp32 master (or Adam state `key`).
+    DeepSpeed's own `set_full_hp_param` overruns the last rank's slice when the parameter does not
+    divide by the DP size (its partition is zero-padded), so the padding is added here."""
+    part, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    rank = opt._get_param_partition_rank(param)
+    flat = value.reshape(-1).to(part.dtype)
+    start = rank * part.numel()
+    piece = flat[start:start + part.numel()]
+    part.data.zero_()
+    part.data[: piece.numel()].copy_(piece)
+
+
 def _write_param(engine, base, param, value: torch.Tensor, moments: dict, step: Optional[float],
                  masters: dict) -> None:
     if hasattr(param, "ds_id"):  # ZeRO-3: master + this rank's partition of the working copy
         opt = param._z3_optimizer if hasattr(param, "_z3_optimizer") else None
         if opt is not None:
-            opt.set_full_hp_param(value, param)
+            _z3_set_partition(opt, param, value)
             for key, t in moments.items():
-                opt.set_full_hp_param(t, param, key)
+                _z3_set_partition(opt, param, t, key)
         part = param.ds_tensor
         flat = value.reshape(-1)
         rank = dist.get_rank(group=param.ds_process_group) if param.ds_process_group is not None else 0
@@ -262,16 +275,17 @@ def _write_param(engine, base, param, value: torch.Tensor, moments: dict, step: 
         part.data.zero_()
         part.data[: piece.numel()].copy_(piece.to(part.dtype))
         return
-    mapping = getattr(param, "_hp_mapping", None)
-    if mapping is not None:  # ZeRO-1/2 or the bf16 optimizer: fragment of the flat fp32 partition
-        lp = mapping.lp_fragment_address
-        hp = mapping.get_hp_fragment_address()
-        flat_group = base.param_groups[mapping.param_group_index]["params"][0]
-        frag = value.reshape(-1).narrow(0, lp.start, lp.numel)
-        flat_group.data.narrow(0, hp.start, hp.numel).copy_(frag)
-        for key, t in moments.items():
-            base.state[flat_group][key].narrow(0, hp.start, hp.numel).copy_(t.reshape(-1).narrow(0, lp.start, lp.numel))
-        param.data.copy_(value.to(param.dtype))
+    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2: this rank's fragment of the flat fp32 partition
+        mapping = param._hp_mapping  # None when the parameter lies wholly in another DP rank's partition
+        if mapping is not None:
+            lp = mapping.lp_fragment_address
+            hp = mapping.get_hp_fragment_address()
+            flat_group = base.param_groups[mapping.param_group_index]["params"][0]
+            flat_group.data.narrow(0, hp.start, hp.numel).copy_(value.reshape(-1).narrow(0, lp.start, lp.numel))
+            for key, t in moments.items():
+                piece = t.reshape(-1).narrow(0, lp.start, lp.numel)
+                base.state[flat_group][key].narrow(0, hp.start, hp.numel).copy_(piece)
+        param.data.copy_(value.to(param.dtype))  # every DP rank holds the whole working copy
         return
     # ZeRO-0: torch AdamW works on the module parameters (fp32) or on their fp32 copies (bf16)
     master = masters.get(id(param), param)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launch import checkpoint
+from launch import checkpoint, convert_layout
 from launch.baselines import unigram_cross_entropy
 from launch.callbacks import CheckpointCallback, EvalCallback, MonitorCallback, SampleCallback
 from launch.config import RunConfig, load_config, to_dict, to_yaml
@@ -109,7 +109,13 @@ def run(cfg: RunConfig) -> int:
                                 vocab_size=cfg.model.vocab_size, seq_length=cfg.model.seq_length)
     state = TrainState()
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.output_dir, log=log0)
-    if resume_from is not None:
+    if resume_from is not None and convert_layout.is_start_point(resume_from):
+        # consolidated weights (and optimizer state) re-sliced for this layout: a layout change
+        meta = convert_layout.load_start_point(sharded, resume_from, cfg.model, tokenizer.sha256, optimizer=True,
+                                               log=log0)
+        state = TrainState(**meta["state"])
+        log0(f"resumed from start point {resume_from} at step {state.step} at this layout; the data stream restarts")
+    elif resume_from is not None:
         meta, rank_state = checkpoint.load(sharded.engine, resume_from)
         state = TrainState(**meta["state"])
         if rank_state is not None:
@@ -120,6 +126,10 @@ def run(cfg: RunConfig) -> int:
         else:
             log0("warning: the checkpoint was written by a different number of ranks; the data stream restarts")
         log0(f"resumed from {resume_from} at step {state.step} ({state.consumed_tokens:,} tokens)")
+    elif cfg.model.init_from:
+        convert_layout.load_start_point(sharded, cfg.model.init_from, cfg.model, tokenizer.sha256, optimizer=False,
+                                        log=log0)
+        log0(f"initialised weights from {cfg.model.init_from}")
 
     tokens_per_step = cfg.train.micro_batch_size * cfg.parallel.microbatches * layout.dp * cfg.model.seq_length
     peak = cfg.train.mfu_peak_tflops or measure_peak_tflops(dtype, device)

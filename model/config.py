@@ -35,6 +35,8 @@ class ModelConfig:
     """Recompute each block's activations in backward instead of storing them."""
     eos_id: int = 3
     """Token id that ends a document; document positions restart after it."""
+    init_from: Optional[str] = None
+    """Consolidated weights to start from at any layout (`loom convert consolidate`, `from-hf` or `reshard`); ignored when resuming."""
 
     @property
     def kv_heads(self) -> int:

@@ -58,6 +58,7 @@ def _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype) -> G
 
     from model.init import initial_value
 
+    deepspeed.init_distributed()  # zero.Init reads DeepSpeed's own view of the (existing) process group
     with zero3_init_context(parallel, ds_config):
         stage = GPTStage(cfg, tech, megatron_layer_config(torch.float32), tp=layout.tp, pp=layout.pp,
                          pp_rank=layout.pp_rank, seed=seed)

@@ -24,7 +24,7 @@ def _chunks(n: int, size: int):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def silhouette_cosine(x: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> float:
+def silhouette_cosine(x: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> float:
     """Mean silhouette `s_i = (b_i − a_i) / max(a_i, b_i)` with the cosine distance `1 − cos`
     (§7.14 metric 4): `a_i` the mean distance to the other members of i's cluster, `b_i` the
     smallest mean distance to another cluster. Members of singleton clusters score 0 (the usual
@@ -52,7 +52,7 @@ def silhouette_cosine(x: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) 
     return float(scores.mean())
 
 
-def knn_indices(x: torch.Tensor, k: int = 10, chunk: int = 4096) -> torch.Tensor:
+def knn_indices(x: torch.Tensor, k: int = 10, chunk: int = 1024) -> torch.Tensor:
     """The `k` nearest other rows of each row by cosine `[V, k]` (self excluded)."""
     u = _unit(x)
     out = torch.empty(u.shape[0], k, dtype=torch.long)
@@ -72,7 +72,7 @@ def knn_overlap(before: torch.Tensor, after: torch.Tensor, k: int = 10) -> float
     return float((hits / k).mean())
 
 
-def knn_density(y: torch.Tensor, knn: int = 16, chunk: int = 4096) -> torch.Tensor:
+def knn_density(y: torch.Tensor, knn: int = 16, chunk: int = 1024) -> torch.Tensor:
     """`ρ_v = 1 / max(mean_{u ∈ kNN(v)} (1 − cos(Y_v, Y_u)), 1e-6)` (§7.3 step 2, self excluded)."""
     u = _unit(y)
     rho = torch.empty(u.shape[0], dtype=torch.float64)

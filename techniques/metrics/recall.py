@@ -135,7 +135,9 @@ def make_kv_probes(filler_stream: Sequence[int], words: Sequence[str], encode: C
         facts = [encode(KV_FACT.format(key=k, value=v)) for k, v in zip(keys, values)]
         q = rng.randrange(n_facts)
         query = encode(KV_QUERY.format(key=keys[q]))
-        answer = encode(" " + values[q])
+        full = encode(KV_QUERY.format(key=keys[q]) + " " + values[q])
+        # the value's tokens as they follow the query in running text (tokenizers merge spaces)
+        answer = full[len(query):] if full[:len(query)] == query else encode(" " + values[q])
         room = n_tokens - len(query) - sum(len(f) for f in facts)
         if room < 0:
             raise ValueError(f"n_tokens={n_tokens} is too short for {n_facts} facts and a query")

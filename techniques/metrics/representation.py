@@ -83,20 +83,24 @@ def coherence(chunks: torch.Tensor) -> float:
     return float(F.cosine_similarity(e[1:], e[:-1], dim=-1).mean())
 
 
-def coherence_report(documents_chunks: Sequence[torch.Tensor]) -> dict:
+def coherence_report(documents_chunks: Sequence[torch.Tensor], groups: Optional[Sequence[int]] = None) -> dict:
     """Coherence over documents (§6.14 metric 1): the mean `Coh`, `CohMargin = Coh − mean cos
     between chunks of different documents` (averaged over documents), and the distribution of
-    `Coh` over documents (min, quartiles, max). Documents with fewer than two chunks are skipped."""
-    docs = [_f64(c) for c in documents_chunks if _f64(c).shape[0] >= 2]
+    `Coh` over documents (min, quartiles, max). Documents with fewer than two chunks are skipped.
+    `groups` names the source document of each entry when entries are segments of longer
+    documents: chunks of the same source are never counted as "different documents"."""
+    groups = list(range(len(documents_chunks))) if groups is None else list(groups)
+    kept = [(_f64(c), g) for c, g in zip(documents_chunks, groups) if _f64(c).shape[0] >= 2]
+    docs = [c for c, _ in kept]
     if not docs:
         return {"coh": float("nan"), "margin": float("nan"), "documents": 0}
     coh = torch.tensor([coherence(c) for c in docs], dtype=torch.float64)
     cross = float("nan")
-    if len(docs) >= 2:
+    owner = torch.cat([torch.full((c.shape[0],), g) for c, g in kept])
+    different = owner[:, None] != owner[None, :]
+    if different.any():
         allc = F.normalize(torch.cat(docs), dim=-1)
-        owner = torch.cat([torch.full((c.shape[0],), i) for i, c in enumerate(docs)])
         sim = allc @ allc.T
-        different = owner[:, None] != owner[None, :]
         cross = float(sim[different].mean())
     q = torch.quantile(coh, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
     return {"coh": float(coh.mean()), "margin": float(coh.mean()) - cross, "cross_doc_cos": cross,

@@ -3,8 +3,9 @@ on a fixed batch and continues Adam's state, so the next step equals the uninter
 from __future__ import annotations
 
 import pytest
+import torch
 
-from launch.convert import ConvertError
+from launch.convert import ConvertError, load
 from launch.convert_layout import reshard
 from tests.convert.common import HARNESS_OVERRIDES, assert_weights_close, fixed_batches, layout_run_fn
 from tests.harness import run_distributed
@@ -34,6 +35,18 @@ def test_reshard_chain_keeps_loss_and_optimizer_state(tmp_path, tokenizer_model)
     assert four["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6, abs=1e-6)
     assert four["then"][0] == pytest.approx(ref["then"][0], rel=1e-6, abs=1e-6)
     assert_weights_close(ref["weights"], four["weights"], 2048, what="TP4 after step 3")
+
+    # DP2, ZeRO-2 (each rank writes only its partition of the masters and moments): save right away,
+    # and the checkpoint consolidates back to exactly the start point
+    dp2 = run_distributed(layout_run_fn, 2, HARNESS_OVERRIDES, 1, 1, 2, batches, start=str(tmp_path / "to_tp1"),
+                          save_dir=str(tmp_path / "c"), tokenizer=tokenizer_model)[0]
+    assert dp2["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6, abs=1e-6)
+    start, saved = load(tmp_path / "to_tp1", optimizer=True), load(tmp_path / "c", optimizer=True)
+    assert saved.source["layout"]["dp"] == 2 and saved.optimizer_step == start.optimizer_step == 2.0
+    for name, value in start.weights.items():
+        assert torch.equal(saved.weights[name], value), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(saved.optimizer[key][name], start.optimizer[key][name]), (key, name)
 
 
 def test_reshard_refuses_a_layout_the_model_cannot_take(ckpt_tp2_pp2, tmp_path):
