@@ -47,6 +47,15 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
+def cmd_align_embeddings(args) -> int:
+    _quiet()
+    from launch.align_embeddings import align_embeddings
+
+    with _errors():
+        align_embeddings(args.checkpoint, args.out, force=args.force)
+    return 0
+
+
 def cmd_to_hf(args) -> int:
     _quiet()
     from launch.convert_hf import to_hf
@@ -82,7 +91,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "convert", help="convert checkpoints (Hugging Face, consolidated weights, other layouts)",
         description="CKPT is a checkpoint folder (<run>/checkpoints/step_N), a run directory (its newest complete "
                     "checkpoint) or a consolidated folder written by this command.")
-    sub = convert.add_subparsers(dest="convert_command", metavar="{consolidate,to-hf,from-hf,reshard}", required=True)
+    sub = convert.add_subparsers(dest="convert_command", metavar="{consolidate,to-hf,from-hf,reshard,align-embeddings}", required=True)
 
     def common(p, source_help="checkpoint folder, run directory or consolidated folder"):
         p.add_argument("checkpoint", metavar="CKPT", help=source_help)
@@ -93,6 +102,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     common(cons)
     cons.add_argument("--optimizer", action="store_true", help="also write Adam's state (optimizer.safetensors)")
     cons.set_defaults(func=cmd_consolidate)
+
+    align = sub.add_parser("align-embeddings", help="HCMA offline mode: align the input embedding table of a "
+                                                    "checkpoint (a start point for training or export)")
+    common(align)
+    align.set_defaults(func=cmd_align_embeddings)
 
     hf = sub.add_parser("to-hf", help="Hugging Face LlamaForCausalLM folder (or Loom remote code with --remote-code)")
     common(hf)

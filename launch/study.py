@@ -447,7 +447,7 @@ def write_plots(cfg: StudyConfig, data: dict, out: Path) -> List[str]:
         for ax in list(axes.flat)[len(keys):]:
             ax.axis("off")
         fig.suptitle(f"{cfg.name}: key metrics (mean ± std over seeds; dots = seeds)", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.97))
         fig.savefig(out / "key_metrics.png", dpi=100)
         plt.close(fig)
         files.append("key_metrics.png")
@@ -509,7 +509,8 @@ def write_report(cfg: StudyConfig, command: str, config_text: str) -> Path:
               f"(`scipy.stats.ttest_ind(equal_var=False)`) against the baseline; `*` marks p < {cfg.alpha}. "
               "No correction for multiple comparisons: with this many metrics some p < 0.05 are expected by chance, "
               "and with few seeds the test has little power. Metric definitions: TECHNIQUES.md §3.14–§7.14 and "
-              "`techniques/metrics/`.", ""]
+              "`techniques/metrics/`. Timing metrics (`overhead/*`, `*/ms_per_token`, wall times) are only "
+              "comparable between runs made on an otherwise idle machine.", ""]
     failures = [(a, s, item["status"]["error"]) for a in data for s, item in data[a].items()
                 if item["status"].get("error")]
     missing = [(a, s) for a in data for s, item in data[a].items() if not item.get("metrics")]

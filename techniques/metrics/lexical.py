@@ -58,9 +58,10 @@ def sentence_lengths(text: str) -> list[int]:
 
 def sentence_length_std(text: str) -> float:
     """Population std of the sentence lengths (in words) of one generation (§3.14 metric 3);
-    NaN when the text has no sentence; average it over generations."""
+    NaN when the text has fewer than two sentences (a spread needs two); average it over
+    generations."""
     lengths = sentence_lengths(text)
-    if not lengths:
+    if len(lengths) < 2:
         return float("nan")
     mean = sum(lengths) / len(lengths)
     return math.sqrt(sum((x - mean) ** 2 for x in lengths) / len(lengths))

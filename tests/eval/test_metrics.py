@@ -122,6 +122,7 @@ def test_sentence_length_std():
     assert lexical.sentence_length_std("A b. C d e f.") == pytest.approx(1.0)
     assert lexical.sentence_lengths("Hello world\n\nnext para here") == [2, 3]
     assert math.isnan(lexical.sentence_length_std("... !!"))
+    assert math.isnan(lexical.sentence_length_std("Only one sentence here."))
 
 
 # ------------------------------------------------------------------------------- representation
@@ -165,6 +166,14 @@ def test_coherence_score_and_margin():
     out = representation.coherence_report([c1, c2])
     assert out["coh"] == pytest.approx(1.0) and out["cross_doc_cos"] == pytest.approx(0.0)
     assert out["margin"] == pytest.approx(1.0) and out["documents"] == 2
+
+
+def test_coherence_margin_never_pairs_segments_of_one_document():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    seg1, seg2, other = a.repeat(2, 1), a.repeat(2, 1), b.repeat(2, 1)
+    out = representation.coherence_report([seg1, seg2, other], groups=[7, 7, 9])
+    assert out["cross_doc_cos"] == pytest.approx(0.0) and out["margin"] == pytest.approx(1.0)
+    assert math.isnan(representation.coherence_report([seg1, seg2], groups=[7, 7])["margin"])
 
 
 def test_self_consistency():
