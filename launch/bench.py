@@ -7,11 +7,18 @@ Every number comes from one run on one machine. The machine may be shared and no
 * configurations are measured in alternating rounds (A, B, C, then B, C, A, …) and the hardware
   probe (dense matmul FLOP/s, tensor-copy bandwidth) runs in every round too;
 * step times are medians over all measured steps; ratios are medians of the per-round ratios, so a
-  slow spell that hits one round hits both sides of its ratio.
+  slow spell that hits one round hits both sides of its ratio;
+* around every measurement the coordinator reads how much CPU the rest of the machine used
+  (/proc/stat minus our workers' own time): rounds where nobody else ran are reported separately,
+  and `--quiet-wait` makes rounds wait (and redo disturbed measurements) for such moments;
+* the technique table carries an A/A control (two identical baseline processes) whose ratio is the
+  noise floor of that run.
 
-Absolute numbers mean something only next to the hardware numbers of the same run; ratios are the
-result. Nothing here asserts a timing: `tests/test_bench_smoke.py` only checks that the harness
-runs and prints its table.
+On two cores a two-threaded process that shares the machine with anything else slows down far
+more than its share (every OpenMP barrier waits for a descheduled thread), so disturbed rounds are
+several times slower, not a few percent. Absolute numbers mean something only next to the hardware
+numbers of the same run; ratios are the result. Nothing here asserts a timing:
+`tests/test_bench_smoke.py` only checks that the harness runs and prints its tables.
 
 Sections (all in `run_bench`): hardware ceiling, peers (Loom vs Hugging Face `LlamaForCausalLM`
 with SDPA vs megatron-core `GPTModel` with the local spec), technique overhead (time and memory),
@@ -89,7 +96,7 @@ def flops_per_token(shape: Shape) -> float:
     return f(model_config(shape), shape.seq)
 
 
-def device():
+def _device():
     import torch
 
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -102,7 +109,7 @@ def token_batch(shape: Shape, batch: int, seed: int = 0):
     g = torch.Generator().manual_seed(1000 + seed)
     t = torch.randint(4, shape.vocab, (batch, shape.seq + 1), generator=g)
     t[:, shape.seq // 3] = EOS
-    return t.to(device())
+    return t.to(_device())
 
 
 # ------------------------------------------------------------------------------ hardware probes
@@ -239,11 +246,6 @@ class SavedTensorMeter:
         return sum(self.seen.values())
 
 
-def _rss_now_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
 class Workload:
     """A training job in one worker: `step()` runs one optimizer step of the global batch."""
 
@@ -267,7 +269,7 @@ class Workload:
 class PlainLoop(Workload):
     """The loop all three peers share: zero_grad → forward → backward → clip 1.0 → AdamW."""
 
-    def __init__(self, model, loss_fn: Callable, batch, threads: int):
+    def __init__(self, model, loss_fn: Callable, batch):
         import torch
 
         self.model, self.loss_fn, self.batch = model, loss_fn, batch
@@ -285,8 +287,8 @@ class PlainLoop(Workload):
         self.opt.step()
         self.last_loss = float(loss)
 
-    def info(self) -> dict:
-        return {"params": sum(p.numel() for p in self.params)}
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.params)
 
 
 def build_loom_plain(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
@@ -295,7 +297,7 @@ def build_loom_plain(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
 
     layout = init_grid()
     module = build_stage(model_config(shape), TechniquesConfig(), layout, seed)
-    return PlainLoop(module, lambda m, t: m(t), token_batch(shape, shape.batch), 0)
+    return PlainLoop(module, lambda m, t: m(t), token_batch(shape, shape.batch))
 
 
 def build_hf_llama(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
@@ -309,14 +311,14 @@ def build_hf_llama(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
                          num_key_value_heads=shape.heads, max_position_embeddings=shape.seq, rms_norm_eps=1e-5,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                          tie_word_embeddings=False, attention_bias=False, mlp_bias=False, use_cache=False)
-    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(device())
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(_device())
     assert model.config._attn_implementation == "sdpa"
 
     def loss_fn(m, tokens):
         logits = m(input_ids=tokens[:, :-1], use_cache=False).logits
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
-    return PlainLoop(model, loss_fn, token_batch(shape, shape.batch), 0)
+    return PlainLoop(model, loss_fn, token_batch(shape, shape.batch))
 
 
 def build_megatron_gpt(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
@@ -343,15 +345,15 @@ def build_megatron_gpt(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
                             params_dtype=torch.float32)
     model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=shape.vocab, max_sequence_length=shape.seq, position_embedding_type="rope",
-                     rotary_base=10000, share_embeddings_and_output_weights=False).to(device())
+                     rotary_base=10000, share_embeddings_and_output_weights=False).to(_device())
     s = shape.seq
-    position_ids = torch.arange(s, device=device()).unsqueeze(0).expand(shape.batch, s).contiguous()
-    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device()), diagonal=1).view(1, 1, s, s)  # True = masked
+    position_ids = torch.arange(s, device=_device()).unsqueeze(0).expand(shape.batch, s).contiguous()
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=_device()), diagonal=1).view(1, 1, s, s)  # True = masked
 
     def loss_fn(m, tokens):
         return m(tokens[:, :-1].contiguous(), position_ids, mask, labels=tokens[:, 1:].contiguous()).float().mean()
 
-    return PlainLoop(model, loss_fn, token_batch(shape, shape.batch), 0)
+    return PlainLoop(model, loss_fn, token_batch(shape, shape.batch))
 
 
 class LoomTrainer(Workload):
@@ -389,6 +391,9 @@ class LoomTrainer(Workload):
         self.tokens_per_step = shape.tokens_per_step  # global: every DP rank's share together
         self.step_index = 0
 
+    def param_count(self) -> int:
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.sharded.module.parameters())
+
     def step(self) -> None:
         from launch.technique_upkeep import upkeep
 
@@ -419,15 +424,24 @@ class LoomTrainer(Workload):
         """One more step under a saved-tensor meter (activations), then the rank's state bytes."""
         import torch
 
-        module = self.sharded.module
+        engine, module = self.sharded.engine, self.sharded.module
         meter = SavedTensorMeter(exclude=list(module.parameters()))
-        rss_before = _rss_now_kb()
-        with meter.context():
-            self.step()
+        grads = {}
+
+        def before_optimizer_step(*_):  # gradients exist only between backward and the step
+            grads["bytes"] = tensor_bytes([p.grad for p in module.parameters()] + _zero_grad_buffers(engine.optimizer))
+
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        handle = inner.register_step_pre_hook(before_optimizer_step)
+        try:
+            with meter.context():
+                self.step()
+        finally:
+            handle.remove()
         out = self.state_bytes()
+        out["grads"] = max(out["grads"], grads.get("bytes", 0))
         out["activations"] = meter.bytes
         out["rss_high_water_kb"] = self.rss_high_water_kb()
-        out["rss_kb"] = rss_before
         if torch.cuda.is_available():
             out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
         return out
@@ -739,11 +753,16 @@ def worker_groups(specs: dict):
 
 
 # ------------------------------------------------------------------------------- alternation
+QUIET_CORES = 0.25  # a measurement is "quiet" when the rest of the machine used less than this
+
+
 @dataclass
 class Series:
-    """Step times of one configuration: per round, the step times of its slowest rank."""
+    """Step times of one configuration: per round, the step times of its slowest rank, and how
+    many cores the rest of the machine kept busy meanwhile."""
 
     rounds: list[list[float]] = field(default_factory=list)
+    external: list[float] = field(default_factory=list)
 
     @property
     def all(self) -> list[float]:
@@ -766,7 +785,68 @@ def paired_ratio(a: Series, b: Series) -> float:
     return statistics.median(x / y for x, y in zip(a.round_medians(), b.round_medians()))
 
 
-LOAD: list[float] = []  # 1-minute load average at every round of this run
+def quiet_paired_ratio(a: Series, b: Series, minimum: int = 3) -> tuple[float | None, int]:
+    """`paired_ratio` over the rounds in which neither side shared the machine (None if too few)."""
+    pairs = [(x, y) for x, y, ea, eb in zip(a.round_medians(), b.round_medians(), a.external, b.external)
+             if ea < QUIET_CORES and eb < QUIET_CORES]
+    if len(pairs) < minimum:
+        return None, len(pairs)
+    return statistics.median(x / y for x, y in pairs), len(pairs)
+
+
+class CpuMeter:
+    """CPU time the rest of the machine used while our workers ran, in cores (Linux /proc; the
+    machine-wide busy time minus our processes' own)."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.cpus = os.cpu_count() or 1
+        self.available = os.path.exists("/proc/stat")
+
+    @staticmethod
+    def _busy() -> int:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
+
+    @staticmethod
+    def _ours(pids) -> int:
+        total = 0
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+                total += int(rest[11]) + int(rest[12])  # utime, stime (all threads)
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def start(self, pids) -> tuple:
+        pids = list(pids) + [os.getpid()]
+        return (pids, self._busy(), self._ours(pids), time.perf_counter()) if self.available else None
+
+    def stop(self, token) -> float:
+        if token is None:
+            return float("nan")
+        pids, busy, ours, t0 = token
+        seconds = max(time.perf_counter() - t0, 1e-6)
+        other = (self._busy() - busy) - (self._ours(pids) - ours)
+        return max(0.0, other / self.hz / seconds)
+
+    def wait_for_quiet(self, max_wait: float, log=None) -> float:
+        """Sleep (in 1 s samples) until the rest of the machine is idle or `max_wait` has passed;
+        returns the last sample's busy cores."""
+        deadline, busy = time.monotonic() + max_wait, float("nan")
+        while self.available:
+            token = self.start([])
+            time.sleep(1.0)
+            busy = self.stop(token)
+            if busy < QUIET_CORES or time.monotonic() >= deadline:
+                break
+        return busy
+
+
+LOAD: list[float] = []  # cores the rest of the machine used, per measured configuration and round
 
 
 @dataclass
@@ -780,25 +860,40 @@ class Hardware:
 
 
 def alternate(groups: dict[str, WorkerGroup], rounds: int, steps: int, warmup: int, probe: WorkerGroup | None,
-              hardware: Hardware, log=print) -> dict[str, Series]:
+              hardware: Hardware, log=print, quiet_wait: float = 0.0) -> dict[str, Series]:
     """Warm every group up, then `rounds` rounds; each round runs every group for `steps` steps in
-    a rotated order, with a hardware probe first."""
+    a rotated order, with a hardware probe first. With `quiet_wait` > 0 a round may spend up to
+    that many seconds waiting for the rest of the machine to go idle, before it starts and before
+    redoing a measurement that shared the machine."""
+    meter = CpuMeter()
     names = list(groups)
     for name in names:
         if warmup:
             groups[name].call("measure", steps=warmup)
     out = {name: Series() for name in names}
     for r in range(rounds):
+        deadline = time.monotonic() + quiet_wait
+        if quiet_wait > 0:
+            meter.wait_for_quiet(quiet_wait)
         if probe is not None:
             result = probe.call("measure")[0]
             hardware.flops.append(result["flops"])
             hardware.bandwidth.append(result["bandwidth"])
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            per_rank = groups[name].call("measure", steps=steps)
+            while True:  # with quiet_wait, a measurement disturbed by others is redone until the deadline
+                token = meter.start(p.pid for p in groups[name].procs)
+                per_rank = groups[name].call("measure", steps=steps)
+                external = meter.stop(token)
+                if not external >= QUIET_CORES or time.monotonic() >= deadline:
+                    break
+                meter.wait_for_quiet(max(0.0, deadline - time.monotonic()))
+            out[name].external.append(external)
             out[name].rounds.append([max(ts) for ts in zip(*per_rank)])
-        LOAD.append(os.getloadavg()[0])
-        log(f"  round {r + 1}/{rounds} (load {LOAD[-1]:.1f}): " + ", ".join(f"{n} {statistics.median(out[n].rounds[-1]):.3f}s" for n in names))
+        LOAD.extend(out[n].external[-1] for n in names)
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {statistics.median(out[n].rounds[-1]):.3f}s (others {out[n].external[-1]:.1f} cores)"
+            for n in names))
     return out
 
 
@@ -815,6 +910,7 @@ class BenchOptions:
     quick: bool = False
     data_docs: int | None = None
     loader_batches: int = 400
+    quiet_wait: float = 0.0
 
     @classmethod
     def make(cls, quick: bool = False, large: bool = False, **overrides) -> "BenchOptions":
@@ -880,8 +976,10 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
     hw = Hardware()
     with worker_groups(specs) as groups:
         probe, groups = groups["probe"], {k: g for k, g in groups.items() if k != "probe"}
-        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, log)
+        counts = {name: g.call("param_count")[0] for name, g in groups.items()}
+        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, log, opts.quiet_wait)
     report.results["hardware_peers"] = hw
+    report.results["series_peers"] = series
     labels = {"loom": "Loom (trainer path: `parallelize` → DeepSpeed engine, ZeRO-0)",
               "loom-plain": "Loom (GPTStage module in the peers' loop)",
               "hf": "HF `LlamaForCausalLM` (sdpa)",
@@ -889,7 +987,7 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
     rows = []
     for name, s in series.items():
         tps = shape.tokens_per_step / s.median
-        rows.append([labels[name], _fmt_time(s.median), _fmt_time(s.best), _fmt_rate(tps),
+        rows.append([labels[name], f"{counts[name] / 1e6:.2f} M", _fmt_time(s.median), _fmt_time(s.best), _fmt_rate(tps),
                      f"{tps * fpt / hw.peak_flops * 100:.1f}%", f"{paired_ratio(series['loom'], s):.3f}",
                      f"{series['loom'].best / s.best:.3f}"])
     report.add(f"### Peers: one training step, 1 process × {t} threads", "",
@@ -898,7 +996,7 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
                f"(`launch.metrics.flops_per_token`) / median probed matmul peak "
                f"({hw.peak_flops / 1e9:.0f} GFLOP/s). Ratios: Loom's (trainer path) step time over this row's, "
                "as the median of per-round ratios and as best step over best step.", "")
-    report.table(["model", "step time (median)", "best step", "tokens/s", "MFU", "Loom ÷ this (paired median)",
+    report.table(["model", "parameters", "step time (median)", "best step", "tokens/s", "MFU", "Loom ÷ this (paired median)",
                   "Loom ÷ this (best ÷ best)"], rows)
     loom_hf, loom_mg = paired_ratio(series["loom"], series["hf"]), paired_ratio(series["loom"], series["megatron"])
     report.results["peers"] = {"loom/hf": loom_hf, "loom/megatron": loom_mg,
@@ -936,11 +1034,12 @@ def section_techniques(opts: BenchOptions, report: Report, log) -> None:
     specs = {name: (LoomTrainer, 1, t, {"shape": shape, "tech": tech}) for name, tech in configs.items()}
     log(f"techniques: {len(configs)} configurations, 1 process x {t} threads")
     with worker_groups(specs) as groups:
-        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, None, Hardware(), log)
+        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, None, Hardware(), log, opts.quiet_wait)
         memory = {name: g.call("memory_report")[0] for name, g in groups.items()}
         refresh = {name: g.call("hcma_refresh_seconds")[0] for name, g in groups.items()
                    if configs[name].hcma.enabled}
     base = series["baseline"]
+    report.results["series_techniques"] = series
 
     def tensor_total(m):
         return m["params"] + m["grads"] + m["optimizer"] + m["buffers"] + m["technique_state"] + m["activations"]
@@ -960,7 +1059,8 @@ def section_techniques(opts: BenchOptions, report: Report, log) -> None:
                      f"{m['rss_high_water_kb'] / 1024:.0f} MiB ({rss_growth:+.0f})"])
     report.add(f"### Technique overhead (Loom trainer path, 1 process × {t} threads, same shape)", "",
                "Spec defaults (`techniques/config.py`), except SCA's `warmup_steps=0` so L_field is live. "
-               "Memory = tensor bytes at the step's peak: parameters + gradients + AdamW state + buffers + "
+               "Memory = tensor bytes at the step's peak: parameters + gradients (taken just before the "
+               "optimizer step) + AdamW state + buffers + "
                "technique state + activations saved for backward (distinct storages, counted with "
                "`torch.autograd.graph.saved_tensors_hooks`). RSS high-water is `ru_maxrss` of the config's own "
                "worker process (± vs baseline; allocator caching makes it coarse). The A/A control is a second, "
@@ -979,8 +1079,8 @@ def section_layouts(opts: BenchOptions, report: Report, log) -> None:
     shape, t = opts.shape, opts.threads
     pp_micro = 4 if shape.batch % 4 == 0 else 2
     specs = {
-        f"1 process x {t} threads": (LoomTrainer, 1, t, {"shape": shape}),
-        "1 process x 1 thread": (LoomTrainer, 1, 1, {"shape": shape}),
+        f"1 process × {t} threads": (LoomTrainer, 1, t, {"shape": shape}),
+        "1 process × 1 thread": (LoomTrainer, 1, 1, {"shape": shape}),
         "DP2 (ZeRO-0)": (LoomTrainer, 2, 1, {"shape": shape}),
         "DP2 (ZeRO-1)": (LoomTrainer, 2, 1, {"shape": shape, "zero": 1}),
         "TP2": (LoomTrainer, 2, 1, {"shape": shape, "tp": 2}),
@@ -992,7 +1092,7 @@ def section_layouts(opts: BenchOptions, report: Report, log) -> None:
     fpt = flops_per_token(shape)
     with worker_groups(specs) as groups:
         probe, groups = groups["probe"], {k: g for k, g in groups.items() if k != "probe"}
-        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, log)
+        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, log, opts.quiet_wait)
         state = {name: g.call("state_bytes") for name, g in groups.items()}
     names = list(series)
     one_t, one_1 = series[names[0]], series[names[1]]
@@ -1015,6 +1115,7 @@ def section_layouts(opts: BenchOptions, report: Report, log) -> None:
                                         "tokens_per_s": shape.tokens_per_step / s.median}
                                  for name, s in series.items()}
     report.results["hardware_layouts"] = hw
+    report.results["series_layouts"] = series
 
 
 def section_zero(opts: BenchOptions, report: Report, log) -> None:
@@ -1106,38 +1207,50 @@ def _hardware_table(report: Report, opts: BenchOptions) -> None:
 
 
 def _targets(report: Report) -> None:
-    """The issue's targets, judged on the paired median; best ÷ best is shown beside it."""
+    """The issue's targets, judged on the paired median of all rounds; beside it best ÷ best and the
+    paired median of the quiet rounds only (the rest of the machine idle on both sides)."""
     r = report.results
     rows = []
 
-    def row(text, median, best, target, lower=True):
+    def row(text, median, best, quiet, target, lower=True):
+        q, n = quiet if quiet is not None else (None, 0)
         rows.append([text, f"{median:.3f}", "–" if best is None else f"{best:.3f}",
+                     f"{q:.3f} ({n})" if q is not None else f"– ({n})",
                      _verdict(median, target, lower_is_better=lower)])
 
     if "peers" in r:
-        p = r["peers"]
-        row("Loom step ≤ 0.90× HF Llama (sdpa)", p["loom/hf"], p["best"]["loom"] / p["best"]["hf"], 0.90)
+        p, sp = r["peers"], r["series_peers"]
+        row("Loom step ≤ 0.90× HF Llama (sdpa)", p["loom/hf"], p["best"]["loom"] / p["best"]["hf"],
+            quiet_paired_ratio(sp["loom"], sp["hf"]), 0.90)
         row("Loom step ≤ 0.90× megatron-core GPTModel", p["loom/megatron"],
-            p["best"]["loom"] / p["best"]["megatron"], 0.90)
+            p["best"]["loom"] / p["best"]["megatron"], quiet_paired_ratio(sp["loom"], sp["megatron"]), 0.90)
     if "techniques" in r:
+        st = r["series_techniques"]
         for name, v in r["techniques"].items():
+            quiet = quiet_paired_ratio(st[name], st["baseline"])
             if name.startswith("baseline ("):
-                rows.append([f"(noise floor: {name}, ideally 1.00)", f"{v['time']:.3f}", f"{v['best']:.3f}", "–"])
+                q, n = quiet
+                rows.append([f"(noise floor: {name}, ideally 1.00)", f"{v['time']:.3f}", f"{v['best']:.3f}",
+                             f"{q:.3f} ({n})" if q is not None else f"– ({n})", "–"])
             elif name != "baseline":
                 limit = 1.10 if name == "all five" else 1.03
-                row(f"{name}: step ≤ {limit:.2f}× baseline", v["time"], v["best"], limit)
+                row(f"{name}: step ≤ {limit:.2f}× baseline", v["time"], v["best"], quiet, limit)
     if "layouts" in r:
-        dp = r["layouts"].get("DP2 (ZeRO-0)")
+        dp, sl = r["layouts"].get("DP2 (ZeRO-0)"), r["series_layouts"]
         if dp:
-            row("DP=2 tokens/s ≥ 1.8× one process (1 thread each)", dp["vs_1p_1t"], dp["best_vs_1p_1t"], 1.8,
-                lower=False)
+            names = list(sl)
+            row("DP=2 tokens/s ≥ 1.8× one process (1 thread each)", dp["vs_1p_1t"], dp["best_vs_1p_1t"],
+                quiet_paired_ratio(sl[names[1]], sl["DP2 (ZeRO-0)"]), 1.8, lower=False)
             row("DP=2 tokens/s ≥ 1.8× one process (2 threads: the whole machine)", dp["vs_1p_threads"],
-                dp["best_vs_1p_threads"], 1.8, lower=False)
+                dp["best_vs_1p_threads"], quiet_paired_ratio(sl[names[0]], sl["DP2 (ZeRO-0)"]), 1.8, lower=False)
     if "data" in r and r["data"]["loader_vs_training"]:
-        row("loader ≥ 20× training consumption", r["data"]["loader_vs_training"], None, 20.0, lower=False)
+        row("loader ≥ 20× training consumption", r["data"]["loader_vs_training"], None, None, 20.0, lower=False)
     if rows:
-        report.add("### Targets", "")
-        report.table(["target", "paired median", "best ÷ best", "verdict (paired median)"], rows)
+        report.add("### Targets", "",
+                   f"Verdicts use the paired median over all rounds. 'Quiet rounds' repeats it over the rounds in "
+                   f"which the rest of the machine used < {QUIET_CORES} cores during both measurements "
+                   "(number of such rounds in brackets; – when fewer than 3).", "")
+        report.table(["target", "paired median", "best ÷ best", "paired median, quiet rounds", "verdict"], rows)
 
 
 SECTIONS = {"peers": section_peers, "techniques": section_techniques, "layouts": section_layouts,
@@ -1164,7 +1277,7 @@ def run_bench(opts: BenchOptions, log=None) -> Report:
     report.add(f"## `loom bench` — {opts.shape.name} shape", "",
                f"{platform.node()}: {os.cpu_count()} CPUs ({_cpu_model()}), torch {torch.__version__}, "
                f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}; load average at start "
-               f"{load_at_start:.1f}, during the rounds {min(LOAD, default=0):.1f}–{max(LOAD, default=0):.1f}; "
+               f"{load_at_start:.1f}; {_load_summary()}; "
                f"{opts.rounds} alternating rounds × {opts.steps} step(s) after "
                f"{opts.warmup} warm-up step(s); {datetime.datetime.now():%Y-%m-%d %H:%M}.", "")
     _hardware_table(report, opts)
@@ -1173,6 +1286,17 @@ def run_bench(opts: BenchOptions, log=None) -> Report:
     report.add(f"Total benchmark time {time.perf_counter() - started:.0f} s; load average at end "
                f"{os.getloadavg()[0]:.1f}.")
     return report
+
+
+def _load_summary() -> str:
+    """How much the rest of the machine ran while configurations were measured."""
+    values = [v for v in LOAD if not math.isnan(v)]
+    if not values:
+        return "others' CPU use not measured"
+    quiet = sum(v < QUIET_CORES for v in values)
+    return (f"during measurements the rest of the machine used {statistics.median(values):.2f} cores "
+            f"(median; max {max(values):.2f}), {quiet} of {len(values)} measurements quiet "
+            f"(< {QUIET_CORES} cores)")
 
 
 def _record_training_rate(report: Report, opts: BenchOptions) -> None:

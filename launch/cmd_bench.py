@@ -28,10 +28,11 @@ def command_line(args: argparse.Namespace) -> str:
     for flag in ("quick", "large"):
         if getattr(args, flag):
             parts.append(f"--{flag}")
-    for name in ("rounds", "steps", "warmup", "threads", "corpus"):
+    for name in ("rounds", "steps", "warmup", "threads", "corpus", "quiet_wait"):
         value = getattr(args, name)
         if value is not None:
-            parts.append(f"--{name} {value}")
+            parts.append(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float) else
+                         f"--{name.replace('_', '-')} {value}")
     if args.sections:
         parts.append("--sections " + ",".join(args.sections))
     return " ".join(parts)
@@ -41,7 +42,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from launch.bench import BenchOptions, run_bench
 
     opts = BenchOptions.make(quick=args.quick, large=args.large, rounds=args.rounds, steps=args.steps,
-                             warmup=args.warmup, threads=args.threads, sections=args.sections, corpus=args.corpus)
+                             warmup=args.warmup, threads=args.threads, sections=args.sections, corpus=args.corpus,
+                             quiet_wait=args.quiet_wait)
     log = (lambda line: None) if args.silent else (lambda line: print(line, file=sys.stderr, flush=True))
     report = run_bench(opts, log=log)
     text = report.text()
@@ -70,6 +72,8 @@ def add_commands(sub) -> None:
     p.add_argument("--sections", type=_sections, default=None,
                    help="comma list of peers,techniques,layouts,zero,data (default: all)")
     p.add_argument("--corpus", default=None, help="corpus of the data-path section (default linuxdoc)")
+    p.add_argument("--quiet-wait", type=float, default=None, metavar="SECONDS",
+                   help="before each round wait up to this long for the rest of the machine to go idle (default 0)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_bench)

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
