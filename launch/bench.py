@@ -42,7 +42,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -173,7 +173,11 @@ class Probe:
         self.mbytes = 64 if quick else 256
 
     def measure(self) -> dict:
-        return {"flops": matmul_flops(self.n, self.seconds), "bandwidth": copy_bandwidth(self.mbytes, self.seconds)}
+        import torch
+
+        return {"flops": matmul_flops(self.n, self.seconds), "bandwidth": copy_bandwidth(self.mbytes, self.seconds),
+                "matmul": f"{'bf16' if torch.cuda.is_available() else 'fp32'} matmul ({self.n}²)",
+                "copy": f"tensor copy ({self.mbytes} MiB, read + write)"}
 
 
 # ----------------------------------------------------------------------------------- workloads
@@ -291,12 +295,18 @@ class PlainLoop(Workload):
         return sum(p.numel() for p in self.params)
 
 
-def build_loom_plain(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
+def build_loom_plain(rank, world, shape: Shape, seed: int = 0, tech=None) -> PlainLoop:
+    """Loom's GPTStage in the peers' loop (no DeepSpeed); with `tech`, HCMA's hierarchy is built
+    once first so its regulariser is live, as after the trainer's step-0 upkeep."""
     from model.parallel.parallelize import build_stage
+    from techniques.aux_loss import set_aux_loss_scale
     from techniques.config import TechniquesConfig
 
     layout = init_grid()
-    module = build_stage(model_config(shape), TechniquesConfig(), layout, seed)
+    module = build_stage(model_config(shape), tech or TechniquesConfig(), layout, seed)
+    if module.hcma is not None:
+        module.hcma.refresh(module.embedding.weight.detach(), 0, shape.vocab)
+    set_aux_loss_scale(1.0)
     return PlainLoop(module, lambda m, t: m(t), token_batch(shape, shape.batch))
 
 
@@ -348,7 +358,8 @@ def build_megatron_gpt(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
                      rotary_base=10000, share_embeddings_and_output_weights=False).to(_device())
     s = shape.seq
     position_ids = torch.arange(s, device=_device()).unsqueeze(0).expand(shape.batch, s).contiguous()
-    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=_device()), diagonal=1).view(1, 1, s, s)  # True = masked
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=_device()), diagonal=1)
+    mask = mask.view(1, 1, s, s)  # True = masked
 
     def loss_fn(m, tokens):
         return m(tokens[:, :-1].contiguous(), position_ids, mask, labels=tokens[:, 1:].contiguous()).float().mean()
@@ -759,7 +770,7 @@ QUIET_CORES = 0.25  # a measurement is "quiet" when the rest of the machine used
 @dataclass
 class Series:
     """Step times of one configuration: per round, the step times of its slowest rank, and how
-    many cores the rest of the machine kept busy meanwhile."""
+    many of the cores it uses the rest of the machine took meanwhile."""
 
     rounds: list[list[float]] = field(default_factory=list)
     external: list[float] = field(default_factory=list)
@@ -853,6 +864,7 @@ LOAD: list[float] = []  # cores the rest of the machine used, per measured confi
 class Hardware:
     flops: list[float] = field(default_factory=list)
     bandwidth: list[float] = field(default_factory=list)
+    labels: tuple = ("matmul", "tensor copy (read + write)")
 
     @property
     def peak_flops(self) -> float:
@@ -879,12 +891,15 @@ def alternate(groups: dict[str, WorkerGroup], rounds: int, steps: int, warmup: i
             result = probe.call("measure")[0]
             hardware.flops.append(result["flops"])
             hardware.bandwidth.append(result["bandwidth"])
+            hardware.labels = (result["matmul"], result["copy"])
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            # others running on cores this configuration leaves idle do not disturb it
+            spare = max(0, meter.cpus - groups[name].world * groups[name].threads)
             while True:  # with quiet_wait, a measurement disturbed by others is redone until the deadline
                 token = meter.start(p.pid for p in groups[name].procs)
                 per_rank = groups[name].call("measure", steps=steps)
-                external = meter.stop(token)
+                external = max(0.0, meter.stop(token) - spare)
                 if not external >= QUIET_CORES or time.monotonic() >= deadline:
                     break
                 meter.wait_for_quiet(max(0.0, deadline - time.monotonic()))
@@ -892,7 +907,7 @@ def alternate(groups: dict[str, WorkerGroup], rounds: int, steps: int, warmup: i
             out[name].rounds.append([max(ts) for ts in zip(*per_rank)])
         LOAD.extend(out[n].external[-1] for n in names)
         log(f"  round {r + 1}/{rounds}: " + ", ".join(
-            f"{n} {statistics.median(out[n].rounds[-1]):.3f}s (others {out[n].external[-1]:.1f} cores)"
+            f"{n} {statistics.median(out[n].rounds[-1]):.3f}s (others on its cores {out[n].external[-1]:.1f})"
             for n in names))
     return out
 
@@ -901,7 +916,7 @@ def alternate(groups: dict[str, WorkerGroup], rounds: int, steps: int, warmup: i
 @dataclass
 class BenchOptions:
     shape: Shape = SHAPES["default"]
-    rounds: int = 10
+    rounds: int = 8
     steps: int = 1
     warmup: int = 2
     threads: int = 2
@@ -972,7 +987,7 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
         "megatron": (build_megatron_gpt, 1, t, {"shape": shape}),
         "probe": (Probe, 1, t, {"quick": opts.quick}),
     }
-    log(f"peers: {shape.describe()}, 1 process x {t} threads")
+    log(f"peers: {shape.describe()}, 1 process × {t} threads")
     hw = Hardware()
     with worker_groups(specs) as groups:
         probe, groups = groups["probe"], {k: g for k, g in groups.items() if k != "probe"}
@@ -987,7 +1002,8 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
     rows = []
     for name, s in series.items():
         tps = shape.tokens_per_step / s.median
-        rows.append([labels[name], f"{counts[name] / 1e6:.2f} M", _fmt_time(s.median), _fmt_time(s.best), _fmt_rate(tps),
+        rows.append([labels[name], f"{counts[name] / 1e6:.2f} M", _fmt_time(s.median), _fmt_time(s.best),
+                     _fmt_rate(tps),
                      f"{tps * fpt / hw.peak_flops * 100:.1f}%", f"{paired_ratio(series['loom'], s):.3f}",
                      f"{series['loom'].best / s.best:.3f}"])
     report.add(f"### Peers: one training step, 1 process × {t} threads", "",
@@ -996,7 +1012,8 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
                f"(`launch.metrics.flops_per_token`) / median probed matmul peak "
                f"({hw.peak_flops / 1e9:.0f} GFLOP/s). Ratios: Loom's (trainer path) step time over this row's, "
                "as the median of per-round ratios and as best step over best step.", "")
-    report.table(["model", "parameters", "step time (median)", "best step", "tokens/s", "MFU", "Loom ÷ this (paired median)",
+    report.table(["model", "parameters", "step time (median)", "best step", "tokens/s", "MFU",
+                  "Loom ÷ this (paired median)",
                   "Loom ÷ this (best ÷ best)"], rows)
     loom_hf, loom_mg = paired_ratio(series["loom"], series["hf"]), paired_ratio(series["loom"], series["megatron"])
     report.results["peers"] = {"loom/hf": loom_hf, "loom/megatron": loom_mg,
@@ -1032,7 +1049,7 @@ def section_techniques(opts: BenchOptions, report: Report, log) -> None:
     shape, t = opts.shape, opts.threads
     configs = _technique_configs(shape)
     specs = {name: (LoomTrainer, 1, t, {"shape": shape, "tech": tech}) for name, tech in configs.items()}
-    log(f"techniques: {len(configs)} configurations, 1 process x {t} threads")
+    log(f"techniques: {len(configs)} configurations, 1 process × {t} threads")
     with worker_groups(specs) as groups:
         series = alternate(groups, opts.rounds, opts.steps, opts.warmup, None, Hardware(), log, opts.quiet_wait)
         memory = {name: g.call("memory_report")[0] for name, g in groups.items()}
@@ -1065,7 +1082,8 @@ def section_techniques(opts: BenchOptions, report: Report, log) -> None:
                "`torch.autograd.graph.saved_tensors_hooks`). RSS high-water is `ru_maxrss` of the config's own "
                "worker process (± vs baseline; allocator caching makes it coarse). The A/A control is a second, "
                "identical baseline process: its ratio is the noise floor of this table.", "")
-    report.table(["config", "step time", "time / baseline (paired median)", "best ÷ best", "target", "tensor bytes at peak", "memory / baseline",
+    report.table(["config", "step time", "time / baseline (paired median)", "best ÷ best", "target",
+                  "tensor bytes at peak", "memory / baseline",
                   "activations / baseline", "RSS high-water"], rows)
     for name, seconds in refresh.items():
         every = configs[name].hcma.refresh_every
@@ -1199,10 +1217,11 @@ def _hardware_table(report: Report, opts: BenchOptions) -> None:
     if not flops:
         return
     report.add(f"### Hardware ceiling (measured in this run, {opts.threads} threads, every round)", "")
+    labels = hws[0].labels
     report.table(["probe", "median", "min", "max", "samples"], [
-        ["fp32 matmul (2048²)", f"{statistics.median(flops) / 1e9:.0f} GFLOP/s", f"{min(flops) / 1e9:.0f}",
+        [labels[0], f"{statistics.median(flops) / 1e9:.0f} GFLOP/s", f"{min(flops) / 1e9:.0f}",
          f"{max(flops) / 1e9:.0f}", len(flops)],
-        ["tensor copy (256 MiB, read + write)", f"{statistics.median(bw) / 1e9:.1f} GB/s", f"{min(bw) / 1e9:.1f}",
+        [labels[1], f"{statistics.median(bw) / 1e9:.1f} GB/s", f"{min(bw) / 1e9:.1f}",
          f"{max(bw) / 1e9:.1f}", len(bw)]])
 
 
@@ -1214,9 +1233,13 @@ def _targets(report: Report) -> None:
 
     def row(text, median, best, quiet, target, lower=True):
         q, n = quiet if quiet is not None else (None, 0)
+        basis = q if q is not None else median  # quiet rounds when there are enough of them
+        verdict = _verdict(basis, target, lower_is_better=lower) + (" (quiet rounds)" if q is not None else "")
+        estimates = [v for v in (median, best, q) if v is not None]
+        if len(estimates) > 1 and min(estimates) <= target <= max(estimates):
+            verdict += "; uncertain: the estimates straddle the target"
         rows.append([text, f"{median:.3f}", "–" if best is None else f"{best:.3f}",
-                     f"{q:.3f} ({n})" if q is not None else f"– ({n})",
-                     _verdict(median, target, lower_is_better=lower)])
+                     f"{q:.3f} ({n})" if q is not None else f"– ({n})", verdict])
 
     if "peers" in r:
         p, sp = r["peers"], r["series_peers"]
@@ -1247,10 +1270,15 @@ def _targets(report: Report) -> None:
         row("loader ≥ 20× training consumption", r["data"]["loader_vs_training"], None, None, 20.0, lower=False)
     if rows:
         report.add("### Targets", "",
-                   f"Verdicts use the paired median over all rounds. 'Quiet rounds' repeats it over the rounds in "
-                   f"which the rest of the machine used < {QUIET_CORES} cores during both measurements "
-                   "(number of such rounds in brackets; – when fewer than 3).", "")
-        report.table(["target", "paired median", "best ÷ best", "paired median, quiet rounds", "verdict"], rows)
+                   f"'Quiet rounds' is the paired median over the rounds in which the rest of the machine took "
+                   f"< {QUIET_CORES} of the cores in use during both measurements (/proc/stat minus the workers' "
+                   "own CPU time, less the cores a configuration leaves idle; their number in brackets; "
+                   "– when fewer than 3). "
+                   "Verdicts use it when it exists, else the paired median over all rounds; a verdict is marked "
+                   "uncertain when the estimates (all rounds, best ÷ best, quiet rounds) fall on both sides of "
+                   "the target.", "")
+        report.table(["target", "paired median, all rounds", "best ÷ best", "paired median, quiet rounds",
+                      "verdict"], rows)
 
 
 SECTIONS = {"peers": section_peers, "techniques": section_techniques, "layouts": section_layouts,
@@ -1294,8 +1322,8 @@ def _load_summary() -> str:
     if not values:
         return "others' CPU use not measured"
     quiet = sum(v < QUIET_CORES for v in values)
-    return (f"during measurements the rest of the machine used {statistics.median(values):.2f} cores "
-            f"(median; max {max(values):.2f}), {quiet} of {len(values)} measurements quiet "
+    return (f"during measurements the rest of the machine took {statistics.median(values):.2f} of the cores a "
+            f"configuration used (median; max {max(values):.2f}), {quiet} of {len(values)} measurements quiet "
             f"(< {QUIET_CORES} cores)")
 
 

@@ -55,7 +55,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks against peers (HF Llama, megatron-core GPTModel) and the hardware limit",
+    p = sub.add_parser("bench",
+                       help="benchmarks against peers (HF Llama, megatron-core GPTModel) and the hardware limit",
                        description="Measure Loom's training step against Hugging Face LlamaForCausalLM (sdpa) and "
                                    "megatron-core GPTModel at the same shape, the techniques' time and memory "
                                    "overhead, parallel layouts, ZeRO per-rank bytes and the data path, with the "
@@ -65,10 +66,11 @@ def add_commands(sub) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny shape, 2 rounds: checks the harness in ~1-2 minutes")
     size.add_argument("--large", action="store_true", help="8 layers, d=1024, vocab 32000, seq 512 (slow on CPU)")
-    p.add_argument("--rounds", type=_positive, default=None, help="alternating rounds (default 6; 2 with --quick)")
-    p.add_argument("--steps", type=_positive, default=None, help="timed steps per configuration per round (default 2)")
+    p.add_argument("--rounds", type=_positive, default=None, help="alternating rounds (default 8; 2 with --quick)")
+    p.add_argument("--steps", type=_positive, default=None, help="timed steps per configuration per round (default 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per configuration first (default 2)")
-    p.add_argument("--threads", type=_positive, default=None, help="threads of single-process configurations (default 2)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="threads of single-process configurations (default 2)")
     p.add_argument("--sections", type=_sections, default=None,
                    help="comma list of peers,techniques,layouts,zero,data (default: all)")
     p.add_argument("--corpus", default=None, help="corpus of the data-path section (default linuxdoc)")

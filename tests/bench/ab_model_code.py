@@ -151,7 +151,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--quiet-wait", type=float, default=0.0, help="wait up to this long for an idle machine per round")
+    parser.add_argument("--quiet-wait", type=float, default=0.0,
+                        help="wait up to this long for an idle machine per round")
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore")
@@ -194,7 +195,8 @@ def main() -> None:
     print(f"\n| measured | before | after | after / before, paired median of {args.rounds} rounds | "
           f"same, quiet rounds only |\n|---|---|---|---|---|")
     print(f"| training step (median) | {statistics.median(times['before']) * 1000:.0f} ms | "
-          f"{statistics.median(times['after']) * 1000:.0f} ms | {step_ratio:.3f} | {quiet_ratio} ({len(quiet_pairs)}) |")
+          f"{statistics.median(times['after']) * 1000:.0f} ms | {step_ratio:.3f} | "
+          f"{quiet_ratio} ({len(quiet_pairs)}) |")
     print(f"| training step (best) | {min(times['before']) * 1000:.0f} ms | {min(times['after']) * 1000:.0f} ms | "
           f"{min(times['after']) / min(times['before']):.3f} (best ÷ best) | |")
     for name, ratio in parts.items():

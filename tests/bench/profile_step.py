@@ -28,7 +28,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--models", default="loom,hf,megatron")
+    parser.add_argument("--models", default="loom,hf,megatron",
+                        help="comma list of loom, hf, megatron, loom+lcm, loom+scr, loom+cmr, loom+sca, loom+hcma, "
+                             "'loom+all five'")
     parser.add_argument("--by-shape", action="store_true")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
@@ -46,7 +48,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=0, world_size=1)
     shape = bench.SHAPES[args.shape]
+    techniques = bench._technique_configs(shape)
     builders = {"loom": bench.build_loom_plain, "hf": bench.build_hf_llama, "megatron": bench.build_megatron_gpt}
+    for name, tech in techniques.items():  # "loom+lcm", ..., "loom+all five": Loom with techniques on
+        if not name.startswith("baseline"):
+            builders[f"loom+{name}"] = lambda r, w, s, tech=tech: bench.build_loom_plain(r, w, s, tech=tech)
     names = [n.strip() for n in args.models.split(",")]
     loops = {name: builders[name](0, 1, shape) for name in names}
     for loop in loops.values():
