@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
+from filelock import FileLock
 
 from data.config import DataConfig
 from data.corpora import default_cache_dir, ensure_corpus
@@ -26,10 +27,19 @@ def _prepared_dir(cache: Path, corpus: str, vocab_size: int, tokenizer_type: str
 def _build_corpus_shards(data: DataConfig, corpus: str, tokenizer_model: Path | None, seq_length: int,
                          vocab_size: int, log, val_percent: float = 0.0) -> tuple[dict, Path]:
     """Shards (and, if not given, a tokenizer) for a built-in corpus; cached between runs."""
+    cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    # Separate jobs sharing the cache (a study's concurrent runs, users on one node) build it once.
+    with FileLock(str(cache / ".prepare.lock")):
+        return _build_corpus_shards_locked(data, corpus, tokenizer_model, seq_length, vocab_size, log,
+                                           val_percent, cache)
+
+
+def _build_corpus_shards_locked(data: DataConfig, corpus: str, tokenizer_model: Path | None, seq_length: int,
+                                vocab_size: int, log, val_percent: float, cache: Path) -> tuple[dict, Path]:
     from data.shards import preprocess
     from data.tokenizer import train_tokenizer
 
-    cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     text = ensure_corpus(corpus, cache)
     if tokenizer_model is None or tokenizer_model.parent.parent == cache / "prepared":
         folder = _prepared_dir(cache, data.corpus, vocab_size, data.tokenizer_type, seq_length)

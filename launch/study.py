@@ -15,7 +15,8 @@ Layout of `<output_dir>/`:
 
 Each run and each evaluation is skipped when already complete (a partial run resumes from its
 last checkpoint), so an interrupted study continues where it stopped; `--report-only` rebuilds
-the report from what exists. Runs are sequential; `nproc` processes each (torchrun when > 1).
+the report from what exists. `parallel_runs` runs go at once (one per core on a small machine, one
+per node on a cluster), each with `nproc` processes (torchrun when > 1).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,8 @@ class StudyConfig:
     """Refuse to run with fewer seeds (lower it only for tests)."""
     nproc: int = 1
     """Processes per run (torchrun when > 1)."""
+    parallel_runs: int = 1
+    """Runs trained/evaluated at the same time (each with `nproc` processes); their timing metrics then share the machine."""
     eval_data: Optional[str] = None
     """Held-out data for `loom eval --data` (None: each run's own eval data)."""
     eval_metrics: str = "all"
@@ -116,6 +120,8 @@ def load_study_config(path: str, overrides: List[str]) -> StudyConfig:
                         f"(min_seeds)")
     if cfg.nproc < 1:
         problems.append("study config: nproc must be >= 1")
+    if cfg.parallel_runs < 1:
+        problems.append("study config: parallel_runs must be >= 1")
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -161,7 +167,9 @@ def plan_runs(cfg: StudyConfig) -> List[RunSpec]:
 
 
 def _log(msg: str) -> None:
-    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    # One write per line: concurrent runs' threads log at the same time.
+    sys.stdout.write(f"[study {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stdout.flush()
 
 
 def _loom(args: List[str], nproc: int) -> List[str]:
@@ -218,57 +226,75 @@ def _save_status(cfg: StudyConfig, status: dict) -> None:
 
 def execute(cfg: StudyConfig) -> dict:
     """Train and evaluate every planned run that is not complete yet. Returns the status table."""
-    from launch.config import load_config, to_yaml
+    from concurrent.futures import ThreadPoolExecutor
 
     status = _load_status(cfg)
     specs = plan_runs(cfg)
-    for i, spec in enumerate(specs, 1):
-        key = f"{spec.arm}/seed{spec.seed}"
+    lock = threading.Lock()
+
+    def one(numbered):
+        i, spec = numbered
+        _execute_run(cfg, spec, f"({i}/{len(specs)}) {spec.arm}/seed{spec.seed}", status, lock)
+
+    with ThreadPoolExecutor(max_workers=cfg.parallel_runs) as pool:
+        list(pool.map(one, enumerate(specs, 1)))
+    return status
+
+
+def _execute_run(cfg: StudyConfig, spec: RunSpec, label: str, status: dict, lock: threading.Lock) -> None:
+    """Train (or resume) one run, then evaluate it; records wall times and errors in `status`."""
+    from launch.config import load_config, to_yaml
+
+    key = f"{spec.arm}/seed{spec.seed}"
+    with lock:
         entry = status.setdefault(key, {})
-        spec.folder.mkdir(parents=True, exist_ok=True)
-        run_cfg = load_config(cfg.base_config, spec.overrides, world_size=cfg.nproc)
-        run_yaml = spec.folder / "run.yaml"
-        text = to_yaml(run_cfg)
-        if run_yaml.is_file() and run_yaml.read_text() != text and _final_step(spec.folder) is not None:
-            raise ValueError(f"{run_yaml} differs from the study's config for {key}: the study config changed "
-                             f"after this run trained; use a new output_dir or delete {spec.folder}")
-        run_yaml.write_text(text)
-        target = run_cfg.train.max_steps
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    run_cfg = load_config(cfg.base_config, spec.overrides, world_size=cfg.nproc)
+    run_yaml = spec.folder / "run.yaml"
+    text = to_yaml(run_cfg)
+    if run_yaml.is_file() and run_yaml.read_text() != text and _final_step(spec.folder) is not None:
+        raise ValueError(f"{run_yaml} differs from the study's config for {key}: the study config changed "
+                         f"after this run trained; use a new output_dir or delete {spec.folder}")
+    run_yaml.write_text(text)
+    target = run_cfg.train.max_steps
+    done = _final_step(spec.folder)
+    if done is not None and done >= target:
+        _log(f"{label}: trained ({done} steps), skipping")
+    else:
+        resume = ["--resume", "auto"] if done is not None else []
+        _log(f"{label}: training {target} steps" + (f" (resuming at {done})" if resume else ""))
+        code, wall = _run_logged(_loom(["train", str(run_yaml), *resume], cfg.nproc), spec.folder / "train.log",
+                                 cfg.run_timeout_s)
         done = _final_step(spec.folder)
-        if done is not None and done >= target:
-            _log(f"({i}/{len(specs)}) {key}: trained ({done} steps), skipping")
-        else:
-            resume = ["--resume", "auto"] if done is not None else []
-            _log(f"({i}/{len(specs)}) {key}: training {target} steps" + (f" (resuming at {done})" if resume else ""))
-            code, wall = _run_logged(_loom(["train", str(run_yaml), *resume], cfg.nproc), spec.folder / "train.log",
-                                     cfg.run_timeout_s)
+        with lock:
             entry["train_wall_s"] = round(wall + entry.get("train_wall_s", 0.0), 1)
-            done = _final_step(spec.folder)
             if code != 0 or done is None or done < target:
                 entry["error"] = f"training exited with code {code} (see {spec.folder / 'train.log'})"
                 _log(f"  {key}: FAILED ({entry['error']})")
                 _save_status(cfg, status)
-                continue
-            _log(f"  {key}: trained in {wall:.0f} s")
+                return
+        _log(f"  {key}: trained in {wall:.0f} s")
+    with lock:
         entry.pop("error", None)
-        eval_json = spec.folder / "eval.json"
-        if eval_json.is_file() and json.loads(eval_json.read_text()).get("step") == done:
-            _log(f"  {key}: evaluated, skipping")
-        else:
-            args = ["eval", str(spec.folder), "--out", str(eval_json), "--metrics", cfg.eval_metrics]
-            if cfg.eval_data:
-                args += ["--data", cfg.eval_data]
-            if cfg.eval_settings:
-                args += ["--set", *cfg.eval_settings]
-            code, wall = _run_logged(_loom(args, cfg.nproc), spec.folder / "eval.log", cfg.run_timeout_s)
+    eval_json = spec.folder / "eval.json"
+    if eval_json.is_file() and json.loads(eval_json.read_text()).get("step") == done:
+        _log(f"  {key}: evaluated, skipping")
+    else:
+        args = ["eval", str(spec.folder), "--out", str(eval_json), "--metrics", cfg.eval_metrics]
+        if cfg.eval_data:
+            args += ["--data", cfg.eval_data]
+        if cfg.eval_settings:
+            args += ["--set", *cfg.eval_settings]
+        code, wall = _run_logged(_loom(args, cfg.nproc), spec.folder / "eval.log", cfg.run_timeout_s)
+        with lock:
             entry["eval_wall_s"] = round(wall, 1)
             if code != 0 or not eval_json.is_file():
                 entry["error"] = f"evaluation exited with code {code} (see {spec.folder / 'eval.log'})"
                 _log(f"  {key}: EVAL FAILED ({entry['error']})")
             else:
                 _log(f"  {key}: evaluated in {wall:.0f} s")
+    with lock:
         _save_status(cfg, status)
-    return status
 
 
 # --------------------------------------------------------------------------------- report
