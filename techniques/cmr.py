@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from techniques import init
 from techniques.aux_loss import attach_aux_loss
 
 SlotSelection = Union[torch.Tensor, Sequence[int], None]
@@ -43,10 +44,10 @@ class LayerCapture(nn.Module):
         super().__init__()
         self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.proj = nn.Linear(hidden_size, rank, bias=False)
-        nn.init.normal_(self.proj.weight, std=hidden_size ** -0.5)
+        init.normal_(self.proj.weight, std=hidden_size ** -0.5)
         self.gate = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
+        init.zeros_(self.gate.weight)
+        init.zeros_(self.gate.bias)
         self._last: dict[str, torch.Tensor] = {}
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -74,10 +75,10 @@ class Reweave(nn.Module):
         self.rank, self.n_slots, self.rec_loss_weight = rank, n_slots, rec_loss_weight
         self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.query = nn.Linear(hidden_size, rank, bias=False)
-        nn.init.normal_(self.query.weight, std=hidden_size ** -0.5)
+        init.normal_(self.query.weight, std=hidden_size ** -0.5)
         self.slot_bias = nn.Parameter(torch.zeros(n_slots))
         self.out = nn.Linear(rank, hidden_size, bias=False)
-        nn.init.zeros_(self.out.weight)
+        init.zeros_(self.out.weight)
         if rec_loss_weight > 0:
             self.rec_maps = nn.Parameter(torch.eye(rank).repeat(n_slots, 1, 1))  # [n_slots, r, r]
         self._last: dict[str, torch.Tensor] = {}

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from techniques import init
 from techniques.config import SCAConfig
 
 _FIELD_BUFFERS = ("mu", "var", "cnt")
@@ -39,7 +40,7 @@ class SCAHead(nn.Module):
         self.lambda_field, self.lambda_coh, self.lambda_vc = cfg.lambda_field, cfg.lambda_coh, cfg.lambda_vc
         self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.proj = nn.Linear(hidden_size, cfg.rank, bias=False)
-        nn.init.normal_(self.proj.weight, std=hidden_size ** -0.5)
+        init.normal_(self.proj.weight, std=hidden_size ** -0.5)
         self.register_buffer("mu", torch.zeros(vocab_size, cfg.rank), persistent=True)
         self.register_buffer("var", torch.full((vocab_size, cfg.rank), 1.0 / cfg.rank), persistent=True)
         self.register_buffer("cnt", torch.zeros(vocab_size), persistent=True)

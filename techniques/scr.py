@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from techniques import init
 from techniques.config import SCRConfig, parse_relevance_noise
 
 SCAN_BLOCK = 64
@@ -75,12 +76,12 @@ class SCR(nn.Module):
         self.noise_tau = parse_relevance_noise(cfg.relevance_noise)
         self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.relevance = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.relevance.weight)
-        nn.init.zeros_(self.relevance.bias)
+        init.zeros_(self.relevance.weight)
+        init.zeros_(self.relevance.bias)
         self.down = nn.Linear(hidden_size, cfg.rank, bias=False)
-        nn.init.normal_(self.down.weight, std=hidden_size ** -0.5)
+        init.normal_(self.down.weight, std=hidden_size ** -0.5)
         self.up = nn.Linear(cfg.rank, hidden_size, bias=False)
-        nn.init.zeros_(self.up.weight)
+        init.zeros_(self.up.weight)
         self._last: dict[str, torch.Tensor] = {}
 
     def forward(self, h: torch.Tensor, start: torch.Tensor,

@@ -125,3 +125,18 @@ def test_all_techniques_match_single_process(all_on_reference, tp, pp):
     for rank_traces in traces:
         for zero, trace in rank_traces.items():
             assert_traces_match(ref, trace, what=f"all techniques tp{tp} pp{pp} zero{zero}")
+
+
+@pytest.mark.distributed
+def test_techniques_match_single_process_under_data_parallel_zero(all_on_reference):
+    """DP2 at every ZeRO stage, ZeRO-3's zero.Init included (it partitions a child's parameters as
+    soon as the child is built, so the techniques' own initialisation has to gather them first).
+    SCA is off here: its EMA field statistics are per data-parallel rank between buffer syncs, by
+    design (TECHNIQUES.md §6.9), so they cannot equal one process's statistics of the whole batch."""
+    cfg, tech, steps, _ = all_on_reference
+    tech = dataclasses.replace(tech, sca=dataclasses.replace(tech.sca, enabled=False))
+    ref = run_distributed(reference_trace, 1, cfg, tech, steps, STEPS)[0]
+    traces = run_distributed(layout_trace, 2, cfg, tech, steps, STEPS, 1, 1, [0, 1, 2, 3], timeout=600)
+    for rank_traces in traces:
+        for zero, trace in rank_traces.items():
+            assert_traces_match(ref, trace, what=f"techniques (SCA off) dp2 zero{zero}")
