@@ -48,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=0, world_size=1)
     shape = bench.SHAPES[args.shape]
-    techniques = bench._technique_configs(shape)
+    techniques = bench.technique_configs(shape)
     builders = {"loom": bench.build_loom_plain, "hf": bench.build_hf_llama, "megatron": bench.build_megatron_gpt}
     for name, tech in techniques.items():  # "loom+lcm", ..., "loom+all five": Loom with techniques on
         if not name.startswith("baseline"):
