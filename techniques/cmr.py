@@ -19,12 +19,9 @@ import torch.nn.functional as F
 
 from techniques import init
 from techniques.aux_loss import attach_aux_loss
+from techniques.normed_linear import rms_normed_linear
 
 SlotSelection = Union[torch.Tensor, Sequence[int], None]
-
-
-def _rms_norm_fp32(norm: nn.RMSNorm, h: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(h.float(), norm.normalized_shape, norm.weight.float(), norm.eps).to(h.dtype)
 
 
 def empty_bank(s: int, b: int, n_slots: int, rank: int, *, dtype=None, device=None) -> torch.Tensor:
@@ -51,11 +48,12 @@ class LayerCapture(nn.Module):
         self._last: dict[str, torch.Tensor] = {}
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        u = _rms_norm_fp32(self.norm, h)
-        gate = torch.sigmoid(F.linear(u.float(), self.gate.weight.float(), self.gate.bias.float()))  # [s, b, 1]
+        # the gate logit and the rank-r state read RMSNorm(h) through one fused projection
+        heads = rms_normed_linear(h, self.norm, torch.cat([self.gate.weight, self.proj.weight]))
+        gate = torch.sigmoid(heads[..., :1] + self.gate.bias.float())  # [s, b, 1]
         with torch.no_grad():
             self._last["gate_mean"] = gate.mean()
-        return (gate * self.proj(u).float()).to(h.dtype)
+        return (gate * heads[..., 1:]).to(h.dtype)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Detached 0-dim statistics of the last forward (mean capture gate)."""
@@ -105,7 +103,7 @@ class Reweave(nn.Module):
             raise ValueError(f"bank has {bank.shape[2]} slots, this Reweave expects {self.n_slots}")
         mask = self._slot_mask(available, h.device)
         bank_f = bank.float()
-        query = self.query(_rms_norm_fp32(self.norm, h)).float()
+        query = rms_normed_linear(h, self.norm, self.query.weight)
         logits = torch.einsum("sbr,sbnr->sbn", query, bank_f) * self.rank ** -0.5 + self.slot_bias.float()
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from techniques.aux_loss import attach_aux_loss
 from techniques.config import LCMConfig
+from techniques.normed_linear import rms_normed_linear
 
 ANCHOR_BLOCK = 64
 """Tokens per block of the anchor matmul; the band matrix costs (C + K) floats per token."""
@@ -92,8 +93,7 @@ class LCM(nn.Module):
         anchor = causal_anchor(hf, pos, lag_taps(self.K, self.beta, h.device))
         a = self.strength()
         if self.use_gate:
-            u = F.rms_norm(hf, self.norm.normalized_shape, self.norm.weight.float(), self.norm.eps).to(h.dtype)
-            gate = torch.sigmoid(u.float() @ self.gate_weight.float() + self.gate_bias.float())  # [s, b]
+            gate = torch.sigmoid(rms_normed_linear(hf, self.norm, self.gate_weight[None], self.gate_bias)[..., 0])
             step = gate[..., None] * a
         else:
             gate = None

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from techniques import init
 from techniques.config import SCRConfig, parse_relevance_noise
+from techniques.normed_linear import rms_normed_linear
 
 SCAN_BLOCK = 64
 """Tokens per block of the segmented scan."""
@@ -86,8 +87,9 @@ class SCR(nn.Module):
 
     def forward(self, h: torch.Tensor, start: torch.Tensor,
                 rho_prev: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        u = F.rms_norm(h.float(), self.norm.normalized_shape, self.norm.weight.float(), self.norm.eps).to(h.dtype)
-        logit = F.linear(u.float(), self.relevance.weight.float(), self.relevance.bias.float()).squeeze(-1)
+        # the relevance logit and the rank-r values read RMSNorm(h) through one fused projection
+        heads = rms_normed_linear(h, self.norm, torch.cat([self.relevance.weight, self.down.weight]))
+        logit, v = heads[..., 0] + self.relevance.bias.float(), heads[..., 1:]  # [s, b], [s, b, r]
         if self.noise_tau is not None and self.training:
             uniform = torch.rand_like(logit).clamp(1e-6, 1.0 - 1e-6)
             logit = (logit + torch.log(uniform) - torch.log1p(-uniform)) / self.noise_tau
@@ -96,7 +98,6 @@ class SCR(nn.Module):
             rho = relevance
         else:
             rho = self.gamma * rho_prev.float() + (1.0 - self.gamma) * relevance
-        v = self.down(u).float()  # [s, b, r]
         sums = segmented_cumsum(torch.cat([rho[..., None] * v, rho[..., None]], dim=-1), start, self.decay)
         summary = sums[..., :-1] / (sums[..., -1:] + 1e-6)
         with torch.no_grad():
