@@ -6,9 +6,10 @@ previous ``K`` positions of the same document. ``a = a_max * tanh(alpha)`` start
 module is an exact identity at init and can be switched on for a pretrained checkpoint.
 
 The anchor is a banded causal filter along the sequence. Instead of ``K`` full-tensor shifted
-adds (memory-bound, ``K`` passes over the activations) it is evaluated block-wise as one batched
-matmul: each block of ``C`` tokens reads a window of ``C + K`` rows against a ``[C, C + K]`` band of
-tap weights that already encodes the document mask and the renormalisation. If TF32 matmuls are
+adds (memory-bound, ``K`` passes over the activations) it is evaluated block-wise as batched
+matmuls: each block of ``C`` tokens reads its own rows and the previous block's last ``K`` rows
+against a ``[C, C + K]`` band of tap weights that already encodes the document mask and the
+renormalisation. If TF32 matmuls are
 enabled globally, only the tap weights are rounded (bf16-born activations are exact in TF32), an
 error below the bf16 resolution of the output.
 """
@@ -46,10 +47,11 @@ def causal_anchor(h: torch.Tensor, pos: torch.Tensor, taps: torch.Tensor, block:
     n_lags = torch.minimum(pos.to(steps.dtype), steps).clamp(0, K)  # valid lags are 1..n_lags
     tap_mass = F.pad(taps.cumsum(0), (1, 0))[n_lags]  # sum of the valid taps, 0 if none
 
-    C = min(block, s)
+    C = min(max(block, K), s)  # K <= C unless s < K: every lag lands in this block or the previous one
     n_blocks = -(-s // C)
     pad = n_blocks * C - s
-    # Row i of a block reads window column k (global row start - K + k), i.e. lag i + K - k.
+    # Row i of a block reads column k of [previous block's last K rows | this block's C rows],
+    # i.e. lag i + K - k.
     lag = torch.arange(C, device=h.device)[:, None] + K - torch.arange(C + K, device=h.device)[None, :]
     band = torch.where((lag >= 1) & (lag <= K), taps[(lag - 1).clamp(0, K - 1)], torch.zeros((), device=h.device))
 
@@ -59,9 +61,15 @@ def causal_anchor(h: torch.Tensor, pos: torch.Tensor, taps: torch.Tensor, block:
     n_lags_b, mass_b = per_block(n_lags), per_block(tap_mass)
     weights = torch.where(lag <= n_lags_b, band / mass_b.clamp_min(1e-12), torch.zeros((), device=h.device))
     weights = weights + ((lag == 0) & (n_lags_b == 0)).to(weights.dtype)  # no history: anchor = h_t
-    windows = F.pad(h, (0, 0, 0, 0, K, pad)).unfold(0, C + K, C)  # [n_blocks, b, d, C + K]
-    anchor = torch.matmul(weights.to(h.dtype), windows.transpose(-1, -2))  # [n_blocks, b, C, d]
-    return anchor.transpose(1, 2).reshape(n_blocks * C, b, d)[:s]
+    weights = weights.to(h.dtype)
+    # Two products over non-overlapping views instead of one over overlapping windows: the
+    # windows' backward (unfold_backward) is a scatter-add that cost more than the matmuls.
+    blocks = F.pad(h, (0, 0, 0, 0, 0, pad)).view(n_blocks, C, b, d)
+    # [n_blocks, K, b, d]: zeros before block 0 (and above a single block shorter than K)
+    tails = F.pad(blocks[:-1, max(C - K, 0):], (0, 0, 0, 0, max(K - C, 0), 0, 1, 0))
+    anchor = torch.einsum("nbik,nkbd->nibd", weights[..., K:], blocks)
+    anchor = anchor + torch.einsum("nbik,nkbd->nibd", weights[..., :K], tails)
+    return anchor.reshape(n_blocks * C, b, d)[:s]
 
 
 class LCM(nn.Module):
