@@ -21,7 +21,8 @@ def add_commands(sub) -> None:
         "eval", help="evaluate a checkpoint: held-out loss/perplexity and the techniques' metrics",
         description="Held-out loss and every evaluation metric of TECHNIQUES.md on a checkpoint; results as "
                     "JSON and TensorBoard scalars. Run as one process for TP=PP=1, or under torchrun with a "
-                    "multiple of the checkpoint's TP×PP processes (the extra factor is data parallelism).")
+                    "multiple of the checkpoint's TP×PP processes (the extra factor is data parallelism). Any "
+                    "ZeRO stage: a ZeRO-3 checkpoint is consolidated into full weights on the fly.")
     ev.add_argument("checkpoint", nargs="?", help="checkpoint folder (…/checkpoints/step_N) or a run directory")
     ev.add_argument("--data", default=None,
                     help="held-out data: a shard manifest (or its folder; the val split when present), a built-in "
@@ -32,7 +33,8 @@ def add_commands(sub) -> None:
     ev.add_argument("--train-data", default=None,
                     help="training shard manifest for the frequency buckets (default: the run's training data)")
     ev.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="evaluation sizes and knobs, e.g. gen_tokens=512 kv_samples=500 (see launch/evaluate.py)")
+                    help="evaluation sizes and knobs, e.g. gen_tokens=512 kv_samples=500 "
+                         "(see EvalSettings in launch/eval_settings.py)")
     ev.add_argument("--list", action="store_true", help="list the metric families and exit")
     ev.set_defaults(func=_cmd_eval)
 
