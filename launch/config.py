@@ -75,6 +75,8 @@ class TrainConfig:
     """Text to continue greedily at the end of training (printed); null prints no sample."""
     sample_tokens: int = 48
     """Tokens generated for the end-of-run sample."""
+    compile: bool = False
+    """torch.compile each block's attention and MLP (first step compiles; cached; falls back to eager on failure)."""
 
 
 @dataclass
@@ -225,6 +227,9 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
     if cfg.model.tie_embeddings and p.pipeline > 1 and p.zero_stage == 2:
         problems.append("model.tie_embeddings with parallel.pipeline > 1 needs zero_stage 0 or 1: ZeRO-2 reduces "
                         "gradients during backward, before the two stages' embedding copies can be summed")
+    if t.compile and p.zero_stage == 3:
+        problems.append("train.compile needs zero_stage 0, 1 or 2: ZeRO-3 gathers each module's parameters in "
+                        "forward hooks that would run inside the compiled blocks")
     if c.resume not in ("none", "auto") and check_files and not os.path.exists(c.resume):
         problems.append(f"checkpoint.resume: no checkpoint at '{c.resume}'")
     for key in ("train_data", "eval_data", "tokenizer"):

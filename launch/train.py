@@ -63,6 +63,13 @@ def _looks_like_lost_peer(exc: BaseException) -> bool:
                                    "timed out", "Broken pipe", "NCCL communicator was aborted"))
 
 
+def _compile_cache(cfg: RunConfig) -> str:
+    """Inductor's cache beside the data cache, shared by runs (TORCHINDUCTOR_CACHE_DIR wins)."""
+    from data.corpora import default_cache_dir
+
+    return str((Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir().parent) / "inductor")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -100,7 +107,8 @@ def run(cfg: RunConfig) -> int:
                               grad_clip=o.grad_clip)
     overlay = json.loads(Path(cfg.deepspeed_json).read_text()) if cfg.deepspeed_json else None
     sharded = parallelize(cfg.model, cfg.techniques, layout, cfg.parallel, optim, cfg.train.micro_batch_size,
-                          cfg.train.seed, cfg.train.precision, overlay)
+                          cfg.train.seed, cfg.train.precision, overlay, compile_cache=_compile_cache(cfg),
+                          compile=cfg.train.compile)
     module = TrainModule(sharded, layout, cfg.train.micro_batch_size, cfg.model.seq_length, dtype, device)
     loader = build_train_loader(data.train, cfg.train.micro_batch_size, layout.dp_rank, layout.dp,
                                 cfg.data.num_workers, cfg.data.seed, cfg.data.on_corrupt,

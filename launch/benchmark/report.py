@@ -85,6 +85,9 @@ def targets_table(report: Report) -> None:
             quiet_paired_ratio(sp["loom"], sp["hf"]), 0.90)
         row("Loom step ≤ 0.90× megatron-core GPTModel", p["loom/megatron"],
             p["best"]["loom"] / p["best"]["megatron"], quiet_paired_ratio(sp["loom"], sp["megatron"]), 0.90)
+        for peer, text in (("hf", "HF Llama (sdpa, eager)"), ("megatron", "megatron-core GPTModel (eager)")):
+            row(f"Loom compiled step ≤ 0.90× {text}", p[f"loom-compiled/{peer}"],
+                p["best"]["loom-compiled"] / p["best"][peer], quiet_paired_ratio(sp["loom-compiled"], sp[peer]), 0.90)
     if "techniques" in r:
         st = r["series_techniques"]
         for name, v in r["techniques"].items():

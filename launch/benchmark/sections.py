@@ -18,6 +18,7 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
     fpt = flops_per_token(shape)
     specs = {
         "loom": (LoomTrainer, 1, t, {"shape": shape}),
+        "loom-compiled": (LoomTrainer, 1, t, {"shape": shape, "compile": True}),
         "loom-plain": (build_loom_plain, 1, t, {"shape": shape}),
         "hf": (build_hf_llama, 1, t, {"shape": shape}),
         "megatron": (build_megatron_gpt, 1, t, {"shape": shape}),
@@ -32,6 +33,7 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
     report.results["hardware_peers"] = hw
     report.results["series_peers"] = series
     labels = {"loom": "Loom (trainer path: `parallelize` → DeepSpeed engine, ZeRO-0)",
+              "loom-compiled": "Loom (trainer path, `train.compile=true`: blocks compiled by inductor)",
               "loom-plain": "Loom (GPTStage module in the peers' loop)",
               "hf": "HF `LlamaForCausalLM` (sdpa)",
               "megatron": "megatron-core `GPTModel` (local spec)"}
@@ -56,6 +58,9 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
                                "best": {n: s.best for n, s in series.items()},
                                "loom-plain/hf": paired_ratio(series["loom-plain"], series["hf"]),
                                "loom/loom-plain": paired_ratio(series["loom"], series["loom-plain"]),
+                               "loom-compiled/hf": paired_ratio(series["loom-compiled"], series["hf"]),
+                               "loom-compiled/megatron": paired_ratio(series["loom-compiled"], series["megatron"]),
+                               "loom-compiled/loom": paired_ratio(series["loom-compiled"], series["loom"]),
                                "step": {n: s.median for n, s in series.items()}}
 
 

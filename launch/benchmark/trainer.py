@@ -16,7 +16,7 @@ class LoomTrainer(Workload):
     and `ShardedStage.train_step`, with the techniques' upkeep before each step as the trainer does."""
 
     def __init__(self, rank, world, shape: Shape, tech=None, tp: int = 1, pp: int = 1, zero: int = 0,
-                 microbatches: int = 1, seed: int = 0):
+                 microbatches: int = 1, seed: int = 0, compile: bool = False):
         import torch
 
         from model.parallel.config import ParallelConfig
@@ -37,8 +37,12 @@ class LoomTrainer(Workload):
         parallel = ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=microbatches)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if compile:  # inductor's default compile-worker pool would fork from this forked worker
+                import torch._inductor.config
+
+                torch._inductor.config.compile_threads = 1
             self.sharded = parallelize(model_config(shape), self.tech, layout, parallel, OptimizerSettings(),
-                                       self.micro, seed, precision="fp32")
+                                       self.micro, seed, precision="fp32", compile=compile)
         self.specs = self.sharded.module.carry_specs(self.micro, shape.seq, torch.float32)
         full = token_batch(shape, shape.batch)
         mine = full[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]

@@ -8,6 +8,7 @@ import torch
 from model.config import ModelConfig
 from model.gpt import GPTStage
 from model.init import init_tensor_parallel_weights
+from model.parallel.compile import compile_blocks
 from model.parallel.config import ParallelConfig
 from model.parallel.groups import Layout, megatron_layer_config
 from model.parallel.zero import (OptimizerSettings, ShardedStage, build_optimizer, deepspeed_config,
@@ -39,7 +40,9 @@ def build_stage(cfg: ModelConfig, tech: TechniquesConfig, layout: Layout, seed: 
 
 def parallelize(cfg: ModelConfig, tech: TechniquesConfig, layout: Layout, parallel: ParallelConfig,
                 optim: OptimizerSettings, micro_batch_size: int, seed: int, precision: str = "auto",
-                deepspeed_overlay: dict | None = None) -> ShardedStage:
+                deepspeed_overlay: dict | None = None, compile_cache: str | None = None,
+                compile: bool = False) -> ShardedStage:
+    """This rank's stage in its DeepSpeed engine; `compile` applies `compile_blocks` before wrapping."""
     dtype = resolve_dtype(precision)
     ds_config = deepspeed_config(parallel, micro_batch_size, layout.dp, dtype == torch.bfloat16,
                                  optim.grad_clip, deepspeed_overlay)
@@ -48,6 +51,8 @@ def parallelize(cfg: ModelConfig, tech: TechniquesConfig, layout: Layout, parall
     else:
         # the engine keeps fp32 masters itself; the module holds the working dtype
         stage = build_stage(cfg, tech, layout, seed, dtype)
+    if compile:
+        compile_blocks(stage, compile_cache)
     return ShardedStage(stage, layout, parallel, ds_config, build_optimizer(stage, optim), optim.grad_clip)
 
 

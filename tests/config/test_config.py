@@ -43,6 +43,7 @@ def test_wrong_type():
     (["parallel.tensor=3", "model.num_kv_heads=null"], None, "num_heads 4 is not divisible by parallel.tensor 3"),
     (["parallel.pipeline=3"], None, "num_layers 4 is not divisible by parallel.pipeline 3"),
     (["parallel.zero_stage=3", "parallel.pipeline=2"], None, "ZeRO-3 with parallel.pipeline > 1"),
+    (["parallel.zero_stage=3", "train.compile=true"], None, "train.compile needs zero_stage 0, 1 or 2"),
     (["model.hidden_size=0"], None, "model.hidden_size must be positive"),
     (["train.micro_batch_size=-1"], None, "train.micro_batch_size must be positive"),
     (["parallel.zero_stage=5"], None, "zero_stage must be 0, 1, 2 or 3"),

@@ -105,7 +105,8 @@ def reference_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, 
 
 
 def layout_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, batches_per_step: list, steps: int,
-                 tp: int, pp: int, zero_stages: list, optim: OptimizerSettings = OPTIM, seed: int = 0) -> dict:
+                 tp: int, pp: int, zero_stages: list, optim: OptimizerSettings = OPTIM, seed: int = 0,
+                 compile: bool = False) -> dict:
     """Train the same steps at TP×PP×DP on this group, once per ZeRO stage; {stage: Trace}."""
     from model.parallel.consolidate import full_state_dict
     from launch.technique_upkeep import upkeep
@@ -116,7 +117,8 @@ def layout_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, bat
     for zero in zero_stages:
         nmb = len(batches_per_step[0]) // layout.dp
         parallel = ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=nmb)
-        sharded = parallelize(cfg, tech, layout, parallel, copy.copy(optim), MICRO_BATCH, seed, precision="fp32")
+        sharded = parallelize(cfg, tech, layout, parallel, copy.copy(optim), MICRO_BATCH, seed, precision="fp32",
+                              compile=compile)
         specs = sharded.module.carry_specs(MICRO_BATCH, SEQ, torch.float32)
         trace = Trace()
         for step in range(steps):

@@ -61,3 +61,35 @@ def test_tiny_model_learns_at_tp2_pp2(precision):
         assert all(torch.isfinite(torch.tensor(rank_losses)))
         assert rank_losses[-1] < 0.7 * rank_losses[0], rank_losses
     assert losses[0] == losses[3], "every rank must report the same loss"
+
+
+def _compiled_trace(rank, world_size, cfg, tech, steps, n_steps, tp, pp, zeros, cache_dir):
+    import torch._dynamo
+    import torch._inductor.config
+
+    import model.parallel.parallelize as parallelize_module
+
+    torch._inductor.config.compile_threads = 1  # no compile-worker pool inside the forked test ranks
+    compiled = []
+
+    def compile_without_fallback(stage, _cache):
+        compiled.append(parallelize_module.compile_blocks.__wrapped__(stage, cache_dir))
+        torch._dynamo.config.suppress_errors = False  # a compile failure fails the test instead of running eagerly
+
+    compile_without_fallback.__wrapped__ = parallelize_module.compile_blocks
+    parallelize_module.compile_blocks = compile_without_fallback
+    out = layout_trace(rank, world_size, cfg, tech, steps, n_steps, tp, pp, zeros, compile=True)
+    assert compiled == [2 * cfg.num_layers // pp], f"compiled {compiled} sub-blocks"
+    return out
+
+
+@pytest.mark.distributed
+def test_compiled_blocks_match_eager_reference(tmp_path):
+    """train.compile=true (inductor, no graph-break fallback allowed) at TP2 gives the eager
+    single-process losses, gradient norms and weights."""
+    cfg, tech = tiny_model(), TechniquesConfig()
+    steps = [fixed_batches(4, cfg.vocab_size, seed=s) for s in range(2)]
+    ref = run_distributed(reference_trace, 1, cfg, tech, steps, STEPS)[0]
+    for rank_traces in run_distributed(_compiled_trace, 2, cfg, tech, steps, STEPS, 2, 1, [1], str(tmp_path),
+                                       timeout=600):
+        assert_traces_match(ref, rank_traces[1], what="compiled blocks tp2 zero1")
