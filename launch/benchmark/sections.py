@@ -1,6 +1,7 @@
 """The benchmark's sections: each starts its worker groups, measures, and adds its table to the report."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 from launch.benchmark.alternate import alternate, paired_ratio
@@ -134,9 +135,17 @@ def section_techniques(opts: BenchOptions, report: Report, log) -> None:
     report.results["techniques"] = ratios
 
 
+ACCUMULATION = 4
+"""Micro-batches of the shape's batch per optimizer step in the gradient-accumulation DP pair."""
+ONE_ACCUM, DP_ACCUM = "accum: 1 process × 1 thread", "accum: DP2 (ZeRO-0)"
+
+
 def section_layouts(opts: BenchOptions, report: Report, log) -> None:
     shape, t = opts.shape, opts.threads
     pp_micro = 4 if shape.batch % 4 == 0 else 2
+    # Data parallelism as it is used: every rank keeps the micro-batch size and the global batch
+    # grows; the all-reduce and optimizer step are then paid once per ACCUMULATION micro-batches.
+    accum = dataclasses.replace(shape, batch=shape.batch * ACCUMULATION)
     specs = {
         f"1 process × {t} threads": (LoomTrainer, 1, t, {"shape": shape}),
         "1 process × 1 thread": (LoomTrainer, 1, 1, {"shape": shape}),
@@ -144,9 +153,11 @@ def section_layouts(opts: BenchOptions, report: Report, log) -> None:
         "DP2 (ZeRO-1)": (LoomTrainer, 2, 1, {"shape": shape, "zero": 1}),
         "TP2": (LoomTrainer, 2, 1, {"shape": shape, "tp": 2}),
         f"PP2 ({pp_micro} micro-batches)": (LoomTrainer, 2, 1, {"shape": shape, "pp": 2, "microbatches": pp_micro}),
+        ONE_ACCUM: (LoomTrainer, 1, 1, {"shape": accum, "microbatches": ACCUMULATION}),
+        DP_ACCUM: (LoomTrainer, 2, 1, {"shape": accum, "microbatches": ACCUMULATION // 2}),
         "probe": (Probe, 1, t, {"quick": opts.quick}),
     }
-    log(f"layouts: global batch {shape.batch}")
+    log(f"layouts: global batch {shape.batch} (and {accum.batch} with accumulation)")
     hw = Hardware()
     fpt = flops_per_token(shape)
     with worker_groups(specs) as groups:
@@ -155,6 +166,7 @@ def section_layouts(opts: BenchOptions, report: Report, log) -> None:
         state = {name: g.call("state_bytes") for name, g in groups.items()}
     names = list(series)
     one_t, one_1 = series[names[0]], series[names[1]]
+    accum_series = {name: series.pop(name) for name in (ONE_ACCUM, DP_ACCUM)}
     rows = []
     for name, s in series.items():
         tps = shape.tokens_per_step / s.median
@@ -173,8 +185,16 @@ def section_layouts(opts: BenchOptions, report: Report, log) -> None:
                                         "best_vs_1p_threads": one_t.best / s.best, "best_vs_1p_1t": one_1.best / s.best,
                                         "tokens_per_s": shape.tokens_per_step / s.median}
                                  for name, s in series.items()}
+    one, dp = accum_series[ONE_ACCUM], accum_series[DP_ACCUM]
+    report.add(f"Gradient accumulation, global batch {accum.batch} × {shape.seq}: micro-batches of {shape.batch}, "
+               f"{ACCUMULATION} per step on 1 process × 1 thread and {ACCUMULATION // 2} per rank on DP2 "
+               f"(1 thread each): {fmt_time(one.median)} vs {fmt_time(dp.median)} per step, DP2 speed-up "
+               f"{paired_ratio(one, dp):.2f}× (best ÷ best {one.best / dp.best:.2f}×).", "")
+    report.results["layouts_accumulation"] = {"vs_1p_1t": paired_ratio(one, dp), "best_vs_1p_1t": one.best / dp.best,
+                                              "accumulation": ACCUMULATION}
     report.results["hardware_layouts"] = hw
     report.results["series_layouts"] = series
+    report.results["series_layouts_accumulation"] = accum_series
 
 
 def section_zero(opts: BenchOptions, report: Report, log) -> None:
