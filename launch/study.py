@@ -2,8 +2,8 @@
 
 Trains every arm (the baseline, each technique alone, all five together) on the same data, the
 same number of tokens and the same seeds, evaluates every run with `loom eval`, and writes
-`report.md` with the mean ± std over seeds of every metric, a Welch t-test of each arm against the
-baseline, and PNG plots (loss curves and the key metrics of each technique's claims).
+`report.md` with the mean ± std over seeds of every metric, a Welch and a paired (by seed) t-test of
+each arm against the baseline, and PNG plots (loss curves and the key metrics of each technique's claims).
 
 Layout of `<output_dir>/`:
 
@@ -79,7 +79,7 @@ class StudyConfig:
     eval_settings: List[str] = field(default_factory=list)
     """`loom eval --set` items (sizes and knobs)."""
     alpha: float = 0.05
-    """Significance level marked in the report (Welch t-test, two-sided, no multiple-comparison correction)."""
+    """Significance level marked in the report (Welch and paired t-tests, two-sided, no multiple-comparison correction)."""
     run_timeout_s: float = 7200.0
     """A training or evaluation run that takes longer than this is stopped and reported as failed."""
 
@@ -361,13 +361,17 @@ def collect(cfg: StudyConfig) -> dict:
     return data
 
 
-def _values(data: dict, arm: str, key: str) -> List[float]:
-    out = []
-    for item in data.get(arm, {}).values():
+def _values_by_seed(data: dict, arm: str, key: str) -> Dict[Any, float]:
+    out = {}
+    for seed, item in data.get(arm, {}).items():
         v = item.get("metrics", {}).get(key)
         if v is not None and isinstance(v, (int, float)) and math.isfinite(v):
-            out.append(float(v))
+            out[seed] = float(v)
     return out
+
+
+def _values(data: dict, arm: str, key: str) -> List[float]:
+    return list(_values_by_seed(data, arm, key).values())
 
 
 def summarise(values: List[float]) -> tuple[float, float, int]:
@@ -391,6 +395,22 @@ def welch(a: List[float], b: List[float]) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def paired(a: Dict[Any, float], b: Dict[Any, float]) -> float:
+    """Two-sided paired t-test p-value over the seeds both arms have (NaN with fewer than 2).
+
+    Every arm trains with the same seeds (weights, data order), so a seed's baseline is the matched
+    control of that seed's arm; pairing removes the between-seed spread from the comparison."""
+    seeds = sorted(set(a) & set(b), key=str)
+    if len(seeds) < 2:
+        return float("nan")
+    from scipy import stats
+
+    diffs = [a[s] - b[s] for s in seeds]
+    if max(diffs) == min(diffs):  # no spread: identical runs (1) or an undefined test (a discrete metric's step)
+        return 1.0 if diffs[0] == 0 else float("nan")
+    return float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+
+
 def _fmt(x: float) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
@@ -408,8 +428,10 @@ def _cell(data, arm, key, alpha) -> str:
     text = f"{_fmt(mean)} ± {_fmt(std)}"
     if arm != "baseline":
         p = welch(vals, _values(data, "baseline", key))
-        if math.isfinite(p):
-            text += f" (p={p:.2g}{'*' if p < alpha else ''})"
+        pp = paired(_values_by_seed(data, arm, key), _values_by_seed(data, "baseline", key))
+        tests = [f"{name}={v:.2g}{'*' if v < alpha else ''}" for name, v in (("p", p), ("pp", pp)) if math.isfinite(v)]
+        if tests:
+            text += f" ({' · '.join(tests)})"
     return text
 
 
@@ -532,7 +554,9 @@ def write_report(cfg: StudyConfig, command: str, config_text: str) -> Path:
               "Every arm trains on the same data with the same seeds (each seed sets `train.seed` and `data.seed`) "
               "for the same number of steps and tokens; only the technique switches differ. Cells are "
               "mean ± sample std (ddof = 1) over seeds; `p` is the two-sided Welch t-test "
-              f"(`scipy.stats.ttest_ind(equal_var=False)`) against the baseline; `*` marks p < {cfg.alpha}. "
+              "(`scipy.stats.ttest_ind(equal_var=False)`) against the baseline, `pp` the two-sided paired t-test "
+              "over the seeds both arms share (`scipy.stats.ttest_rel`; a seed's baseline run is that seed's "
+              f"matched control, so pairing removes the between-seed spread); `*` marks a p-value < {cfg.alpha}. "
               "No correction for multiple comparisons: with this many metrics some p < 0.05 are expected by chance, "
               "and with few seeds the test has little power. Metric definitions: TECHNIQUES.md §3.14–§7.14 and "
               "`techniques/metrics/`. Timing metrics (`overhead/*`, `*/ms_per_token`, wall times) are only "

@@ -53,6 +53,19 @@ def test_statistics():
     assert math.isnan(study.welch([1.0], [2.0, 3.0]))
 
 
+def test_paired_test_matches_seeds():
+    from scipy import stats
+
+    a, b = {1: 5.0, 2: 6.1, 3: 7.3, 4: 9.9}, {1: 4.9, 2: 5.9, 3: 7.0, 5: 0.0}  # seeds 4 and 5 are unmatched
+    assert study.paired(a, b) == pytest.approx(stats.ttest_rel([5.0, 6.1, 7.3], [4.9, 5.9, 7.0]).pvalue)
+    # a consistent small shift across very different seeds: significant paired, not unpaired
+    a, b = {s: 10.0 * s + 0.1 + 0.01 * (s % 2) for s in range(1, 5)}, {s: 10.0 * s for s in range(1, 5)}
+    assert study.paired(a, b) < 0.01 < study.welch(list(a.values()), list(b.values()))
+    assert math.isnan(study.paired({1: 1.0}, {1: 2.0}))
+    assert math.isnan(study.paired({1: 1.0, 2: 2.0}, {1: 0.5, 2: 1.5}))  # constant difference: undefined
+    assert study.paired({1: 1.0, 2: 2.0}, {1: 1.0, 2: 2.0}) == 1.0
+
+
 def test_report_from_synthetic_results(tmp_path):
     cfg = study.load_study_config(_write(tmp_path / "s.yaml", f"""
 base_config: {TINY}
