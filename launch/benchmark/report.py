@@ -85,6 +85,11 @@ def targets_table(report: Report) -> None:
             quiet_paired_ratio(sp["loom"], sp["hf"]), 0.90)
         row("Loom step ≤ 0.90× megatron-core GPTModel", p["loom/megatron"],
             p["best"]["loom"] / p["best"]["megatron"], quiet_paired_ratio(sp["loom"], sp["megatron"]), 0.90)
+        if "peers_dp2" in r:
+            p2, s2 = r["peers_dp2"], r["series_peers_dp2"]
+            for peer, text in (("hf", "HF Llama (sdpa) in DDP"), ("megatron", "megatron-core GPTModel in DDP")):
+                row(f"Loom DP=2 step ≤ 0.90× {text}", p2[f"loom/{peer}"], p2["best"]["loom-dp2"] / p2["best"][f"{peer}-dp2"],
+                    quiet_paired_ratio(s2["loom-dp2"], s2[f"{peer}-dp2"]), 0.90)
         for peer, text in (("hf", "HF Llama (sdpa, eager)"), ("megatron", "megatron-core GPTModel (eager)")):
             row(f"Loom compiled step ≤ 0.90× {text}", p[f"loom-compiled/{peer}"],
                 p["best"]["loom-compiled"] / p["best"][peer], quiet_paired_ratio(sp["loom-compiled"], sp[peer]), 0.90)

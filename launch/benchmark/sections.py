@@ -23,9 +23,12 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
         "loom-plain": (build_loom_plain, 1, t, {"shape": shape}),
         "hf": (build_hf_llama, 1, t, {"shape": shape}),
         "megatron": (build_megatron_gpt, 1, t, {"shape": shape}),
+        "loom-dp2": (LoomTrainer, 2, 1, {"shape": shape}),
+        "hf-dp2": (build_hf_llama, 2, 1, {"shape": shape}),
+        "megatron-dp2": (build_megatron_gpt, 2, 1, {"shape": shape}),
         "probe": (Probe, 1, t, {"quick": opts.quick}),
     }
-    log(f"peers: {shape.describe()}, 1 process × {t} threads")
+    log(f"peers: {shape.describe()}, 1 process × {t} threads and DP=2 (2 processes × 1 thread)")
     hw = Hardware()
     with worker_groups(specs) as groups:
         probe, groups = groups["probe"], {k: g for k, g in groups.items() if k != "probe"}
@@ -33,6 +36,7 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
         series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, log, opts.quiet_wait)
     report.results["hardware_peers"] = hw
     report.results["series_peers"] = series
+    dp2 = {name: series.pop(name) for name in ("loom-dp2", "hf-dp2", "megatron-dp2")}
     labels = {"loom": "Loom (trainer path: `parallelize` → DeepSpeed engine, ZeRO-0)",
               "loom-compiled": "Loom (trainer path, `train.compile=true`: blocks compiled by inductor)",
               "loom-plain": "Loom (GPTStage module in the peers' loop)",
@@ -54,6 +58,21 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
     report.table(["model", "parameters", "step time (median)", "best step", "tokens/s", "MFU",
                   "Loom ÷ this (paired median)",
                   "Loom ÷ this (best ÷ best)"], rows)
+    dp2_labels = {"loom-dp2": "Loom DP=2 (trainer path, ZeRO-0)", "hf-dp2": "HF `LlamaForCausalLM` (sdpa) in torch DDP",
+                  "megatron-dp2": "megatron-core `GPTModel` in torch DDP"}
+    report.add("DP=2: the same global batch on 2 processes × 1 thread (Loom all-reduces through its DeepSpeed "
+               "engine after backward; the peers use torch DDP, which overlaps bucketed all-reduces with "
+               "backward). Speed-up vs 1 process is against the same model's 2-thread single-process row.", "")
+    report.table(["model", "step time (median)", "best step", "tokens/s", "MFU", "Loom ÷ this (paired median)",
+                  "speed-up vs its 1-process row"],
+                 [[dp2_labels[name], fmt_time(s.median), fmt_time(s.best), fmt_rate(shape.tokens_per_step / s.median),
+                   f"{shape.tokens_per_step / s.median * fpt / hw.peak_flops * 100:.1f}%",
+                   f"{paired_ratio(dp2['loom-dp2'], s):.3f}",
+                   f"{paired_ratio(series[name.removesuffix('-dp2')], s):.2f}×"] for name, s in dp2.items()])
+    report.results["peers_dp2"] = {"loom/hf": paired_ratio(dp2["loom-dp2"], dp2["hf-dp2"]),
+                                   "loom/megatron": paired_ratio(dp2["loom-dp2"], dp2["megatron-dp2"]),
+                                   "best": {n: s.best for n, s in dp2.items()}}
+    report.results["series_peers_dp2"] = dp2
     loom_hf, loom_mg = paired_ratio(series["loom"], series["hf"]), paired_ratio(series["loom"], series["megatron"])
     report.results["peers"] = {"loom/hf": loom_hf, "loom/megatron": loom_mg,
                                "best": {n: s.best for n, s in series.items()},

@@ -58,15 +58,21 @@ class Workload(abc.ABC):
 
 
 class PlainLoop(Workload):
-    """The loop all three peers share: zero_grad → forward → backward → clip 1.0 → AdamW."""
+    """The loop all three peers share: zero_grad → forward → backward → clip 1.0 → AdamW. With
+    `world > 1` the model is wrapped in torch's DistributedDataParallel (bucketed gradient
+    all-reduce overlapped with backward) and each rank takes its share of the global batch."""
 
-    def __init__(self, model, loss_fn: Callable, batch):
+    def __init__(self, model, loss_fn: Callable, batch, rank: int = 0, world: int = 1):
         import torch
 
-        self.model, self.loss_fn, self.batch = model, loss_fn, batch
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.tokens_per_step = batch.shape[0] * (batch.shape[1] - 1)  # global: every rank's share
+        if world > 1:
+            per_rank = batch.shape[0] // world
+            model = torch.nn.parallel.DistributedDataParallel(model)
+            batch = batch[rank * per_rank:(rank + 1) * per_rank]
+        self.model, self.loss_fn, self.batch = model, loss_fn, batch
         self.opt = adamw(self.params)
-        self.tokens_per_step = batch.shape[0] * (batch.shape[1] - 1)
         self.model.train()
         self.torch = torch
 
@@ -115,7 +121,7 @@ def build_hf_llama(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
         logits = m(input_ids=tokens[:, :-1], use_cache=False).logits
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
-    return PlainLoop(model, loss_fn, token_batch(shape, shape.batch))
+    return PlainLoop(model, loss_fn, token_batch(shape, shape.batch), rank, world)
 
 
 def build_megatron_gpt(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
@@ -149,9 +155,10 @@ def build_megatron_gpt(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
     mask = mask.view(1, 1, s, s)  # True = masked
 
     def loss_fn(m, tokens):
-        return m(tokens[:, :-1].contiguous(), position_ids, mask, labels=tokens[:, 1:].contiguous()).float().mean()
+        return m(tokens[:, :-1].contiguous(), position_ids[:tokens.shape[0]], mask,
+                 labels=tokens[:, 1:].contiguous()).float().mean()
 
-    return PlainLoop(model, loss_fn, token_batch(shape, shape.batch))
+    return PlainLoop(model, loss_fn, token_batch(shape, shape.batch), rank, world)
 
 
 class DataPath:
