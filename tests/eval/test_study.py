@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from launch import study
+from launch import study, study_report
 from launch.config import ConfigError
 from tests.e2e.runner import TINY, run_loom
 
@@ -43,27 +43,27 @@ technique_settings: [techniques.lcm.K=4]
 
 
 def test_statistics():
-    assert study.summarise([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
-    assert study.summarise([4.0]) == (4.0, 0.0, 1)
+    assert study_report.summarise([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
+    assert study_report.summarise([4.0]) == (4.0, 0.0, 1)
     from scipy import stats
 
     a, b = [1.0, 2.0, 3.5], [4.0, 5.5, 6.0]
-    assert study.welch(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    assert study.welch([1.0, 1.0], [1.0, 1.0]) == 1.0
-    assert math.isnan(study.welch([1.0], [2.0, 3.0]))
+    assert study_report.welch(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert study_report.welch([1.0, 1.0], [1.0, 1.0]) == 1.0
+    assert math.isnan(study_report.welch([1.0], [2.0, 3.0]))
 
 
 def test_paired_test_matches_seeds():
     from scipy import stats
 
     a, b = {1: 5.0, 2: 6.1, 3: 7.3, 4: 9.9}, {1: 4.9, 2: 5.9, 3: 7.0, 5: 0.0}  # seeds 4 and 5 are unmatched
-    assert study.paired(a, b) == pytest.approx(stats.ttest_rel([5.0, 6.1, 7.3], [4.9, 5.9, 7.0]).pvalue)
+    assert study_report.paired(a, b) == pytest.approx(stats.ttest_rel([5.0, 6.1, 7.3], [4.9, 5.9, 7.0]).pvalue)
     # a consistent small shift across very different seeds: significant paired, not unpaired
     a, b = {s: 10.0 * s + 0.1 + 0.01 * (s % 2) for s in range(1, 5)}, {s: 10.0 * s for s in range(1, 5)}
-    assert study.paired(a, b) < 0.01 < study.welch(list(a.values()), list(b.values()))
-    assert math.isnan(study.paired({1: 1.0}, {1: 2.0}))
-    assert math.isnan(study.paired({1: 1.0, 2: 2.0}, {1: 0.5, 2: 1.5}))  # constant difference: undefined
-    assert study.paired({1: 1.0, 2: 2.0}, {1: 1.0, 2: 2.0}) == 1.0
+    assert study_report.paired(a, b) < 0.01 < study_report.welch(list(a.values()), list(b.values()))
+    assert math.isnan(study_report.paired({1: 1.0}, {1: 2.0}))
+    assert math.isnan(study_report.paired({1: 1.0, 2: 2.0}, {1: 0.5, 2: 1.5}))  # constant difference: undefined
+    assert study_report.paired({1: 1.0, 2: 2.0}, {1: 1.0, 2: 2.0}) == 1.0
 
 
 def test_report_from_synthetic_results(tmp_path):
@@ -79,7 +79,7 @@ only: [lcm]
                    "kv_recall/N500/teacher_forced": 0.1 * spec.seed, "retrieval/logit/0-10/top10": 0.05,
                    "generation/sentence_len_std": None}
         (spec.folder / "eval.json").write_text(json.dumps({"step": 3, "metrics": metrics, "notes": ["a note"]}))
-    report = study.write_report(cfg, "loom study s.yaml", "name: study\n")
+    report = study_report.write_report(cfg, "loom study s.yaml", "name: study\n")
     text = report.read_text()
     assert "| `loss/heldout_nll` |" in text and "p=" in text and "*" in text  # a shift of 1 with tiny spread
     assert "a note" in text and "Study config" in text
