@@ -78,7 +78,7 @@ def _load_model_parallel_file(module: torch.nn.Module, folder: Path, mp_rank: in
 def _load_zero3(module: torch.nn.Module, folder: Path) -> None:
     """Every rank consolidates on its own: the DP partitions of a stage's weights are spread over
     all files of its model-parallel rank, and reading them needs no process group."""
-    from launch.convert import read_checkpoint
+    from launch.convert_read import read_checkpoint
     from launch.convert_layout import load_consolidated_into_stage
 
     weights = read_checkpoint(folder).weights
@@ -93,7 +93,7 @@ def reference_embedding_table(folder: Path, vocab_size: int) -> torch.Tensor:
     """The full input embedding (real vocabulary rows) of another checkpoint, fp32."""
     meta = json.loads((folder / "meta.json").read_text())
     if zero_stage_of(meta) == 3:
-        from launch.convert import read_checkpoint
+        from launch.convert_read import read_checkpoint
 
         return read_checkpoint(folder).weights["embedding.weight"].float()[:vocab_size]
     tp = int(meta.get("layout", {}).get("tp", 1))
