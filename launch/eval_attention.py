@@ -15,8 +15,6 @@ class AttentionPass:
     """Part of `launch.eval_runner.Evaluator`."""
 
     def attention(self) -> None:
-        from model.rope import apply_rotary
-
         s, stream = self.seq, self.held.stream
         n = min(self.s.ahd_rows, len(stream) // (s + 1))
         rows_all = stream[: n * (s + 1)].reshape(n, s + 1)
@@ -30,7 +28,7 @@ class AttentionPass:
             handles = []
             for idx, block in self.m.module.layers.items():
                 def hook(mod, inputs, output, layer=int(idx) + 1):
-                    probs = attention_maps(mod, *inputs, qpos, apply_rotary)  # [b, h_local, Q, s]
+                    probs = attention_maps(mod, *inputs, qpos)  # [b, h_local, Q, s]
                     mean = attn_m.head_sum(probs)
                     if self.m.layout.tp > 1:
                         dist.all_reduce(mean, group=tp_group)
@@ -51,17 +49,11 @@ class AttentionPass:
                         self.record("attn", (i, layer, mean[r], disp / len(chunk), count // len(chunk)))
 
 
-def attention_maps(mod, x, cos, sin, query_positions, apply_rotary):
+def attention_maps(mod, x, cos, sin, query_positions):
     """Attention probabilities `[b, h_local, Q, s]` of this rank's heads for the selected queries,
-    recomputed eagerly from the attention module's inputs exactly as `model.attention.Attention`
-    computes them (fused per-group QKV, RoPE, grouped-query heads, causal softmax)."""
-    s, b, _ = x.shape
-    qkv, _ = mod.qkv(x)
-    qkv = qkv.view(s, b, mod.kv_groups, mod.q_per_group + 2, mod.head_dim)
-    qk, _v = qkv.split([mod.q_per_group + 1, 1], dim=3)
-    qk = apply_rotary(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))
-    q, k = qk.split([mod.q_per_group, 1], dim=3)
-    q = q.reshape(s, b, -1, mod.head_dim)
-    k = k.squeeze(3).repeat_interleave(mod.q_per_group, dim=2)
+    from the attention module's own q and k (`Attention.rotated_qkv`) and an explicit causal
+    softmax (SDPA does not return its probabilities)."""
+    q, k, _ = mod.rotated_qkv(x, cos, sin)
+    k = k.repeat_interleave(mod.q_per_group, dim=2)
     q, k = (t.permute(1, 2, 0, 3) for t in (q, k))
     return attn_m.attention_probabilities(q, k, query_positions.to(x.device))

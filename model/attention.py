@@ -30,7 +30,8 @@ class Attention(nn.Module):
                                       init_method=_no_init, bias=False, input_is_parallel=True,
                                       skip_bias_add=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """This rank's q `[s, b, heads, head_dim]` and k, v `[s, b, kv_groups, head_dim]`, RoPE applied."""
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)
         qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
@@ -39,8 +40,11 @@ class Attention(nn.Module):
         qk, v = qkv.split([self.q_per_group + 1, 1], dim=3)
         qk = apply_rotary(qk, cos.unsqueeze(-2), sin.unsqueeze(-2))
         q, k = qk.split([self.q_per_group, 1], dim=3)
-        q = q.reshape(s, b, -1, self.head_dim)
-        k, v = k.squeeze(3), v.squeeze(3)
+        return q.reshape(s, b, -1, self.head_dim), k.squeeze(3), v.squeeze(3)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        s, b, _ = x.shape
+        q, k, v = self.rotated_qkv(x, cos, sin)
         # SDPA wants [b, h, s, head_dim]; it never materialises the [s, s] scores on the fast paths
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)

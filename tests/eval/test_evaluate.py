@@ -25,8 +25,6 @@ def _tiny_stage():
 
 
 def _attention_maps_reproduce_the_module(rank, world):
-    from model.rope import apply_rotary
-
     stage = _tiny_stage()
     torch.manual_seed(0)
     mod = stage.layers["1"].attention
@@ -34,7 +32,7 @@ def _attention_maps_reproduce_the_module(rank, world):
     x = torch.randn(s, b, 32)
     cos, sin = stage.rope.cos_sin(s, x.device, x.dtype)
     with torch.no_grad():
-        probs = evaluate.attention_maps(mod, x, cos, sin, torch.arange(s), apply_rotary)  # [b, h, s, s]
+        probs = evaluate.attention_maps(mod, x, cos, sin, torch.arange(s))  # [b, h, s, s]
         qkv, _ = mod.qkv(x)
         v = qkv.view(s, b, mod.kv_groups, mod.q_per_group + 2, mod.head_dim)[:, :, :, -1]  # [s, b, g, e]
         v = v.repeat_interleave(mod.q_per_group, dim=2).permute(1, 2, 0, 3)  # [b, h, s, e]
