@@ -68,7 +68,7 @@ def cmd_to_hf(args) -> int:
 
 def cmd_from_hf(args) -> int:
     _quiet()
-    from launch.convert_hf import from_hf
+    from launch.convert_from_hf import from_hf
 
     with _errors():
         from_hf(args.hf_dir, args.out, tokenizer=args.tokenizer, force=args.force)

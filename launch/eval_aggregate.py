@@ -161,19 +161,16 @@ def _attention_metrics(merged: dict, ev, fam: set, out: dict) -> None:
 
 
 def _gain_metrics(merged: dict, ev, fam: set, out: dict) -> None:
-    if merged.get("persist"):
-        for mult in sorted({p[0] for p in merged["persist"]}):
-            sel = [p for p in merged["persist"] if p[0] == mult]
-            out[f"persistence/gain_{mult:g}x"] = ppl_m.nll_gain(np.concatenate([p[2] for p in sel]),
-                                                               np.concatenate([p[3] for p in sel]))
-            out[f"persistence/segments_{mult:g}x"] = len(sel)
+    def gains(records, gain_key, count_key):
+        """NLL gain per setting over records (setting, _, NLL with less context, NLL with more context)."""
+        for setting in sorted({r[0] for r in records}):
+            sel = [r for r in records if r[0] == setting]
+            out[gain_key(setting)] = ppl_m.nll_gain(np.concatenate([r[2] for r in sel]),
+                                                    np.concatenate([r[3] for r in sel]))
+            out[count_key(setting)] = len(sel)
 
-    if merged.get("turns"):
-        for k in sorted({t[0] for t in merged["turns"]}):
-            sel = [t for t in merged["turns"] if t[0] == k]
-            out[f"multiturn/k{k}/gain"] = ppl_m.nll_gain(np.concatenate([t[2] for t in sel]),
-                                                         np.concatenate([t[3] for t in sel]))
-            out[f"multiturn/k{k}/dialogues"] = len(sel)
+    gains(merged.get("persist") or [], lambda m: f"persistence/gain_{m:g}x", lambda m: f"persistence/segments_{m:g}x")
+    gains(merged.get("turns") or [], lambda k: f"multiturn/k{k}/gain", lambda k: f"multiturn/k{k}/dialogues")
 
 
 def _probe_metrics(merged: dict, ev, fam: set, out: dict) -> None:

@@ -158,6 +158,16 @@ def write_plots(cfg: StudyConfig, data: dict, out: Path) -> List[str]:
     colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
     files = []
 
+    def save(fig, ax, name, xlabel, ylabel, title):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        files.append(name)
+
     # loss curves: mean over seeds with a min–max band
     for tag, name, title in (("train/loss", "loss_curves.png", "training loss"),
                              ("eval/loss", "eval_loss_curves.png", "held-out loss during training")):
@@ -176,14 +186,7 @@ def write_plots(cfg: StudyConfig, data: dict, out: Path) -> List[str]:
                 ax.fill_between(steps, arr.min(0), arr.max(0), color=colors[arm], alpha=0.15)
             drew = True
         if drew:
-            ax.set_xlabel("step")
-            ax.set_ylabel("loss (nats/token)")
-            ax.set_title(f"{cfg.name}: {title} (mean over seeds, band = min–max)")
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(out / name, dpi=110)
-            files.append(name)
+            save(fig, ax, name, "step", "loss (nats/token)", f"{cfg.name}: {title} (mean over seeds, band = min–max)")
         plt.close(fig)
 
     # key metrics: one panel per metric, bars = mean, error bars = std, dots = seeds
@@ -232,14 +235,7 @@ def write_plots(cfg: StudyConfig, data: dict, out: Path) -> List[str]:
         if drew:
             ax.set_xticks(range(len(xs)))
             ax.set_xticklabels([str(x) for x in xs])
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
-            ax.set_title(title)
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(out / name, dpi=110)
-            files.append(name)
+            save(fig, ax, name, xlabel, ylabel, title)
         plt.close(fig)
 
     lengths = sorted({int(k.split("/")[1][1:]) for a in arms for item in data[a].values()

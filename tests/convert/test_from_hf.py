@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from launch.convert import Consolidated, read_consolidated, write_consolidated
-from launch.convert_hf import from_hf, to_hf
+from launch.convert_from_hf import from_hf
+from launch.convert_hf import to_hf
 
 QUIET = {"log": lambda *_: None}
 

@@ -7,7 +7,8 @@ from dataclasses import fields
 
 import pytest
 
-from launch.convert_hf import from_hf, to_hf
+from launch.convert_from_hf import from_hf
+from launch.convert_hf import to_hf
 from launch.convert_layout import reshard
 from model.config import ModelConfig
 from tests.e2e.runner import run_loom
