@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from data.corpora import CORPORA
-from data.tokenizer import MODEL_TYPES
+from loom.data.corpora import CORPORA
+from loom.data.tokenizer import MODEL_TYPES
 
 ON_CORRUPT = ("skip", "fail")
 """Policies for a corrupt training shard (kept here so importing the config stays light: no torch)."""

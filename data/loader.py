@@ -33,9 +33,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data.config import ON_CORRUPT
-from data.manifest import Manifest, check_compatible, load_manifest, shard_urls
-from data.shard_reader import CorruptShardError, read_shard
+from loom.data.config import ON_CORRUPT
+from loom.data.manifest import Manifest, check_compatible, load_manifest, shard_urls
+from loom.data.shard_reader import CorruptShardError, read_shard
 
 log = logging.getLogger("loom.data")
 STATE_VERSION = 1

@@ -13,7 +13,7 @@ import io
 import numpy as np
 import webdataset as wds
 
-from data.manifest import Manifest, ShardInfo
+from loom.data.manifest import Manifest, ShardInfo
 
 
 class CorruptShardError(RuntimeError):

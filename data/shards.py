@@ -22,9 +22,9 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data.corpora import iter_documents
-from data.manifest import Manifest, ShardInfo
-from data.tokenizer import Tokenizer
+from loom.data.corpora import iter_documents
+from loom.data.manifest import Manifest, ShardInfo
+from loom.data.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
 _CHUNKSIZE = 32  # documents per task sent to a tokenizer process: amortises IPC, keeps order cheap

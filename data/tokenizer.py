@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from data.corpora import iter_documents
+from loom.data.corpora import iter_documents
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")

@@ -11,7 +11,7 @@ USAGE_ERROR = 2
 
 
 def _cmd_config_show(args) -> int:
-    from launch.config import load_config, to_yaml
+    from loom.launch.config import load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides, world_size=args.world_size, check_files=False)
     print(to_yaml(cfg), end="")
@@ -19,8 +19,8 @@ def _cmd_config_show(args) -> int:
 
 
 def _cmd_config_docs(args) -> int:
-    from launch.config import RunConfig
-    from launch.config_docs import render_markdown
+    from loom.launch.config import RunConfig
+    from loom.launch.commands.config_docs import render_markdown
 
     text = render_markdown(RunConfig)
     if args.check:
@@ -36,7 +36,7 @@ def _cmd_config_docs(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from launch.train import train_from_cli
+    from loom.launch.train.run import train_from_cli
 
     return train_from_cli(args.config, args.overrides, resume=args.resume)
 
@@ -65,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--check", action="store_true", help="fail if the file is out of date")
     docs.set_defaults(func=_cmd_config_docs)
 
-    from launch import cmd_bench, cmd_convert, cmd_data, cmd_eval
+    from loom.launch.commands import bench as cmd_bench
+
+    from loom.launch.commands import convert as cmd_convert
+
+    from loom.launch.commands import data as cmd_data
+
+    from loom.launch.commands import eval as cmd_eval
 
     for commands in (cmd_data, cmd_convert, cmd_eval, cmd_bench):
         commands.add_commands(sub)
@@ -80,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return USAGE_ERROR
-    from data.shard_reader import CorruptShardError
-    from launch.checkpoint import CheckpointError
-    from launch.config import ConfigError
+    from loom.data.shard_reader import CorruptShardError
+    from loom.launch.checkpoint.store import CheckpointError
+    from loom.launch.config import ConfigError
 
     try:
         return int(args.func(args) or 0)

@@ -15,10 +15,10 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.config import DataConfig
-from model.config import ModelConfig
-from model.parallel.config import ParallelConfig
-from techniques.config import TechniquesConfig
+from loom.data.config import DataConfig
+from loom.model.config import ModelConfig
+from loom.model.parallel.config import ParallelConfig
+from loom.techniques.config import TechniquesConfig
 
 
 class ConfigError(ValueError):

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from model.config import ModelConfig
-from model.rope import apply_rotary
+from loom.model.config import ModelConfig
+from loom.model.rope import apply_rotary
 
 
 def _no_init(weight):

@@ -14,18 +14,18 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import Attention
-from model.config import ModelConfig
-from model.context import ForwardContext
-from model.mlp import SwiGLU
-from model.norm import RMSNorm
-from model.plan import TechniquePlan
-from techniques.aux_loss import attach_aux_loss
-from techniques.cmr import LayerCapture, Reweave
-from techniques.config import TechniquesConfig
-from techniques.lcm import LCM
-from techniques.sca import SCAHead
-from techniques.scr import SCR
+from loom.model.attention import Attention
+from loom.model.config import ModelConfig
+from loom.model.context import ForwardContext
+from loom.model.mlp import SwiGLU
+from loom.model.norm import RMSNorm
+from loom.model.technique_plan import TechniquePlan
+from loom.techniques.aux_loss import attach_aux_loss
+from loom.techniques.cmr import LayerCapture, Reweave
+from loom.techniques.config import TechniquesConfig
+from loom.techniques.lcm import LCM
+from loom.techniques.sca import SCAHead
+from loom.techniques.scr import SCR
 
 
 class Block(nn.Module):

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from model.plan import TechniquePlan
+from loom.model.technique_plan import TechniquePlan
 
 
 @dataclass

@@ -11,19 +11,19 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEm
                                            vocab_parallel_cross_entropy)
 from torch import nn
 
-from model.attention import _no_init
-from model.block import Block, residual_point
-from model.config import ModelConfig
-from model.context import ForwardContext
-from model.init import block_seed, mark_tensor_parallel
-from model.norm import RMSNorm
-from model.plan import TechniquePlan
-from model.rope import RotaryEmbedding
-from techniques.aux_loss import attach_aux_loss
-from techniques.cmr import LayerCapture
-from techniques.config import TechniquesConfig
-from techniques.doc_meta import document_metadata
-from techniques.hcma import HCMA
+from loom.model.attention import _no_init
+from loom.model.block import Block, residual_point
+from loom.model.config import ModelConfig
+from loom.model.context import ForwardContext
+from loom.model.init import block_seed, mark_tensor_parallel
+from loom.model.norm import RMSNorm
+from loom.model.technique_plan import TechniquePlan
+from loom.model.rope import RotaryEmbedding
+from loom.techniques.aux_loss import attach_aux_loss
+from loom.techniques.cmr import LayerCapture
+from loom.techniques.config import TechniquesConfig
+from loom.techniques.doc_meta import document_metadata
+from loom.techniques.hcma import HCMA
 
 
 def seeded(seed: int, index: int, build):

@@ -13,7 +13,7 @@ import zlib
 import torch
 from torch import nn
 
-from model.config import ModelConfig
+from loom.model.config import ModelConfig
 
 _OUTPUT_PROJECTIONS = (".attention.proj.weight", ".mlp.down.weight")
 

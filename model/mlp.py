@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from model.attention import _no_init
-from model.config import ModelConfig
+from loom.model.attention import _no_init
+from loom.model.config import ModelConfig
 
 
 class SwiGLU(nn.Module):

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from techniques import init
-from techniques.aux_loss import attach_aux_loss
-from techniques.normed_linear import rms_normed_linear
+from loom.techniques import init
+from loom.techniques.aux_loss import attach_aux_loss
+from loom.techniques.normed_linear import rms_normed_linear
 
 SlotSelection = Union[torch.Tensor, Sequence[int], None]
 

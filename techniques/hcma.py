@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from techniques.config import HCMAConfig
+from loom.techniques.config import HCMAConfig
 
 _STATE_TENSORS = ("assign_coarse", "assign_fine", "pi", "centroids_coarse", "centroids_fine", "anchor")
 

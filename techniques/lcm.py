@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from techniques.aux_loss import attach_aux_loss
-from techniques.config import LCMConfig
-from techniques.normed_linear import rms_normed_linear
+from loom.techniques.aux_loss import attach_aux_loss
+from loom.techniques.config import LCMConfig
+from loom.techniques.normed_linear import rms_normed_linear
 
 ANCHOR_BLOCK = 64
 """Tokens per block of the anchor matmul; the band matrix costs (C + K) floats per token."""

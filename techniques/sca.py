@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from techniques import init
-from techniques.config import SCAConfig
+from loom.techniques import init
+from loom.techniques.config import SCAConfig
 
 _FIELD_BUFFERS = ("mu", "var", "cnt")
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from techniques import init
-from techniques.config import SCRConfig, parse_relevance_noise
-from techniques.normed_linear import rms_normed_linear
+from loom.techniques import init
+from loom.techniques.config import SCRConfig, parse_relevance_noise
+from loom.techniques.normed_linear import rms_normed_linear
 
 SCAN_BLOCK = 64
 """Tokens per block of the segmented scan."""

@@ -37,7 +37,7 @@ def preimport_heavy_modules() -> None:
         import torch  # noqa: F401
         import torch._dynamo  # noqa: F401  (DeepSpeed/optimizers import it lazily, ~4 s)
         import megatron.core.tensor_parallel  # noqa: F401
-        from model.parallel import cpu_compat
+        from loom.model.parallel import cpu_compat
 
         cpu_compat.setup_deepspeed_env()
         import deepspeed  # noqa: F401

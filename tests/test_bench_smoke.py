@@ -16,7 +16,7 @@ def test_bench_quick_prints_every_table(tmp_path):
     # multi-threaded torch op, which the pytest process cannot promise
     env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     out = tmp_path / "bench.md"
-    done = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "--quick", "--silent", "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "loom.launch.cli", "bench", "--quick", "--silent", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
@@ -38,7 +38,7 @@ def test_bench_quick_prints_every_table(tmp_path):
 
 
 def test_bench_cli_rejects_unknown_section(capsys):
-    from launch.cli import main
+    from loom.launch.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--sections", "peers,nope"])

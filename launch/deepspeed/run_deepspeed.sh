@@ -34,7 +34,7 @@
 # Lines of an existing ./.deepspeed_env or ~/.deepspeed_env are kept.
 #
 # Notes:
-# - DeepSpeed passes `--local_rank=N` right after the script; with `-m launch.cli` that would land before
+# - DeepSpeed passes `--local_rank=N` right after the script; with `-m loom.launch.cli` that would land before
 #   the `train` subcommand, so --no_local_rank is used: the ranks read LOCAL_RANK from the environment.
 # - To stop a run with a checkpoint, send SIGTERM or SIGUSR1 to the rank processes: they checkpoint and exit
 #   75 (passed through as this script's exit code; resume with `--resume auto`) and the launchers follow.
@@ -46,7 +46,7 @@ set -euo pipefail
 if [ $# -lt 1 ]; then sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; fi
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$REPO"                               # `-m launch.cli` is found from here, locally and on remote hosts
+cd "$REPO"                               # `-m loom.launch.cli` is found from here, locally and on remote hosts
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=$(command -v python3); fi
 fi

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model.parallel.config import ParallelConfig
+from loom.model.parallel.config import ParallelConfig
 
 
 @dataclass(frozen=True)

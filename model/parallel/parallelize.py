@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from model.config import ModelConfig
-from model.gpt import GPTStage
-from model.init import init_tensor_parallel_weights
-from model.parallel.compile import compile_blocks
-from model.parallel.config import ParallelConfig
-from model.parallel.groups import Layout, megatron_layer_config
-from model.parallel.zero import (OptimizerSettings, ShardedStage, build_optimizer, deepspeed_config,
+from loom.model.config import ModelConfig
+from loom.model.gpt import GPTStage
+from loom.model.init import init_tensor_parallel_weights
+from loom.model.parallel.compile import compile_blocks
+from loom.model.parallel.config import ParallelConfig
+from loom.model.parallel.groups import Layout, megatron_layer_config
+from loom.model.parallel.zero import (OptimizerSettings, ShardedStage, build_optimizer, deepspeed_config,
                                  zero3_init_context)
-from techniques.config import TechniquesConfig
+from loom.techniques.config import TechniquesConfig
 
 
 def default_device() -> torch.device:
@@ -61,7 +61,7 @@ def _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype) -> G
     initial values are written through GatheredParameters (every DP rank computes the same)."""
     import deepspeed
 
-    from model.init import initial_value
+    from loom.model.init import initial_value
 
     deepspeed.init_distributed()  # zero.Init reads DeepSpeed's own view of the (existing) process group
     with zero3_init_context(parallel, ds_config):

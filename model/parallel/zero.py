@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model.parallel.config import ParallelConfig
-from model.parallel.groups import Layout, MegatronMPU
-from model.parallel.pipeline import forward_backward_1f1b
+from loom.model.parallel.config import ParallelConfig
+from loom.model.parallel.groups import Layout, MegatronMPU
+from loom.model.parallel.pipeline import forward_backward_1f1b
 
 
 @dataclass
@@ -121,7 +121,7 @@ class ShardedStage:
     def train_step(self, microbatches: list[torch.Tensor], step: int, specs: dict,
                    forward_kwargs: dict | None = None) -> StepResult:
         """Forward+backward over this rank's micro-batches, reduce, clip and step."""
-        from techniques.aux_loss import set_aux_loss_scale
+        from loom.techniques.aux_loss import set_aux_loss_scale
 
         set_aux_loss_scale(1.0 / len(microbatches))
         engine, module = self.engine, self.engine.module

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from techniques.metrics.recall import accuracy_by_bucket
+from loom.techniques.metrics.recall import accuracy_by_bucket
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -64,9 +64,9 @@ class Swap:
     """Install the before or the after forwards on the model classes."""
 
     def __init__(self):
-        from model.attention import Attention
-        from model.mlp import SwiGLU
-        from model.norm import RMSNorm
+        from loom.model.attention import Attention
+        from loom.model.mlp import SwiGLU
+        from loom.model.norm import RMSNorm
 
         self.classes = (Attention, SwiGLU, RMSNorm)
         self.after = tuple(c.forward for c in self.classes)
@@ -78,9 +78,9 @@ class Swap:
 
 
 def numerics(shape, swap) -> list[str]:
-    from launch import bench
-    from model.parallel.parallelize import build_stage
-    from techniques.config import TechniquesConfig
+    from loom.launch import bench
+    from loom.model.parallel.parallelize import build_stage
+    from loom.techniques.config import TechniquesConfig
 
     layout = bench.init_grid()
     lines = []
@@ -107,12 +107,12 @@ def numerics(shape, swap) -> list[str]:
 
 
 def component_times(shape, swap, rounds: int) -> dict[str, float]:
-    from launch import bench
-    from model.attention import Attention
-    from model.mlp import SwiGLU
-    from model.norm import RMSNorm
-    from model.parallel.groups import megatron_layer_config
-    from model.rope import RotaryEmbedding
+    from loom.launch import bench
+    from loom.model.attention import Attention
+    from loom.model.mlp import SwiGLU
+    from loom.model.norm import RMSNorm
+    from loom.model.parallel.groups import megatron_layer_config
+    from loom.model.rope import RotaryEmbedding
 
     cfg = bench.model_config(shape)
     lc = megatron_layer_config(torch.float32)
@@ -160,7 +160,7 @@ def main() -> None:
                       WORLD_SIZE="1")
     import torch.distributed as dist
 
-    from launch import bench
+    from loom.launch import bench
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=0, world_size=1)

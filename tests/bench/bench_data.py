@@ -15,11 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a plain script from anywhere
 
-from data.corpora import ensure_corpus  # noqa: E402
-from data.loader import build_train_loader  # noqa: E402
-from data.manifest import load_manifest  # noqa: E402
-from data.shards import preprocess  # noqa: E402
-from data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from loom.data.corpora import ensure_corpus  # noqa: E402
+from loom.data.loader import build_train_loader  # noqa: E402
+from loom.data.manifest import load_manifest  # noqa: E402
+from loom.data.shards import preprocess  # noqa: E402
+from loom.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 
 def bench_tokenizer_training(corpus: Path, prefix: Path, vocab_size: int, model_type: str) -> tuple[Path, float]:

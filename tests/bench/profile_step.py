@@ -43,7 +43,7 @@ def main() -> None:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from launch import bench
+    from loom.launch import bench
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=0, world_size=1)

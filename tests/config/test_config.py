@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from launch.config import ConfigError, RunConfig, load_config
-from launch.config_docs import field_docs, iter_fields, render_markdown
+from loom.launch.config import ConfigError, RunConfig, load_config
+from loom.launch.commands.config_docs import field_docs, iter_fields, render_markdown
 
 TINY = "configs/tiny.yaml"
 
@@ -83,7 +83,7 @@ def test_generated_docs_are_in_sync():
 
 
 def _loom(*args):
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "loom.launch.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_config_show_and_errors():

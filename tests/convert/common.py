@@ -49,9 +49,9 @@ def _init(rank: int, tp: int, pp: int):
 
 def loom_logits_fn(rank, world_size, source: str, tokens: torch.Tensor) -> torch.Tensor:
     """Logits [b, s, V] of Loom's own TP=1, PP=1 model with the consolidated weights of `source`."""
-    from launch.convert import load
-    from launch.convert_layout import load_consolidated_into_stage
-    from model.parallel.parallelize import build_stage
+    from loom.launch.checkpoint.consolidated import load
+    from loom.launch.checkpoint.start_point import load_consolidated_into_stage
+    from loom.model.parallel.parallelize import build_stage
 
     layout = _init(rank, 1, 1)
     data = load(source)
@@ -64,7 +64,7 @@ def loom_logits_fn(rank, world_size, source: str, tokens: torch.Tensor) -> torch
 
 
 def run_config(overrides: list[str]):
-    from launch.config import load_config
+    from loom.launch.config import load_config
 
     return load_config(TINY, overrides, check_files=False)
 
@@ -75,13 +75,13 @@ def layout_run_fn(rank, world_size, overrides: list[str], tp: int, pp: int, zero
     """At TP×PP (DP = world / (TP×PP)): optionally load a start point, train `train_steps`, save a
     checkpoint, measure the loss on batches[0], then train `then_steps` more. Returns the eval loss,
     the losses of the `then` steps and the full weights afterwards (rank 0 of each result)."""
-    from launch import checkpoint
-    from launch.config import to_dict
-    from launch.convert_layout import load_start_point
-    from launch.train_module import TrainModule
-    from model.parallel.config import ParallelConfig
-    from model.parallel.consolidate import full_state_dict
-    from model.parallel.parallelize import parallelize
+    from loom.launch.checkpoint import store as checkpoint
+    from loom.launch.config import to_dict
+    from loom.launch.checkpoint.start_point import load_start_point
+    from loom.launch.train.train_module import TrainModule
+    from loom.model.parallel.config import ParallelConfig
+    from loom.model.parallel.consolidate import full_state_dict
+    from loom.model.parallel.parallelize import parallelize
     from tests.parallel.common import OPTIM
 
     layout = _init(rank, tp, pp)

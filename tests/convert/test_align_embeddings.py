@@ -4,13 +4,13 @@ import sys
 
 import torch
 
-from launch.convert import read_consolidated, load
+from loom.launch.checkpoint.consolidated import read_consolidated, load
 from tests.e2e.runner import REPO, test_env
 
 
 def test_align_embeddings_moves_directions_keeps_norms_and_the_rest(ckpt_tp2_pp2, tmp_path):
     out = tmp_path / "aligned"
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "convert", "align-embeddings", ckpt_tp2_pp2, str(out)],
+    proc = subprocess.run([sys.executable, "-m", "loom.launch.cli", "convert", "align-embeddings", ckpt_tp2_pp2, str(out)],
                           cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     before, after = load(ckpt_tp2_pp2), read_consolidated(out)

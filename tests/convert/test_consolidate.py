@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch.convert import INFO_FILE, WEIGHTS_FILE, consolidate, load
+from loom.launch.checkpoint.consolidated import INFO_FILE, WEIGHTS_FILE, consolidate, load
 from tests.e2e.runner import run_loom
 
 

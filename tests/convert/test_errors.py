@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from launch.cli import main
-from launch.convert import ConvertError
+from loom.launch.cli import main
+from loom.launch.checkpoint.consolidated import ConvertError
 from tests.e2e.runner import run_loom
 
 
@@ -55,7 +55,7 @@ def test_unsupported_combination_and_bad_layout(capsys, tmp_path, ckpt_technique
 
 @pytest.fixture(scope="module")
 def small_tokenizer(tmp_path_factory) -> str:
-    from data.tokenizer import train_tokenizer
+    from loom.data.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("tok")
     text = folder / "text.txt"
@@ -77,7 +77,7 @@ def test_mismatched_tokenizers(capsys, tmp_path, ckpt_tp2_pp2, small_tokenizer):
     # a training run whose tokenizer differs from the start point's
     start = tmp_path / "start"
     assert main(["convert", "consolidate", ckpt_tp2_pp2, str(start)]) == 0
-    from launch.convert_layout import load_start_point
+    from loom.launch.checkpoint.start_point import load_start_point
 
     with pytest.raises(ConvertError, match="tokenizer differs"):
         load_start_point(None, start, tokenizer_sha256="0" * 64, log=None)

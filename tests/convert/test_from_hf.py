@@ -7,9 +7,9 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from launch.convert import Consolidated, read_consolidated, write_consolidated
-from launch.convert_from_hf import from_hf
-from launch.convert_hf import to_hf
+from loom.launch.checkpoint.consolidated import Consolidated, read_consolidated, write_consolidated
+from loom.launch.convert.hf_import import from_hf
+from loom.launch.convert.hf_export import to_hf
 
 QUIET = {"log": lambda *_: None}
 
@@ -18,10 +18,10 @@ def _load_at_tp2_fn(rank, world_size, start: str):
     """Load the start point into a TP=2 ZeRO-1 engine with LCM, SCR and CMR on; gather it back."""
     import copy
 
-    from launch.convert_layout import load_start_point
-    from model.parallel.config import ParallelConfig
-    from model.parallel.consolidate import full_state_dict
-    from model.parallel.parallelize import parallelize
+    from loom.launch.checkpoint.start_point import load_start_point
+    from loom.model.parallel.config import ParallelConfig
+    from loom.model.parallel.consolidate import full_state_dict
+    from loom.model.parallel.parallelize import parallelize
     from tests.convert.common import _init
     from tests.parallel.common import OPTIM
 
@@ -46,7 +46,7 @@ def test_from_hf_load_to_hf_is_the_identity(ckpt_tp2_pp2, tmp_path):
     start = tmp_path / "start"
     from_hf(hf, start, **QUIET)
     assert (start / "tokenizer.model").read_bytes() == (hf / "tokenizer.model").read_bytes()
-    from launch.config import load_config
+    from loom.launch.config import load_config
 
     cfg = load_config(str(start / "config.yaml"), check_files=False)
     assert cfg.model.tie_embeddings and cfg.model.num_kv_heads == 2 and cfg.model.ffn_hidden_size == 192

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from launch.convert import ConvertError
-from launch.convert_hf import active_techniques, remote_code_techniques, to_hf
+from loom.launch.checkpoint.consolidated import ConvertError
+from loom.launch.convert.hf_export import active_techniques, remote_code_techniques, to_hf
 from tests.convert.common import loom_logits_fn, sample_tokens
 from tests.harness import run_distributed
 
@@ -55,7 +55,7 @@ def test_exported_llama_matches_loom_logits_and_generates(source, request, tmp_p
 def test_exported_tokenizer_encodes_like_loom(ckpt_tp2_pp2, tmp_path):
     from transformers import AutoTokenizer
 
-    from data.tokenizer import Tokenizer
+    from loom.data.tokenizer import Tokenizer
 
     out = tmp_path / "hf"
     to_hf(ckpt_tp2_pp2, out, log=lambda *_: None)
@@ -72,7 +72,7 @@ def test_exported_tokenizer_encodes_like_loom(ckpt_tp2_pp2, tmp_path):
 
 
 def test_trained_techniques_need_remote_code_and_match_loom(ckpt_techniques, tmp_path):
-    from launch.convert import load
+    from loom.launch.checkpoint.consolidated import load
 
     data = load(ckpt_techniques)
     assert active_techniques(data.weights, data.techniques) == ["LCM", "SCR", "CMR"]
@@ -109,10 +109,10 @@ def test_trained_techniques_need_remote_code_and_match_loom(ckpt_techniques, tmp
 
 def _plain_logits_fn(rank, world_size, source, tokens):
     """Loom's logits with the techniques switched off (core weights only)."""
-    from launch.convert import load
-    from launch.convert_layout import load_consolidated_into_stage
-    from model.parallel.parallelize import build_stage
-    from techniques.config import TechniquesConfig
+    from loom.launch.checkpoint.consolidated import load
+    from loom.launch.checkpoint.start_point import load_consolidated_into_stage
+    from loom.model.parallel.parallelize import build_stage
+    from loom.techniques.config import TechniquesConfig
     from tests.convert.common import _init
 
     layout = _init(rank, 1, 1)
@@ -126,8 +126,8 @@ def _plain_logits_fn(rank, world_size, source, tokens):
 
 
 def test_remote_code_cmr_slots_follow_the_saved_pipeline_when_stage_local():
-    from model.config import ModelConfig
-    from techniques.config import TechniquesConfig
+    from loom.model.config import ModelConfig
+    from loom.techniques.config import TechniquesConfig
 
     cfg = ModelConfig(num_layers=8)
     tech = TechniquesConfig()

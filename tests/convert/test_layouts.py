@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.convert import ConvertError, load
-from launch.convert_layout import reshard
+from loom.launch.checkpoint.consolidated import ConvertError, load
+from loom.launch.checkpoint.start_point import reshard
 from tests.convert.common import HARNESS_OVERRIDES, assert_weights_close, fixed_batches, layout_run_fn
 from tests.harness import run_distributed
 

@@ -7,10 +7,10 @@ from dataclasses import fields
 
 import pytest
 
-from launch.convert_from_hf import from_hf
-from launch.convert_hf import to_hf
-from launch.convert_layout import reshard
-from model.config import ModelConfig
+from loom.launch.convert.hf_import import from_hf
+from loom.launch.convert.hf_export import to_hf
+from loom.launch.checkpoint.start_point import reshard
+from loom.model.config import ModelConfig
 from tests.e2e.runner import run_loom
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(

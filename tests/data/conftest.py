@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from data.shards import preprocess
-from data.tokenizer import train_tokenizer
+from loom.data.shards import preprocess
+from loom.data.tokenizer import train_tokenizer
 
 WORDS = ("the a shard token model train epoch rank worker seed sample batch loader stream "
          "resume state pool data text corpus kernel driver memory page cache lock queue").split()

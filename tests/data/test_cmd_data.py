@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from data.manifest import load_manifest
-from launch.cmd_data import add_commands
+from loom.data.manifest import load_manifest
+from loom.launch.commands.data import add_commands
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,7 +50,7 @@ def test_bad_input_raises_one_line_errors(tmp_path, tokenizer_model):
 
 
 def test_data_list_in_a_fresh_process(tmp_path):
-    code = ("import argparse, sys; from launch.cmd_data import add_commands; p = argparse.ArgumentParser(); "
+    code = ("import argparse, sys; from loom.launch.commands.data import add_commands; p = argparse.ArgumentParser(); "
             "add_commands(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
     done = subprocess.run([sys.executable, "-c", code, "data", "list", "--cache-dir", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

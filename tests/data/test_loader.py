@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import build_train_loader, eval_batches
-from data.manifest import load_manifest
-from data.shard_reader import read_shard
+from loom.data.loader import build_train_loader, eval_batches
+from loom.data.manifest import load_manifest
+from loom.data.shard_reader import read_shard
 
 
 def take(loader, n: int) -> list[torch.Tensor]:
@@ -148,7 +148,7 @@ def test_resume_in_a_fresh_process(small_shards, tmp_path):
     take(first, 12)
     (tmp_path / "state.json").write_text(json.dumps(first.state_dict()))
     first.close()
-    code = ("import json, sys, torch; from data.loader import build_train_loader; "
+    code = ("import json, sys, torch; from loom.data.loader import build_train_loader; "
             "loader = build_train_loader(sys.argv[1], micro_batch_size=4, num_workers=2, seed=9); "
             "loader.load_state_dict(json.load(open(sys.argv[2]))); "
             "torch.save([next(loader) for _ in range(18)], sys.argv[3]); loader.close()")

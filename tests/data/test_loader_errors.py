@@ -8,11 +8,11 @@ from collections import Counter
 
 import pytest
 
-from data.loader import build_train_loader
-from data.manifest import Manifest, check_compatible, load_manifest
-from data.shard_reader import CorruptShardError
-from data.shards import preprocess
-from data.tokenizer import Tokenizer, train_tokenizer
+from loom.data.loader import build_train_loader
+from loom.data.manifest import Manifest, check_compatible, load_manifest
+from loom.data.shard_reader import CorruptShardError
+from loom.data.shards import preprocess
+from loom.data.tokenizer import Tokenizer, train_tokenizer
 from tests.data.conftest import write_jsonl
 from tests.data.test_loader import all_samples, key, take
 
@@ -37,7 +37,7 @@ def damaged_copy(src, dst, how: str):
 
 
 def all_samples_without(shard_dir, name) -> Counter:
-    from data.shard_reader import read_shard
+    from loom.data.shard_reader import read_shard
 
     m = load_manifest(shard_dir)
     return Counter(row.tobytes() for s in m.shards if s.name != name

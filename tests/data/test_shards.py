@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import eval_batches
-from data.manifest import load_manifest
-from data.shards import in_validation_split, preprocess, token_dtype
-from data.tokenizer import Tokenizer
+from loom.data.loader import eval_batches
+from loom.data.manifest import load_manifest
+from loom.data.shards import in_validation_split, preprocess, token_dtype
+from loom.data.tokenizer import Tokenizer
 from tests.data.conftest import write_jsonl
 
 
@@ -98,7 +98,7 @@ def test_preprocess_errors_are_clear(tmp_path, tokenizer_model, corpus_file):
 
 
 def test_large_vocabularies_are_stored_as_uint32(tmp_path, tokenizer_model):
-    from data.shards import _ShardPacker
+    from loom.data.shards import _ShardPacker
 
     class WideTokenizer:  # stands in for a 70k-vocab model, whose training would take minutes
         path, vocab_size, eos_id, sha256 = tokenizer_model, 70000, 3, "f" * 64

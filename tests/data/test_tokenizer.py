@@ -5,7 +5,7 @@ import hashlib
 
 import pytest
 
-from data.tokenizer import Tokenizer, train_tokenizer
+from loom.data.tokenizer import Tokenizer, train_tokenizer
 
 
 def test_llama_style_special_ids_and_exact_round_trip(tokenizer_model, documents):

@@ -13,9 +13,9 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 
 def loom_command(args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
-        return [sys.executable, "-m", "launch.cli", *args]
+        return [sys.executable, "-m", "loom.launch.cli", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "launch.cli", *args]
+            "-m", "loom.launch.cli", *args]
 
 
 def test_env(extra: dict | None = None) -> dict:

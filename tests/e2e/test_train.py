@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from launch.checkpoint import MANIFEST, find_resumable
+from loom.launch.checkpoint.store import MANIFEST, find_resumable
 from tests.e2e.runner import REPO, TINY, loom_command, read_scalars, run_loom, test_env
 
 QUIET = ["train.log_every=1", "train.eval_every=0"]

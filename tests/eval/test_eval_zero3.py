@@ -21,7 +21,7 @@ WORDS = ("the king and queen of a small town walked over green hills to see ship
 
 @pytest.fixture(scope="module")
 def heldout_text_and_tokenizer(tmp_path_factory) -> tuple[str, str]:
-    from data.tokenizer import train_tokenizer
+    from loom.data.tokenizer import train_tokenizer
 
     folder = tmp_path_factory.mktemp("zero3_data")
     rng = random.Random(0)
@@ -42,8 +42,8 @@ def _train_and_save(run: Path, zero: int, tokenizer: str) -> tuple[Path, dict]:
 
 
 def _loaded_weights(rank, world, folder: str) -> dict:
-    from launch.eval_model import EvalModel
-    from model.parallel.consolidate import full_state_dict
+    from loom.launch.eval.model import EvalModel
+    from loom.model.parallel.consolidate import full_state_dict
 
     return full_state_dict(EvalModel(Path(folder)).module)
 

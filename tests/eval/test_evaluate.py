@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from launch import evaluate
+from loom.launch.eval import evaluate
 from tests.e2e.runner import TINY, read_scalars, run_loom
 from tests.harness import run_distributed
 
 
 def _tiny_stage():
-    from model.config import ModelConfig
-    from model.parallel.config import ParallelConfig
-    from model.parallel.groups import init_parallel_groups
-    from model.parallel.parallelize import build_stage
-    from techniques.config import TechniquesConfig
+    from loom.model.config import ModelConfig
+    from loom.model.parallel.config import ParallelConfig
+    from loom.model.parallel.groups import init_parallel_groups
+    from loom.model.parallel.parallelize import build_stage
+    from loom.techniques.config import TechniquesConfig
 
     layout = init_parallel_groups(ParallelConfig())
     cfg = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from techniques.metrics import (attention, entropy, geometry, lexical, optimization, perplexity, recall,
+from loom.techniques.metrics import (attention, entropy, geometry, lexical, optimization, perplexity, recall,
                                 representation, robustness)
 from tests.harness import run_distributed
 

@@ -5,8 +5,10 @@ import math
 
 import pytest
 
-from launch import study, study_report
-from launch.config import ConfigError
+from loom.launch.study import plan as study
+
+from loom.launch.study import report as study_report
+from loom.launch.config import ConfigError
 from tests.e2e.runner import TINY, run_loom
 
 

@@ -131,8 +131,8 @@ def loss_curve(run_dir: Path) -> dict[int, float]:
 def tiny_data():
     """Tokenizer and shards of the tiny config exist before concurrent jobs start (no preparation races).
     Requested after the skip checks, so a skipped module prepares nothing."""
-    from launch.config import load_config
-    from launch.prepare_data import _prepare_on_this_rank
+    from loom.launch.config import load_config
+    from loom.launch.train.prepare_data import _prepare_on_this_rank
 
     cfg = load_config(str(REPO / TINY), [], world_size=1, check_files=False)
     _prepare_on_this_rank(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=lambda *_: None)

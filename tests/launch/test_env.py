@@ -1,4 +1,4 @@
-"""launch/env.py under a plain `srun python -m launch.cli train`: rank from SLURM_*, the first node as
+"""launch/env.py under a plain `srun python -m loom.launch.cli train`: rank from SLURM_*, the first node as
 MASTER_ADDR (through scontrol's NodeAddr when the node name does not resolve), a port per job and restart."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from launch.env import read_dist_env
+from loom.launch.runtime.env import read_dist_env
 
 FAKE_SCONTROL = """#!/bin/sh
 # stands in for Slurm's scontrol: node[1-2] -> node1 node2; node1's NodeAddr is 10.1.2.3

@@ -76,7 +76,7 @@ def launched(request, tmp_path_factory):
         # the reference: the same 2-rank job under torchrun on one host (the root namespace)
         state.runs["reference"] = out / "one_host"
         state.procs["reference"] = [Proc([PYTHON, "-m", "torch.distributed.run", "--standalone",
-                                          "--nproc-per-node=2", "-m", "launch.cli", "train", TINY,
+                                          "--nproc-per-node=2", "-m", "loom.launch.cli", "train", TINY,
                                           f"output_dir={out / 'one_host'}", *ARGS], out / "one_host.log")]
         if TORCHRUN in selected:
             # one torchrun per host, c10d rendezvous hosted by node1; gloo must use the simulated LAN
@@ -85,7 +85,7 @@ def launched(request, tmp_path_factory):
             rdzv = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=node1:29400",
                     f"--rdzv-id=loom-{os.getpid()}", "--max-restarts=0"]
             state.procs[TORCHRUN] = [
-                Proc(hosts.on(i, PYTHON, "-m", "torch.distributed.run", *rdzv, "-m", "launch.cli", "train", TINY,
+                Proc(hosts.on(i, PYTHON, "-m", "torch.distributed.run", *rdzv, "-m", "loom.launch.cli", "train", TINY,
                               f"output_dir={run}", *ARGS), out / f"torchrun-node{i}.log", env=env)
                 for i in (1, 2)]
         if DEEPSPEED in selected and DEEPSPEED not in state.skip and DEEPSPEED not in state.failed:

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.config import ModelConfig
-from model.parallel.config import ParallelConfig
-from model.parallel.zero import OptimizerSettings
-from techniques.config import TechniquesConfig
+from loom.model.config import ModelConfig
+from loom.model.parallel.config import ParallelConfig
+from loom.model.parallel.zero import OptimizerSettings
+from loom.techniques.config import TechniquesConfig
 
 SEQ = 16
 MICRO_BATCH = 2
@@ -66,8 +66,8 @@ class Trace:
 
 
 def init_layout(rank: int, tp: int, pp: int):
-    from model.parallel import cpu_compat
-    from model.parallel.groups import init_parallel_groups
+    from loom.model.parallel import cpu_compat
+    from loom.model.parallel.groups import init_parallel_groups
 
     cpu_compat.apply()
     return init_parallel_groups(ParallelConfig(tensor=tp, pipeline=pp))
@@ -76,10 +76,10 @@ def init_layout(rank: int, tp: int, pp: int):
 def reference_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, batches_per_step: list, steps: int,
                     optim: OptimizerSettings = OPTIM, seed: int = 0) -> Trace:
     """One process, TP=PP=DP=1: the oracle every layout must reproduce."""
-    from model.parallel.consolidate import full_state_dict
-    from model.parallel.parallelize import build_stage
-    from model.parallel.zero import build_optimizer
-    from techniques.aux_loss import set_aux_loss_scale
+    from loom.model.parallel.consolidate import full_state_dict
+    from loom.model.parallel.parallelize import build_stage
+    from loom.model.parallel.zero import build_optimizer
+    from loom.techniques.aux_loss import set_aux_loss_scale
 
     layout = init_layout(rank, 1, 1)
     module = build_stage(cfg, tech, layout, seed)
@@ -108,9 +108,9 @@ def layout_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, bat
                  tp: int, pp: int, zero_stages: list, optim: OptimizerSettings = OPTIM, seed: int = 0,
                  compile: bool = False) -> dict:
     """Train the same steps at TP×PP×DP on this group, once per ZeRO stage; {stage: Trace}."""
-    from model.parallel.consolidate import full_state_dict
-    from launch.technique_upkeep import upkeep
-    from model.parallel.parallelize import parallelize
+    from loom.model.parallel.consolidate import full_state_dict
+    from loom.launch.train.technique_upkeep import upkeep
+    from loom.model.parallel.parallelize import parallelize
 
     layout = init_layout(rank, tp, pp)
     out = {}

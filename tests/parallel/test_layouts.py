@@ -5,7 +5,7 @@ import pytest
 from tests.harness import run_distributed
 from tests.parallel.common import (assert_traces_match, fixed_batches, layout_trace, reference_trace,
                                    tiny_model)
-from techniques.config import TechniquesConfig
+from loom.techniques.config import TechniquesConfig
 
 STEPS = 3
 GLOBAL_MICROBATCHES = 4  # per step, split over DP ranks

@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from model.parallel.config import ParallelConfig
+from loom.model.parallel.config import ParallelConfig
 from tests.harness import run_distributed
 from tests.parallel.common import (MICRO_BATCH, OPTIM, SEQ, assert_traces_match, fixed_batches, init_layout,
                                    layout_trace, reference_trace, tiny_model)
-from techniques.config import TechniquesConfig
+from loom.techniques.config import TechniquesConfig
 
 STEPS = 3
 
@@ -40,7 +40,7 @@ def test_activation_checkpointing_changes_nothing():
 
 
 def _train_tp2pp2(rank, world_size, steps, precision):
-    from model.parallel.parallelize import parallelize
+    from loom.model.parallel.parallelize import parallelize
 
     layout = init_layout(rank, 2, 2)
     cfg = tiny_model()
@@ -67,7 +67,7 @@ def _compiled_trace(rank, world_size, cfg, tech, steps, n_steps, tp, pp, zeros, 
     import torch._dynamo
     import torch._inductor.config
 
-    import model.parallel.parallelize as parallelize_module
+    import loom.model.parallel.parallelize as parallelize_module
 
     torch._inductor.config.compile_threads = 1  # no compile-worker pool inside the forked test ranks
     compiled = []

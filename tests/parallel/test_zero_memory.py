@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from model.parallel.config import ParallelConfig
+from loom.model.parallel.config import ParallelConfig
 from tests.harness import run_distributed
 from tests.parallel.common import MICRO_BATCH, OPTIM, fixed_batches, init_layout, tiny_model
-from techniques.config import TechniquesConfig
+from loom.techniques.config import TechniquesConfig
 
 
 def _numel(tensors) -> int:
@@ -15,7 +15,7 @@ def _numel(tensors) -> int:
 
 
 def _held_per_rank(rank, world_size):
-    from model.parallel.parallelize import parallelize
+    from loom.model.parallel.parallelize import parallelize
 
     layout = init_layout(rank, 1, 1)
     cfg = tiny_model(hidden_size=128, ffn_hidden_size=256)
@@ -54,7 +54,7 @@ def test_per_rank_bytes_shrink_with_zero_stage():
 
 
 def _zero_run_without_jit(rank, world_size, ext_dir):
-    from model.parallel.parallelize import parallelize
+    from loom.model.parallel.parallelize import parallelize
 
     layout = init_layout(rank, 1, 1)
     cfg = tiny_model()

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launch.config import ConfigError, RunConfig, load_config
-from launch.config_docs import iter_fields
+from loom.launch.config import ConfigError, RunConfig, load_config
+from loom.launch.commands.config_docs import iter_fields
 from tests.e2e.runner import REPO, TINY, test_env
 
 KEYS = [path for path, _, _, _, is_section in iter_fields(RunConfig) if not is_section]
@@ -43,7 +43,7 @@ def test_random_bytes_as_a_config_file(tmp_path_factory, blob):
 
 
 def _loom(*args, cwd=REPO, env=None):
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=test_env(env),
+    return subprocess.run([sys.executable, "-m", "loom.launch.cli", *args], cwd=cwd, env=test_env(env),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -74,7 +74,7 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, name, args):
 
 def test_shards_of_random_bytes_fail_before_training(tmp_path):
     """A manifest pointing at garbage: the loader's sha256/count check names the shard, no training."""
-    from data.manifest import load_manifest  # noqa: F401  (the manifest format is the loader's)
+    from loom.data.manifest import load_manifest  # noqa: F401  (the manifest format is the loader's)
 
     run = tmp_path / "run"
     shards = tmp_path / "shards"

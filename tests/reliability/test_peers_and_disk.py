@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launch.checkpoint import find_resumable, verify
+from loom.launch.checkpoint.store import find_resumable, verify
 from tests.e2e.runner import REPO, TINY, loom_command, read_scalars, run_loom, test_env
 
 QUIET = ["train.log_every=1", "train.eval_every=0", "data.num_workers=0"]
@@ -18,7 +18,7 @@ QUIET = ["train.log_every=1", "train.eval_every=0", "data.num_workers=0"]
 def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
     for child in launcher.children(recursive=True):
         try:
-            if "launch.cli" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+            if "loom.launch.cli" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
                 return child
         except psutil.Error:
             continue

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from techniques.doc_meta import document_metadata
+from loom.techniques.doc_meta import document_metadata
 
 EOS = 0
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from techniques.aux_loss import attach_aux_loss, get_aux_loss_scale, set_aux_loss_scale
+from loom.techniques.aux_loss import attach_aux_loss, get_aux_loss_scale, set_aux_loss_scale
 
 
 @pytest.fixture(autouse=True)

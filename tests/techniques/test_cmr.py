@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from techniques.aux_loss import set_aux_loss_scale
-from techniques.cmr import LayerCapture, Reweave, bank_with_slot, empty_bank
+from loom.techniques.aux_loss import set_aux_loss_scale
+from loom.techniques.cmr import LayerCapture, Reweave, bank_with_slot, empty_bank
 from tests.techniques import reference_sketches as ref
 
 D, R, SLOTS = 64, 16, 3

@@ -5,8 +5,8 @@ import inspect
 import pytest
 from omegaconf import OmegaConf
 
-from techniques import config as C
-from techniques.config import (CMRConfig, HCMAConfig, LCMConfig, SCAConfig, SCRConfig, TechniquesConfig,
+from loom.techniques import config as C
+from loom.techniques.config import (CMRConfig, HCMAConfig, LCMConfig, SCAConfig, SCRConfig, TechniquesConfig,
                                parse_relevance_noise, resolve_layers)
 
 

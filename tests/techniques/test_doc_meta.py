@@ -1,6 +1,6 @@
 import torch
 
-from techniques.doc_meta import document_metadata, metadata_from_positions
+from loom.techniques.doc_meta import document_metadata, metadata_from_positions
 
 
 def _loop_positions(tokens, eos):

@@ -4,8 +4,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from techniques.config import HCMAConfig, HCMAOfflineConfig
-from techniques.hcma import HCMA
+from loom.techniques.config import HCMAConfig, HCMAOfflineConfig
+from loom.techniques.hcma import HCMA
 from tests.harness import run_distributed
 from tests.techniques import reference_sketches as ref
 

@@ -5,17 +5,17 @@ import dataclasses
 import pytest
 import torch
 
-from model.parallel.config import ParallelConfig
+from loom.model.parallel.config import ParallelConfig
 from tests.harness import run_distributed
 from tests.parallel.common import MICRO_BATCH, OPTIM, SEQ, all_techniques, fixed_batches, init_layout, tiny_model
-from techniques.config import TechniquesConfig
+from loom.techniques.config import TechniquesConfig
 
 
 def _offline_alignment_survives_a_step(rank, world_size, tp, pp, zero):
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from launch.technique_upkeep import upkeep
-    from model.parallel.parallelize import parallelize
+    from loom.launch.train.technique_upkeep import upkeep
+    from loom.model.parallel.parallelize import parallelize
 
     layout = init_layout(rank, tp, pp)
     tech = TechniquesConfig()

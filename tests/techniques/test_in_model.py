@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from techniques.config import TechniquesConfig
+from loom.techniques.config import TechniquesConfig
 from tests.harness import run_distributed
 from tests.parallel.common import (MICRO_BATCH, SEQ, all_techniques, assert_traces_match, fixed_batches,
                                    init_layout, layout_trace, reference_trace, tiny_model)
@@ -23,9 +23,9 @@ def _stage_outputs(rank, world_size, tp, pp, tech_by_name: dict, dtype):
     """Loss and (last-stage) logits of the baseline and of each technique variant, same weights."""
     from megatron.core import parallel_state as ps
 
-    from launch.technique_upkeep import upkeep
-    from model.parallel.parallelize import build_stage
-    from model.parallel.pipeline import forward_only
+    from loom.launch.train.technique_upkeep import upkeep
+    from loom.model.parallel.parallelize import build_stage
+    from loom.model.parallel.pipeline import forward_only
 
     layout = init_layout(rank, tp, pp)
     cfg = tiny_model()
@@ -77,8 +77,8 @@ def test_identity_at_init_every_layout(tp, pp):
 
 
 def _grads_at_init(rank, world_size):
-    from model.parallel.parallelize import build_stage
-    from techniques.aux_loss import set_aux_loss_scale
+    from loom.model.parallel.parallelize import build_stage
+    from loom.techniques.aux_loss import set_aux_loss_scale
 
     layout = init_layout(rank, 1, 1)
     cfg = tiny_model()

@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 
-from techniques.aux_loss import set_aux_loss_scale
-from techniques.config import LCMConfig
-from techniques.lcm import LCM, causal_anchor, lag_taps
+from loom.techniques.aux_loss import set_aux_loss_scale
+from loom.techniques.config import LCMConfig
+from loom.techniques.lcm import LCM, causal_anchor, lag_taps
 from tests.techniques import reference_sketches as ref
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from techniques.config import SCAConfig
-from techniques.sca import SCAHead
+from loom.techniques.config import SCAConfig
+from loom.techniques.sca import SCAHead
 from tests.harness import run_distributed
 from tests.techniques import reference_sketches as ref
 

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from techniques.config import SCRConfig
-from techniques.scr import SCR, segmented_cumsum
+from loom.techniques.config import SCRConfig
+from loom.techniques.scr import SCR, segmented_cumsum
 from tests.techniques import reference_sketches as ref
 
 

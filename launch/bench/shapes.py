@@ -1,0 +1,68 @@
+"""Model shapes the benchmark compares at, and the token batches every model trains on."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+EOS = 3
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    ffn: int
+    vocab: int
+    seq: int
+    batch: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq
+
+    def describe(self) -> str:
+        return (f"{self.layers} layers, d={self.hidden}, {self.heads} heads, SwiGLU {self.ffn}, vocab {self.vocab}, "
+                f"seq {self.seq}, batch {self.batch} ({self.tokens_per_step} tokens/step)")
+
+
+SHAPES = {
+    "quick": Shape("quick", layers=2, hidden=128, heads=4, ffn=352, vocab=1024, seq=64, batch=4),
+    "default": Shape("default", layers=4, hidden=512, heads=8, ffn=1408, vocab=8192, seq=256, batch=8),
+    "large": Shape("large", layers=8, hidden=1024, heads=16, ffn=2816, vocab=32000, seq=512, batch=8),
+}
+
+
+def model_config(shape: Shape):
+    from loom.model.config import ModelConfig
+
+    return ModelConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers,
+                       num_heads=shape.heads, num_kv_heads=shape.heads, ffn_hidden_size=shape.ffn,
+                       seq_length=shape.seq, tie_embeddings=False, eos_id=EOS)
+
+
+def flops_per_token(shape: Shape) -> float:
+    from loom.launch.train.tensorboard import flops_per_token as f
+
+    return f(model_config(shape), shape.seq)
+
+
+def default_device():
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def token_batch(shape: Shape, batch: int, seed: int = 0):
+    """[batch, seq+1] ids with a few EOS, so Loom's document metadata sees packed documents."""
+    import torch
+
+    g = torch.Generator().manual_seed(1000 + seed)
+    t = torch.randint(4, shape.vocab, (batch, shape.seq + 1), generator=g)
+    t[:, shape.seq // 3] = EOS
+    return t.to(default_device())

@@ -1,0 +1,155 @@
+"""The trainer's callbacks: monitoring, held-out evaluation and checkpoints."""
+from __future__ import annotations
+
+import time
+
+import torch.distributed as dist
+
+from loom.launch.checkpoint import store as checkpoint
+from loom.launch.train.tensorboard import MetricsWriter, ProgressBar, memory_scalars, system_scalars
+from loom.launch.train.trainer import Callback
+
+
+class MonitorCallback(Callback):
+    """Scalars to TensorBoard every `log_every` steps, a console line, and a progress bar."""
+
+    def __init__(self, writer: MetricsWriter, log_every: int, flops_per_step: float, peak_tflops: float,
+                 world_size: int, device, progress: bool, log=print):
+        self.writer, self.log_every = writer, log_every
+        self.flops_per_step, self.peak_tflops, self.world_size = flops_per_step, peak_tflops, world_size
+        self.device, self.progress_enabled, self.log = device, progress, log
+        self.bar: ProgressBar | None = None
+        self._window: list[tuple[float, float]] = []
+
+    def on_start(self, trainer) -> None:
+        self.bar = ProgressBar(trainer.cfg.train.max_steps, trainer.state.step, self.progress_enabled)
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        self._window.append((metrics["time/step_s"], metrics["time/data_wait_fraction"]))
+        step = trainer.state.step
+        step_time = metrics["time/step_s"]
+        tokens_per_s = trainer.tokens_per_step / step_time
+        tflops = self.flops_per_step / step_time / self.world_size / 1e12
+        if self.bar.active:
+            self.bar.update(f"loss {metrics['train/loss']:.4f} · {tokens_per_s:,.0f} tok/s")
+        if step % self.log_every and step != trainer.cfg.train.max_steps:
+            return
+        mean_time = sum(t for t, _ in self._window) / len(self._window)
+        scalars = {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}
+        scalars.update({
+            "time/step_s": mean_time,
+            "time/data_wait_fraction": sum(w for _, w in self._window) / len(self._window),
+            "throughput/tokens_per_s": trainer.tokens_per_step / mean_time,
+            "throughput/tflops_per_rank": self.flops_per_step / mean_time / self.world_size / 1e12,
+            "throughput/mfu": self.flops_per_step / mean_time / self.world_size / 1e12 / self.peak_tflops,
+            "data/epoch": getattr(trainer.loader, "epoch", 0),
+            "data/corrupt_shards_skipped": getattr(trainer.loader, "corrupt_shards_skipped", 0),
+        })
+        scalars.update(memory_scalars(self.device))
+        scalars.update(system_scalars())
+        scalars.update(trainer.module.technique_scalars())
+        self._window.clear()
+        self.writer.scalars(scalars, step)
+        self.writer.flush()
+        line = (f"step {step}/{trainer.cfg.train.max_steps} · loss {metrics['train/loss']:.4f} · "
+                f"lr {metrics['train/lr']:.2e} · grad norm {metrics['train/grad_norm']:.3f} · "
+                f"{scalars['throughput/tokens_per_s']:,.0f} tok/s · {tflops:.3f} TFLOP/s/rank · "
+                f"MFU {scalars['throughput/mfu']:.1%} · {trainer.state.consumed_tokens:,} tokens")
+        if self.bar.active:
+            self.bar.write(line)
+        else:
+            self.log(line)
+
+    def on_stop(self, trainer, reason: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.flush()
+
+
+class EvalCallback(Callback):
+    """Held-out loss and perplexity every `every` steps and at the end."""
+
+    def __init__(self, make_batches, every: int, writer: MetricsWriter, log=print):
+        self.make_batches, self.every, self.writer, self.log = make_batches, every, writer, log
+        self.last: dict = {}
+        self._evaluated_at = -1
+
+    def _run(self, trainer) -> None:
+        if self._evaluated_at == trainer.state.step:
+            return
+        self._evaluated_at = trainer.state.step
+        start = time.perf_counter()
+        result = trainer.module.evaluate(self.make_batches())
+        if not result:
+            return
+        self.last = result
+        self.writer.scalars(result, trainer.state.step)
+        self.log(f"eval at step {trainer.state.step}: loss {result['eval/loss']:.4f} · "
+                 f"perplexity {result['eval/perplexity']:.2f} ({time.perf_counter() - start:.1f} s)")
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if self.every and trainer.state.step % self.every == 0:
+            self._run(trainer)
+
+    def on_stop(self, trainer, reason: str) -> None:
+        if reason == "done":
+            self._run(trainer)
+
+
+class CheckpointCallback(Callback):
+    """Periodic checkpoints, and one when the run stops for any reason."""
+
+    def __init__(self, every: int, save_fn, stop_on_error: bool = False, log=print):
+        self.every, self.save_fn, self.stop_on_error, self.log = every, save_fn, stop_on_error, log
+        self._saved_at = -1
+
+    def save(self, trainer) -> None:
+        if self._saved_at == trainer.state.step:
+            return
+        start = time.perf_counter()
+        try:
+            folder = self.save_fn(trainer)
+        except checkpoint.CheckpointError as exc:
+            self.log(f"error: {exc}")
+            if self.stop_on_error:
+                trainer.request_stop("save_failed")
+            return
+        self._saved_at = trainer.state.step
+        if dist.get_rank() == 0:
+            self.log(f"checkpoint saved: {folder} ({time.perf_counter() - start:.1f} s)")
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if self.every and trainer.state.step % self.every == 0:
+            self.save(trainer)
+
+    def on_stop(self, trainer, reason: str) -> None:
+        self.save(trainer)
+
+
+class SampleCallback(Callback):
+    """At the end of a completed run: a greedy continuation of a prompt, and the held-out loss set
+    against the unigram baseline (how much the model learned beyond token frequencies)."""
+
+    def __init__(self, prompt: str, tokenizer, max_new_tokens: int, dtype, device, baseline_fn=None,
+                 eval_callback: "EvalCallback | None" = None, writer: MetricsWriter | None = None, log=print):
+        self.prompt, self.tokenizer, self.max_new_tokens = prompt, tokenizer, max_new_tokens
+        self.dtype, self.device, self.baseline_fn = dtype, device, baseline_fn
+        self.eval_callback, self.writer, self.log = eval_callback, writer, log
+
+    def on_stop(self, trainer, reason: str) -> None:
+        from loom.launch.train.sample import greedy_generate
+
+        if reason != "done":
+            return
+        if self.prompt:
+            ids = self.tokenizer.encode(self.prompt)
+            out = greedy_generate(trainer.module.module, ids, self.max_new_tokens, self.dtype, self.device)
+            self.log(f"sample: {self.prompt!r} → {self.tokenizer.decode(out[len(ids):])!r}")
+        if self.baseline_fn is not None and self.eval_callback is not None and self.eval_callback.last \
+                and dist.get_rank() == 0:
+            baseline = self.baseline_fn()
+            loss = self.eval_callback.last["eval/loss"]
+            if self.writer is not None:
+                self.writer.scalars({"eval/unigram_baseline": baseline}, trainer.state.step)
+            self.log(f"held-out loss {loss:.3f} nats/token vs unigram baseline {baseline:.3f} "
+                     f"({loss - baseline:+.3f})")
