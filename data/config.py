@@ -1,4 +1,5 @@
 """Data settings of a run (an OmegaConf structured config: plain field types only)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ class DataConfig:
         if self.train_data is None and self.corpus not in CORPORA:
             problems.append(f"data.corpus {self.corpus!r} is not a built-in corpus ({', '.join(sorted(CORPORA))})")
         if self.eval_data is None and self.eval_corpus is not None and self.eval_corpus not in CORPORA:
-            problems.append(f"data.eval_corpus {self.eval_corpus!r} is not a built-in corpus ({', '.join(sorted(CORPORA))})")
+            problems.append(
+                f"data.eval_corpus {self.eval_corpus!r} is not a built-in corpus ({', '.join(sorted(CORPORA))})"
+            )
         if self.tokenizer_type not in MODEL_TYPES:
             problems.append(f"data.tokenizer_type must be one of {MODEL_TYPES}, got {self.tokenizer_type!r}")
         if self.samples_per_shard < 1:

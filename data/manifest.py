@@ -4,6 +4,7 @@
 which may be a local folder, an http(s) URL or a `pipe:` command ending in the manifest's path;
 `shard_base` redirects them to any prefix, e.g. "pipe:curl -sf https://host/set/" or "pipe:cat /mnt/set/".
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,7 @@ class Manifest:
     def fingerprint(self) -> dict[str, Any]:
         """What a saved loader state must agree with to be restored into a loader over this set."""
         shards = hashlib.sha256("".join(f"{s.name}:{s.sha256};" for s in self.shards).encode()).hexdigest()
-        return {"tokenizer_sha256": self.tokenizer_sha256[:16], "seq_length": self.seq_length,
-                "shards": shards[:16]}
+        return {"tokenizer_sha256": self.tokenizer_sha256[:16], "seq_length": self.seq_length, "shards": shards[:16]}
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -116,7 +116,9 @@ def load_manifest(source: str | os.PathLike, split: str = "train") -> Manifest:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{location}: not a valid manifest ({exc.msg})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{location}: not a Loom shard manifest (format {data.get('format') if isinstance(data, dict) else None!r})")
+        raise ValueError(
+            f"{location}: not a Loom shard manifest (format {data.get('format') if isinstance(data, dict) else None!r})"
+        )
     if data.get("version") != VERSION:
         raise ValueError(f"{location}: manifest version {data.get('version')} is not supported (expected {VERSION})")
     shards = [ShardInfo(**s) for s in data.pop("shards")]
@@ -139,8 +141,14 @@ def shard_urls(manifest: Manifest, shard_base: str | None = None) -> list[str]:
     return urls
 
 
-def check_compatible(manifest: Manifest, *, tokenizer_sha256: str | None = None, vocab_size: int | None = None,
-                     seq_length: int | None = None, vocab_padding_multiple: int = 1) -> None:
+def check_compatible(
+    manifest: Manifest,
+    *,
+    tokenizer_sha256: str | None = None,
+    vocab_size: int | None = None,
+    seq_length: int | None = None,
+    vocab_padding_multiple: int = 1,
+) -> None:
     """Raise ValueError with a clear message when the shards cannot feed the given tokenizer/model.
 
     `vocab_size` is the model's embedding size; it must equal the tokenizer's vocabulary, or that
@@ -148,18 +156,26 @@ def check_compatible(manifest: Manifest, *, tokenizer_sha256: str | None = None,
     """
     where = manifest.location or "the shard set"
     if not manifest.shards or manifest.num_samples == 0:
-        raise ValueError(f"{where}: the shard set is empty (0 samples); the input had fewer than "
-                         f"seq_length+1 = {manifest.sample_length} tokens or no documents")
+        raise ValueError(
+            f"{where}: the shard set is empty (0 samples); the input had fewer than "
+            f"seq_length+1 = {manifest.sample_length} tokens or no documents"
+        )
     if tokenizer_sha256 is not None and tokenizer_sha256 != manifest.tokenizer_sha256:
-        raise ValueError(f"{where}: shards were built with a different tokenizer (sha256 "
-                         f"{manifest.tokenizer_sha256[:12]}…, this run uses {tokenizer_sha256[:12]}…); "
-                         f"re-run `loom preprocess` with this tokenizer or use the shards' own tokenizer.model")
+        raise ValueError(
+            f"{where}: shards were built with a different tokenizer (sha256 "
+            f"{manifest.tokenizer_sha256[:12]}…, this run uses {tokenizer_sha256[:12]}…); "
+            f"re-run `loom preprocess` with this tokenizer or use the shards' own tokenizer.model"
+        )
     if vocab_size is not None:
         multiple = max(1, vocab_padding_multiple)
         padded = -(-manifest.vocab_size // multiple) * multiple
         if vocab_size not in (manifest.vocab_size, padded):
-            raise ValueError(f"{where}: model vocab_size={vocab_size} does not match the tokenizer's vocabulary "
-                             f"of {manifest.vocab_size} (padded to a multiple of {multiple}: {padded})")
+            raise ValueError(
+                f"{where}: model vocab_size={vocab_size} does not match the tokenizer's vocabulary "
+                f"of {manifest.vocab_size} (padded to a multiple of {multiple}: {padded})"
+            )
     if seq_length is not None and seq_length != manifest.seq_length:
-        raise ValueError(f"{where}: shards hold samples of seq_length={manifest.seq_length} (+1 token) but the run "
-                         f"asks for seq_length={seq_length}; re-run `loom preprocess --seq-length {seq_length}`")
+        raise ValueError(
+            f"{where}: shards hold samples of seq_length={manifest.seq_length} (+1 token) but the run "
+            f"asks for seq_length={seq_length}; re-run `loom preprocess --seq-length {seq_length}`"
+        )

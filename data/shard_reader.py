@@ -5,6 +5,7 @@ sample count are checked for every source, local files, `pipe:` commands and htt
 A tar has no payload checksum and random bytes over a header end a tar silently, so the hash is
 what catches damage; the count and sample sizes are checked as well, for manifests without hashes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,13 +43,16 @@ def read_shard(url: str, info: ShardInfo, manifest: Manifest) -> np.ndarray:
     """The shard's samples as an array [nsamples, seq_length + 1] of the manifest's dtype."""
     data = _read_bytes(url, info.name)
     if info.sha256 and hashlib.sha256(data).hexdigest() != info.sha256:
-        raise _corrupt(info.name, f"sha256 differs from the manifest ({len(data)} bytes read, "
-                                           f"{info.nbytes} expected): truncated or damaged")
+        raise _corrupt(
+            info.name,
+            f"sha256 differs from the manifest ({len(data)} bytes read, {info.nbytes} expected): truncated or damaged",
+        )
     key, nbytes = manifest.sample_key, manifest.sample_nbytes
     payloads = []
     try:
-        members = wds.tariterators.tar_file_expander([{"url": url, "stream": io.BytesIO(data)}],
-                                                     handler=wds.reraise_exception)
+        members = wds.tariterators.tar_file_expander(
+            [{"url": url, "stream": io.BytesIO(data)}], handler=wds.reraise_exception
+        )
         for sample in wds.tariterators.group_by_keys(members, handler=wds.reraise_exception):
             payload = sample.get(key)
             if payload is None or len(payload) != nbytes:

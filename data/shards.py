@@ -6,6 +6,7 @@ tokens mark document boundaries, so positions-in-document can be derived from a 
 A sample is one tar member `<key>.tokens.u16` (or `.u32`) of raw little-endian ids. Shards are
 written with mtime 0 and the USTAR format, so the same input gives byte-identical files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -105,16 +106,27 @@ class _ShardPacker:
         shutil.copyfile(self.tokenizer.path, self.out_dir / TOKENIZER_FILE)
         num_samples = sum(s.nsamples for s in self.shards)
         manifest = Manifest(
-            seq_length=self.sample_length - 1, dtype=self.dtype.name, vocab_size=self.tokenizer.vocab_size,
-            eos_id=self.tokenizer.eos_id, tokenizer_sha256=self.tokenizer.sha256, tokenizer_file=TOKENIZER_FILE,
-            num_documents=self.num_documents, num_samples=num_samples, num_tokens=num_samples * self.sample_length,
-            dropped_tokens=self.pending_tokens, split=self.split, shards=self.shards, location=str(self.out_dir))
+            seq_length=self.sample_length - 1,
+            dtype=self.dtype.name,
+            vocab_size=self.tokenizer.vocab_size,
+            eos_id=self.tokenizer.eos_id,
+            tokenizer_sha256=self.tokenizer.sha256,
+            tokenizer_file=TOKENIZER_FILE,
+            num_documents=self.num_documents,
+            num_samples=num_samples,
+            num_tokens=num_samples * self.sample_length,
+            dropped_tokens=self.pending_tokens,
+            split=self.split,
+            shards=self.shards,
+            location=str(self.out_dir),
+        )
         manifest.save(self.out_dir)
         return manifest
 
 
-def _tokenized(documents: Iterator[str], model_path: str, num_workers: int,
-               val_percent: float) -> Iterator[tuple[bool, np.ndarray]]:
+def _tokenized(
+    documents: Iterator[str], model_path: str, num_workers: int, val_percent: float
+) -> Iterator[tuple[bool, np.ndarray]]:
     if num_workers <= 1:
         _init_worker(model_path)
         for text in documents:
@@ -125,9 +137,16 @@ def _tokenized(documents: Iterator[str], model_path: str, num_workers: int,
         yield from pool.imap(partial(_encode, val_percent=val_percent), documents, chunksize=_CHUNKSIZE)
 
 
-def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], tokenizer_model: str | os.PathLike,
-               out_dir: str | os.PathLike, seq_length: int, samples_per_shard: int = 256,
-               num_workers: int | None = None, val_percent: float = 0.0, progress: bool = True) -> dict[str, Path]:
+def preprocess(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer_model: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    seq_length: int,
+    samples_per_shard: int = 256,
+    num_workers: int | None = None,
+    val_percent: float = 0.0,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Tokenize text files/globs into shards under `out_dir`; returns {split: manifest path}.
 
     With `val_percent` > 0, documents whose crc32 bucket falls below it go to `out_dir/val`, the
@@ -149,8 +168,10 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], tokenize
         yield first
         yield from documents
 
-    packers = {name: _ShardPacker(folder, name if val_percent > 0 else "all", tokenizer, seq_length,
-                                  samples_per_shard) for name, folder in splits.items()}
+    packers = {
+        name: _ShardPacker(folder, name if val_percent > 0 else "all", tokenizer, seq_length, samples_per_shard)
+        for name, folder in splits.items()
+    }
     workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress, mininterval=1.0)
     tokens = 0

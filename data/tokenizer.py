@@ -5,6 +5,7 @@ pad/unk/bos/eos = 0/1/2/3) make every string round-trip exactly and let a BPE mo
 Hugging Face `LlamaTokenizer`. Newlines never enter the vocabulary (the trainer reads lines), so
 each one becomes the byte token `<0x0A>`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,10 +38,18 @@ def _training_lines(documents: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_prefix: str | os.PathLike,
-                    vocab_size: int = 8192, model_type: str = "bpe", *, num_threads: int | None = None,
-                    input_sentence_size: int = 0, max_sentence_length: int = 16384,
-                    user_defined_symbols: Sequence[str] = (), verbose: bool = False) -> Path:
+def train_tokenizer(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    out_prefix: str | os.PathLike,
+    vocab_size: int = 8192,
+    model_type: str = "bpe",
+    *,
+    num_threads: int | None = None,
+    input_sentence_size: int = 0,
+    max_sentence_length: int = 16384,
+    user_defined_symbols: Sequence[str] = (),
+    verbose: bool = False,
+) -> Path:
     """Train on text files/globs (see `iter_documents`); writes `<out_prefix>.model` and `.vocab`.
 
     `input_sentence_size` > 0 samples that many lines (the speed knob for unigram); 0 uses all.
@@ -50,7 +59,9 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     minimum = 4 + _BYTE_PIECES + len(user_defined_symbols) + 1
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size={vocab_size} is too small: 4 special ids + 256 byte pieces need at least {minimum}")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: 4 special ids + 256 byte pieces need at least {minimum}"
+        )
     documents = iter_documents(inputs)
     first = next(documents, None)
     if first is None:
@@ -64,14 +75,27 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     prefix.parent.mkdir(parents=True, exist_ok=True)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(all_documents()), model_prefix=str(prefix),
-            model_type=model_type, vocab_size=vocab_size, character_coverage=1.0, byte_fallback=True,
-            split_digits=True, num_threads=num_threads or os.cpu_count() or 1,
-            max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, user_defined_symbols=list(user_defined_symbols),
-            minloglevel=0 if verbose else 2)
+            sentence_iterator=_training_lines(all_documents()),
+            model_prefix=str(prefix),
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=1.0,
+            byte_fallback=True,
+            split_digits=True,
+            num_threads=num_threads or os.cpu_count() or 1,
+            max_sentence_length=max_sentence_length,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=list(user_defined_symbols),
+            minloglevel=0 if verbose else 2,
+        )
     except RuntimeError as exc:  # e.g. "Vocabulary size is too high" on a small corpus
         raise ValueError(f"SentencePiece training failed for vocab_size={vocab_size}: {exc}") from None
     return Path(f"{prefix}.model")

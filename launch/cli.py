@@ -1,5 +1,6 @@
 """`loom` — the command line. Each subcommand's work lives in its own module; this file only wires
 arguments to it and turns bad input into one clear line and a non-zero exit."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ def _cmd_config_show(args) -> int:
 
 
 def _cmd_config_docs(args) -> int:
-    from loom.launch.config import RunConfig
     from loom.launch.commands.config_docs import render_markdown
+    from loom.launch.config import RunConfig
 
     text = render_markdown(RunConfig)
     if args.check:
@@ -43,8 +44,10 @@ def _cmd_train(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="loom", description="Distributed GPT pretraining with megatron-core TP, 1F1B pipelines, "
-                                 "DeepSpeed ZeRO and the LCM/SCR/CMR/SCA/HCMA techniques.")
+        prog="loom",
+        description="Distributed GPT pretraining with megatron-core TP, 1F1B pipelines, "
+        "DeepSpeed ZeRO and the LCM/SCR/CMR/SCA/HCMA techniques.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a model (run under torchrun, deepspeed or srun for >1 process)")
@@ -66,11 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     docs.set_defaults(func=_cmd_config_docs)
 
     from loom.launch.commands import bench as cmd_bench
-
     from loom.launch.commands import convert as cmd_convert
-
     from loom.launch.commands import data as cmd_data
-
     from loom.launch.commands import eval as cmd_eval
 
     for commands in (cmd_data, cmd_convert, cmd_eval, cmd_bench):
@@ -96,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         return USAGE_ERROR
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, CheckpointError,
-            CorruptShardError) as exc:
+    except (
+        ValueError,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+        CheckpointError,
+        CorruptShardError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

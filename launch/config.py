@@ -4,6 +4,7 @@ OmegaConf structured configs do the typing and merging; Loom adds one clear mess
 (unknown keys with a did-you-mean, wrong types, layout and shape constraints) before any process
 group starts.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -88,7 +89,8 @@ class CheckpointConfig:
     resume: str = "none"
     """none, auto (the newest complete checkpoint in the run directory), or a checkpoint path."""
     on_save_error: str = "continue"
-    """When a save fails (e.g. a full disk): continue training, or stop (exit code 4); earlier checkpoints stay intact."""
+    """When a save fails (e.g. a full disk): continue training, or stop (exit code 4); earlier checkpoints stay
+    intact."""
 
 
 @dataclass
@@ -140,8 +142,9 @@ def _known_keys(cls, prefix: str = "") -> dict[str, Any]:
 def _unknown_key_message(path: str, known: dict[str, Any]) -> str:
     parent = path.rsplit(".", 1)[0] if "." in path else ""
     candidates = [k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
-    close = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6) or \
-        difflib.get_close_matches(path, list(known), n=1, cutoff=0.75)
+    close = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6) or difflib.get_close_matches(
+        path, list(known), n=1, cutoff=0.75
+    )
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown key '{path}'{hint}"
 
@@ -171,8 +174,9 @@ def _parse_overrides(overrides: list[str]) -> dict:
         raise ConfigError([f"cannot parse overrides: {str(exc).splitlines()[0]}"]) from None
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None,
-                world_size: int | None = None, check_files: bool = True) -> RunConfig:
+def load_config(
+    path: str | None = None, overrides: list[str] | None = None, world_size: int | None = None, check_files: bool = True
+) -> RunConfig:
     """Defaults ← YAML file ← dotted overrides, then validation. Raises ConfigError."""
     schema = OmegaConf.structured(RunConfig)
     known = _known_keys(RunConfig)
@@ -186,8 +190,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None,
                 OmegaConf.update(schema, key, value, merge=True)
             except OmegaConfBaseException as exc:
                 expected = getattr(known[key].type, "__name__", str(known[key].type))
-                problems.append(f"'{key}': cannot use {value!r} ({type(value).__name__}) for a field of type "
-                                f"{expected}: {str(exc).splitlines()[0]}")
+                problems.append(
+                    f"'{key}': cannot use {value!r} ({type(value).__name__}) for a field of type "
+                    f"{expected}: {str(exc).splitlines()[0]}"
+                )
     cfg: RunConfig = OmegaConf.to_object(schema)  # the keys that were valid are applied
     problems += validate(cfg, world_size, check_files)
     if problems:
@@ -206,10 +212,15 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
     for name in ("micro_batch_size", "max_steps", "log_every"):
         if getattr(t, name) <= 0:
             problems.append(f"train.{name} must be positive, got {getattr(t, name)}")
-    for name, value in (("train.eval_every", t.eval_every),
-                        ("train.max_minutes", t.max_minutes), ("checkpoint.every", c.every),
-                        ("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip),
-                        ("optim.weight_decay", o.weight_decay), ("train.mfu_peak_tflops", t.mfu_peak_tflops)):
+    for name, value in (
+        ("train.eval_every", t.eval_every),
+        ("train.max_minutes", t.max_minutes),
+        ("checkpoint.every", c.every),
+        ("optim.warmup_steps", o.warmup_steps),
+        ("optim.grad_clip", o.grad_clip),
+        ("optim.weight_decay", o.weight_decay),
+        ("train.mfu_peak_tflops", t.mfu_peak_tflops),
+    ):
         if value < 0:
             problems.append(f"{name} must not be negative, got {value}")
     if c.on_save_error not in ("continue", "stop"):
@@ -225,11 +236,15 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
     if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1) or o.eps <= 0:
         problems.append("optim.beta1 and optim.beta2 must be in [0, 1) and optim.eps positive")
     if cfg.model.tie_embeddings and p.pipeline > 1 and p.zero_stage == 2:
-        problems.append("model.tie_embeddings with parallel.pipeline > 1 needs zero_stage 0 or 1: ZeRO-2 reduces "
-                        "gradients during backward, before the two stages' embedding copies can be summed")
+        problems.append(
+            "model.tie_embeddings with parallel.pipeline > 1 needs zero_stage 0 or 1: ZeRO-2 reduces "
+            "gradients during backward, before the two stages' embedding copies can be summed"
+        )
     if t.compile and p.zero_stage == 3:
-        problems.append("train.compile needs zero_stage 0, 1 or 2: ZeRO-3 gathers each module's parameters in "
-                        "forward hooks that would run inside the compiled blocks")
+        problems.append(
+            "train.compile needs zero_stage 0, 1 or 2: ZeRO-3 gathers each module's parameters in "
+            "forward hooks that would run inside the compiled blocks"
+        )
     if c.resume not in ("none", "auto") and check_files and not os.path.exists(c.resume):
         problems.append(f"checkpoint.resume: no checkpoint at '{c.resume}'")
     for key in ("train_data", "eval_data", "tokenizer"):

@@ -4,6 +4,7 @@ The fused QKV weight is laid out per key/value group — [q heads of group g, k_
 so that a contiguous split over TP ranks hands every rank whole groups, and a TP=1 weight means
 the same network at any TP size.
 """
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -24,11 +25,18 @@ class Attention(nn.Module):
         self.kv_groups = cfg.kv_heads // tp
         self.q_per_group = cfg.num_heads // cfg.kv_heads
         qkv_out = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, config=layer_config, init_method=_no_init,
-                                        bias=False, gather_output=False)
-        self.proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, config=layer_config,
-                                      init_method=_no_init, bias=False, input_is_parallel=True,
-                                      skip_bias_add=False)
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, qkv_out, config=layer_config, init_method=_no_init, bias=False, gather_output=False
+        )
+        self.proj = RowParallelLinear(
+            cfg.num_heads * cfg.head_dim,
+            cfg.hidden_size,
+            config=layer_config,
+            init_method=_no_init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
 
     def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """This rank's q `[s, b, heads, head_dim]` and k, v `[s, b, kv_groups, head_dim]`, RoPE applied."""

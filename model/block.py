@@ -8,6 +8,7 @@
 Activation checkpointing recomputes the attention and MLP sub-blocks only, so the techniques'
 forward side effects (SCA's EMA update) never run twice.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,9 @@ from loom.techniques.scr import SCR
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, tech: TechniquesConfig, plan: TechniquePlan, index: int,
-                 layer_config, tp: int):
+    def __init__(
+        self, cfg: ModelConfig, tech: TechniquesConfig, plan: TechniquePlan, index: int, layer_config, tp: int
+    ):
         super().__init__()
         d = cfg.hidden_size
         self.point = index + 1  # this block outputs h^(index+1)
@@ -46,7 +48,9 @@ class Block(nn.Module):
         self.scr_placement = tech.scr.placement
         self.scr_first = bool(plan.scr_blocks) and index == plan.scr_blocks[0]
         n_slots = len(plan.cmr_sources)
-        self.reweave = Reweave(d, tech.cmr.rank, n_slots, tech.cmr.rec_loss_weight) if self.point in plan.cmr_targets else None
+        self.reweave = (
+            Reweave(d, tech.cmr.rank, n_slots, tech.cmr.rec_loss_weight) if self.point in plan.cmr_targets else None
+        )
         self.capture = LayerCapture(d, tech.cmr.rank) if self.point in plan.cmr_sources else None
         self.capture_slot = plan.cmr_sources.index(self.point) if self.capture is not None else None
         self.sca = SCAHead(d, cfg.vocab_size, tech.sca) if self.point in plan.sca_points else None

@@ -1,4 +1,5 @@
 """The network's shape. Parallel layout lives in `model.parallel.config`, techniques in `techniques.config`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ class ModelConfig:
     eos_id: int = 3
     """Token id that ends a document; document positions restart after it."""
     init_from: Optional[str] = None
-    """Consolidated weights to start from at any layout (`loom convert consolidate`, `from-hf` or `reshard`); ignored when resuming."""
+    """Consolidated weights to start from at any layout (`loom convert consolidate`, `from-hf` or `reshard`);
+    ignored when resuming."""
 
     @property
     def kv_heads(self) -> int:
@@ -58,8 +60,7 @@ class ModelConfig:
 
     def validate(self, tp: int = 1, pp: int = 1) -> list[str]:
         problems = []
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "seq_length",
-                     "pad_vocab_to_multiple_of"):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "seq_length", "pad_vocab_to_multiple_of"):
             if getattr(self, name) <= 0:
                 problems.append(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.num_kv_heads is not None and self.num_kv_heads <= 0:
@@ -71,7 +72,9 @@ class ModelConfig:
         if problems:
             return problems
         if self.hidden_size % self.num_heads:
-            problems.append(f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}")
+            problems.append(
+                f"model.hidden_size {self.hidden_size} is not divisible by model.num_heads {self.num_heads}"
+            )
         elif self.head_dim % 2:
             problems.append(f"head dimension {self.head_dim} must be even for RoPE")
         if self.num_heads % self.kv_heads:

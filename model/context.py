@@ -4,6 +4,7 @@ Document metadata is derived from the token ids on every stage (every stage read
 micro-batch), so no metadata crosses stages. What does cross is `StageCarry`: SCR's relevance
 state ρ and CMR's captured-state bank, alongside the hidden state.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,11 +4,11 @@
 parameter names use global block indices (`layers.7.…`), so every layout names every weight the
 same way; `model.init` keys the initial values on those names.
 """
+
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
-                                           vocab_parallel_cross_entropy)
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
 
 from loom.model.attention import _no_init
@@ -17,8 +17,8 @@ from loom.model.config import ModelConfig
 from loom.model.context import ForwardContext
 from loom.model.init import block_seed, mark_tensor_parallel
 from loom.model.norm import RMSNorm
-from loom.model.technique_plan import TechniquePlan
 from loom.model.rope import RotaryEmbedding
+from loom.model.technique_plan import TechniquePlan
 from loom.techniques.aux_loss import attach_aux_loss
 from loom.techniques.cmr import LayerCapture
 from loom.techniques.config import TechniquesConfig
@@ -39,8 +39,17 @@ def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
 
 
 class GPTStage(nn.Module):
-    def __init__(self, cfg: ModelConfig, tech: TechniquesConfig, layer_config, *, tp: int = 1,
-                 pp: int = 1, pp_rank: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tech: TechniquesConfig,
+        layer_config,
+        *,
+        tp: int = 1,
+        pp: int = 1,
+        pp_rank: int = 0,
+        seed: int = 0,
+    ):
         super().__init__()
         self.cfg, self.tech = cfg, tech
         self.plan = TechniquePlan.from_config(tech, cfg.num_layers)
@@ -56,15 +65,24 @@ class GPTStage(nn.Module):
             if tech.cmr.enabled and 0 in self.plan.cmr_sources:
                 self.capture = seeded(seed, -1, lambda: LayerCapture(d, tech.cmr.rank))
                 self.capture_slot = self.plan.cmr_sources.index(0)
-        self.layers = nn.ModuleDict({
-            str(i): seeded(seed, i, lambda i=i: Block(cfg, tech, self.plan, i, layer_config, tp))
-            for i in self.layer_range})
+        self.layers = nn.ModuleDict(
+            {
+                str(i): seeded(seed, i, lambda i=i: Block(cfg, tech, self.plan, i, layer_config, tp))
+                for i in self.layer_range
+            }
+        )
         if self.is_last:
             self.final_norm = RMSNorm(d, cfg.norm_eps)
             share_first_stage_weight = cfg.tie_embeddings and pp == 1
-            self.output_layer = ColumnParallelLinear(d, self.padded_vocab, config=layer_config, init_method=_no_init,
-                                                     bias=False, gather_output=False,
-                                                     skip_weight_param_allocation=share_first_stage_weight)
+            self.output_layer = ColumnParallelLinear(
+                d,
+                self.padded_vocab,
+                config=layer_config,
+                init_method=_no_init,
+                bias=False,
+                gather_output=False,
+                skip_weight_param_allocation=share_first_stage_weight,
+            )
             if self.tied_across_stages:
                 # DeepSpeed skips params marked so when it sums grad norms, so the tied copy counts once
                 self.output_layer.weight.ds_pipe_replicated = True
@@ -78,12 +96,28 @@ class GPTStage(nn.Module):
         pos, start, doc = document_metadata(tokens, self.cfg.eos_id)
         dtype = next(self.parameters()).dtype
         cos, sin = self.rope.cos_sin(tokens.shape[0], tokens.device, dtype)
-        return ForwardContext(tokens=tokens, pos=pos, start=start, doc=doc, cos=cos, sin=sin, plan=self.plan,
-                              step=step, training=self.training, stage_first_point=self.layer_range.start,
-                              bank=[None] * len(self.plan.cmr_sources))
+        return ForwardContext(
+            tokens=tokens,
+            pos=pos,
+            start=start,
+            doc=doc,
+            cos=cos,
+            sin=sin,
+            plan=self.plan,
+            step=step,
+            training=self.training,
+            stage_first_point=self.layer_range.start,
+            bank=[None] * len(self.plan.cmr_sources),
+        )
 
-    def forward(self, tokens: torch.Tensor, received: dict | None = None, step: int = 0,
-                update_ema: bool = True, return_logits: bool = False):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        received: dict | None = None,
+        step: int = 0,
+        update_ema: bool = True,
+        return_logits: bool = False,
+    ):
         """tokens: [b, s+1] ids (inputs and shifted labels). received: tensors from the previous stage.
         Returns the mean LM loss on the last stage (or the vocab-parallel logits [s, b, V_pad/tp] with
         `return_logits`), else the dict of tensors for the next stage."""

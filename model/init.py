@@ -5,6 +5,7 @@ this rank keeps its slice, so TP=4 holds exactly the slices of the TP=1 tensor. 
 parameters are drawn while their block is built, under a per-block seed (`block_seed`), so they do
 not depend on which pipeline stage builds the block either.
 """
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ The fused gate/up weight interleaves rows (gate_0, up_0, gate_1, up_1, …) so a
 over TP ranks keeps every gate row beside its up row: the same weight means the same network at
 any TP size.
 """
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -16,10 +17,23 @@ from loom.model.config import ModelConfig
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_config):
         super().__init__()
-        self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.ffn_size, config=layer_config,
-                                            init_method=_no_init, bias=False, gather_output=False)
-        self.down = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, config=layer_config, init_method=_no_init,
-                                      bias=False, input_is_parallel=True, skip_bias_add=False)
+        self.gate_up = ColumnParallelLinear(
+            cfg.hidden_size,
+            2 * cfg.ffn_size,
+            config=layer_config,
+            init_method=_no_init,
+            bias=False,
+            gather_output=False,
+        )
+        self.down = RowParallelLinear(
+            cfg.ffn_size,
+            cfg.hidden_size,
+            config=layer_config,
+            init_method=_no_init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
 
         # ZeRO-3 gathers parameters per module as its forward starts; forward reads gate_up's weight
         # before calling gate_up, so the whole SwiGLU is one ZeRO-3 unit (DeepSpeed's "leaf module")

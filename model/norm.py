@@ -1,4 +1,5 @@
 """RMSNorm computed in fp32 and cast back, so bf16 runs normalise exactly like fp32 ones."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

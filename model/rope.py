@@ -1,5 +1,6 @@
 """Rotary position embedding in Hugging Face's split-half ("rotate_half") layout, so that exporting
 to `LlamaForCausalLM` is a pure rename with no q/k row permutation."""
+
 import torch
 from torch import nn
 
@@ -15,8 +16,7 @@ class RotaryEmbedding(nn.Module):
         """cos and sin tables of shape [s, 1, 1, head_dim] for the [s, b, h, head_dim] layout."""
         cached = self._cache
         if cached is None or cached[0] < seq_len or cached[1] != device or cached[2] != dtype:
-            freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device),
-                                self.inv_freq.to(device))
+            freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), self.inv_freq.to(device))
             emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
             cached = (seq_len, device, dtype, emb.cos().to(dtype), emb.sin().to(dtype))
             self._cache = cached

@@ -4,6 +4,7 @@ Layer numbering follows TECHNIQUES.md: h^0 is the embedding output and h^ℓ (�
 block ℓ. Loom's blocks are 0-based, so block i produces h^(i+1). LCM and SCR select blocks by their
 0-based index; CMR sources/targets and SCA heads name residual-stream points h^ℓ.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,11 @@ class TechniquePlan:
     def slots_before(self, point: int, stage_first_point: int | None = None) -> list[int]:
         """Bank slots a CMR target at h^point may read: sources strictly below it (and, when
         stage-local, captured on the same pipeline stage)."""
-        return [slot for slot, src in enumerate(self.cmr_sources)
-                if src < point and (stage_first_point is None or src >= stage_first_point)]
+        return [
+            slot
+            for slot, src in enumerate(self.cmr_sources)
+            if src < point and (stage_first_point is None or src >= stage_first_point)
+        ]
 
     def carries_rho(self, tech: TechniquesConfig) -> bool:
         return len(self.scr_blocks) > 1 and tech.scr.gamma > 0

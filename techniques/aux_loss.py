@@ -6,6 +6,7 @@ through the network: the forward pass returns the hidden state untouched, and th
 seeds the aux loss with the same scale the main loss is back-propagated with (1/num_microbatches,
 times the fp16 loss scale if any). The trainer sets that scale once per step.
 """
+
 from __future__ import annotations
 
 from typing import Union

@@ -9,13 +9,13 @@ attention of later layers, so there is no external memory and no extra KV cache.
 The bank has a fixed shape ``[s, b, n_slots, r]`` so that it can cross pipeline stages with
 static shapes; slots that are not captured yet (zeros) are masked out of each target's softmax.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from loom.techniques import init
 from loom.techniques.aux_loss import attach_aux_loss
@@ -31,7 +31,7 @@ def empty_bank(s: int, b: int, n_slots: int, rank: int, *, dtype=None, device=No
 
 def bank_with_slot(bank: torch.Tensor, slot: int, captured: torch.Tensor) -> torch.Tensor:
     """Out-of-place copy of ``bank`` with ``slot`` set to ``captured [s, b, r]`` (autograd-safe)."""
-    return torch.cat([bank[:, :, :slot], captured[:, :, None].to(bank.dtype), bank[:, :, slot + 1:]], dim=2)
+    return torch.cat([bank[:, :, :slot], captured[:, :, None].to(bank.dtype), bank[:, :, slot + 1 :]], dim=2)
 
 
 class LayerCapture(nn.Module):
@@ -41,7 +41,7 @@ class LayerCapture(nn.Module):
         super().__init__()
         self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.proj = nn.Linear(hidden_size, rank, bias=False)
-        init.normal_(self.proj.weight, std=hidden_size ** -0.5)
+        init.normal_(self.proj.weight, std=hidden_size**-0.5)
         self.gate = nn.Linear(hidden_size, 1)
         init.zeros_(self.gate.weight)
         init.zeros_(self.gate.bias)
@@ -73,7 +73,7 @@ class Reweave(nn.Module):
         self.rank, self.n_slots, self.rec_loss_weight = rank, n_slots, rec_loss_weight
         self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.query = nn.Linear(hidden_size, rank, bias=False)
-        init.normal_(self.query.weight, std=hidden_size ** -0.5)
+        init.normal_(self.query.weight, std=hidden_size**-0.5)
         self.slot_bias = nn.Parameter(torch.zeros(n_slots))
         self.out = nn.Linear(rank, hidden_size, bias=False)
         init.zeros_(self.out.weight)
@@ -104,7 +104,7 @@ class Reweave(nn.Module):
         mask = self._slot_mask(available, h.device)
         bank_f = bank.float()
         query = rms_normed_linear(h, self.norm, self.query.weight)
-        logits = torch.einsum("sbr,sbnr->sbn", query, bank_f) * self.rank ** -0.5 + self.slot_bias.float()
+        logits = torch.einsum("sbr,sbnr->sbn", query, bank_f) * self.rank**-0.5 + self.slot_bias.float()
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         weights = logits.softmax(-1)
@@ -122,8 +122,9 @@ class Reweave(nn.Module):
                 self._last[f"attn_weight_slot{slot}"] = slot_means[slot]
         return out
 
-    def _reconstruction_loss(self, rebuilt: torch.Tensor, bank: torch.Tensor,
-                             mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _reconstruction_loss(
+        self, rebuilt: torch.Tensor, bank: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         decoded = torch.einsum("sbr,nqr->sbnq", rebuilt, self.rec_maps.float())  # P_j c_hat for every slot
         per_slot = (decoded - bank).pow(2).sum(-1)  # [s, b, n_slots]
         if mask is not None:
@@ -136,4 +137,3 @@ class Reweave(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, n_slots={self.n_slots}, rec_loss_weight={self.rec_loss_weight}"
-

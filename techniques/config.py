@@ -12,6 +12,7 @@ Defaults are the spec's. Two index conventions exist because the spec uses two:
 ``validate`` methods return human-readable problems instead of raising, so a launcher can report
 every problem of a config at once. Options the implementation does not support are refused there.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,10 @@ from typing import List, Optional
 
 _PLACEMENTS = ("post_mlp", "post_attn")
 _CONCRETE = re.compile(r"^concrete\(\s*([-+0-9.eE]+)\s*\)$")
-_SP_REFUSAL = ("{name} under sequence/context parallelism needs {need}, which is not implemented; "
-               "disable {name} or sequence/context parallelism")
+_SP_REFUSAL = (
+    "{name} under sequence/context parallelism needs {need}, which is not implemented; "
+    "disable {name} or sequence/context parallelism"
+)
 
 
 def resolve_layers(spec: str, num_layers: int) -> list[int]:
@@ -42,8 +45,9 @@ def resolve_layers(spec: str, num_layers: int) -> list[int]:
     try:
         layers = [int(item) for item in text.split(",")]
     except ValueError:
-        raise ValueError(f"layer selection {spec!r}: expected 'all', 'every_k:<k>' or a comma list "
-                         f"of block indices like '0,3,5'") from None
+        raise ValueError(
+            f"layer selection {spec!r}: expected 'all', 'every_k:<k>' or a comma list of block indices like '0,3,5'"
+        ) from None
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"layer selection {spec!r}: block indices {bad} are outside 0..{num_layers - 1}")
@@ -81,8 +85,9 @@ def _state_index_problems(what: str, indices: List[int], lo: int, num_layers: in
     problems = []
     bad = [i for i in indices if not lo <= i <= num_layers]
     if bad:
-        problems.append(f"{what} {bad} are outside {lo}..{num_layers} (h^0 = embedding output, "
-                        f"h^l = output of block l)")
+        problems.append(
+            f"{what} {bad} are outside {lo}..{num_layers} (h^0 = embedding output, h^l = output of block l)"
+        )
     if len(set(indices)) != len(indices):
         problems.append(f"{what} {list(indices)} repeat an index")
     return problems

@@ -5,6 +5,7 @@ the document, SCR restarts its prefix sums at document starts, and SCA groups ch
 negatives by document index. All three tensors are ``[s, b]`` (Megatron layout) and derive from
 one rule: a document starts at position 0 and right after every EOS token.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional

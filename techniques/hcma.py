@@ -15,6 +15,7 @@ At ``V = 128k``, ``d = 4096`` a plain autograd loss would keep several ``V x d``
 temporaries alive. The loss is therefore a custom autograd function that streams over row
 chunks in both passes and saves nothing but references to the table and the refresh state.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,8 +87,9 @@ class _RegulariserLoss(torch.autograd.Function):
             norm = W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             E = W / norm
             levels = list(zip(*hcma._levels(rows)))
-            g_E = scale * _gradient_wrt_unit_rows(E, state["pi"][rows], cfg.w, levels[0], levels[1],
-                                                  state["anchor"][rows].float(), cfg.lambda_anchor)
+            g_E = scale * _gradient_wrt_unit_rows(
+                E, state["pi"][rows], cfg.w, levels[0], levels[1], state["anchor"][rows].float(), cfg.lambda_anchor
+            )
             grad[rows] = ((g_E - (g_E * E).sum(-1, keepdim=True) * E) / norm).to(grad.dtype)
         return grad, None
 
@@ -119,8 +121,13 @@ class HCMA:
         return step % self.cfg.refresh_every == 0
 
     @torch.no_grad()
-    def refresh(self, weight_local: torch.Tensor, vocab_start: int, num_real_rows_local: int,
-                tp_group: Optional[dist.ProcessGroup] = None) -> None:
+    def refresh(
+        self,
+        weight_local: torch.Tensor,
+        vocab_start: int,
+        num_real_rows_local: int,
+        tp_group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
         """Rebuild hierarchy, densities and anchor from the table (every TP rank calls it together).
 
         ``weight_local`` is this rank's ``[rows, d]`` shard starting at global row ``vocab_start``;
@@ -154,9 +161,15 @@ class HCMA:
 
         anchor_dtype = torch.bfloat16 if cfg.anchor_dtype == "bfloat16" else torch.float32
         self._state = {
-            "assign_coarse": assign_coarse[mine].clone(), "assign_fine": assign_fine[mine].clone(), "pi": pi,
-            "centroids_coarse": centroids[0], "centroids_fine": centroids[1], "anchor": E.to(anchor_dtype),
-            "num_real_global": n_global, "num_real_local": n_local, "vocab_start": int(vocab_start),
+            "assign_coarse": assign_coarse[mine].clone(),
+            "assign_fine": assign_fine[mine].clone(),
+            "pi": pi,
+            "centroids_coarse": centroids[0],
+            "centroids_fine": centroids[1],
+            "anchor": E.to(anchor_dtype),
+            "num_real_global": n_global,
+            "num_real_local": n_local,
+            "vocab_start": int(vocab_start),
         }
         self._stats = self._cluster_stats(assign_coarse, assign_fine, rho_all)
 
@@ -209,8 +222,9 @@ class HCMA:
                 members = (coarse == c).nonzero().squeeze(1)
                 if members.numel() == 0:
                     continue
-                sub, _ = spherical_kmeans(Y_all[members], min(per_coarse, members.numel()), cfg.kmeans_iters,
-                                          cfg.kmeans_seed + c)
+                sub, _ = spherical_kmeans(
+                    Y_all[members], min(per_coarse, members.numel()), cfg.kmeans_iters, cfg.kmeans_seed + c
+                )
                 fine[members] = c * per_coarse + sub
         if _group_size(group) > 1:
             src = dist.get_global_rank(group, 0)
@@ -223,8 +237,14 @@ class HCMA:
         for name, assign, k in (("coarse", coarse, self.cfg.K1), ("fine", fine, self.cfg.K2)):
             sizes = torch.bincount(assign, minlength=k).float()
             occupied = sizes[sizes > 0]
-            stats.update({f"{name}_size_min": occupied.min().item(), f"{name}_size_max": occupied.max().item(),
-                          f"{name}_size_mean": occupied.mean().item(), f"{name}_empty": float((sizes == 0).sum())})
+            stats.update(
+                {
+                    f"{name}_size_min": occupied.min().item(),
+                    f"{name}_size_max": occupied.max().item(),
+                    f"{name}_size_mean": occupied.mean().item(),
+                    f"{name}_empty": float((sizes == 0).sum()),
+                }
+            )
         stats["frac_low_density"] = (rho_all < rho_all.median() / self.cfg.pi_max).float().mean().item()
         return stats
 
@@ -235,16 +255,20 @@ class HCMA:
 
     def _levels(self, rows: slice):
         state = self._state
-        return ((state["centroids_coarse"], state["assign_coarse"][rows]),
-                (state["centroids_fine"], state["assign_fine"][rows]))
+        return (
+            (state["centroids_coarse"], state["assign_coarse"][rows]),
+            (state["centroids_fine"], state["assign_fine"][rows]),
+        )
 
     def _require_state(self, weight_local: torch.Tensor) -> None:
         if self._state is None:
             raise RuntimeError("HCMA has no refresh state: call refresh() (or load_state_dict()) first")
         n_local = self._state["num_real_local"]
         if weight_local.shape[0] < n_local or weight_local.shape[1] != self.hidden_size:
-            raise ValueError(f"weight shard {tuple(weight_local.shape)} does not match the refresh "
-                             f"({n_local} real rows, hidden size {self.hidden_size})")
+            raise ValueError(
+                f"weight shard {tuple(weight_local.shape)} does not match the refresh "
+                f"({n_local} real rows, hidden size {self.hidden_size})"
+            )
         for name in _STATE_TENSORS:
             if self._state[name].device != weight_local.device:
                 self._state[name] = self._state[name].to(weight_local.device)
@@ -257,8 +281,12 @@ class HCMA:
         """
         self._require_state(weight_local)
         total, terms = _RegulariserLoss.apply(weight_local[: self._state["num_real_local"]], self)
-        self._last = {"l_coarse": terms[0].detach(), "l_fine": terms[1].detach(),
-                      "l_anchor": terms[2].detach(), "loss": total.detach()}
+        self._last = {
+            "l_coarse": terms[0].detach(),
+            "l_fine": terms[1].detach(),
+            "l_anchor": terms[2].detach(),
+            "loss": total.detach(),
+        }
         return total
 
     def weighted_loss(self, weight_local: torch.Tensor) -> torch.Tensor:
@@ -285,8 +313,9 @@ class HCMA:
             levels = list(zip(*self._levels(rows)))
             anchor, pi = state["anchor"][rows].float(), state["pi"][rows]
             for _ in range(cfg.offline.iters):
-                E = E - cfg.offline.eta * _gradient_wrt_unit_rows(E, pi, cfg.w, levels[0], levels[1],
-                                                                  anchor, cfg.lambda_anchor)
+                E = E - cfg.offline.eta * _gradient_wrt_unit_rows(
+                    E, pi, cfg.w, levels[0], levels[1], anchor, cfg.lambda_anchor
+                )
             new[rows] = (norm * F.normalize(E, dim=-1)).to(new.dtype)
         return new
 

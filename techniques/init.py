@@ -6,6 +6,7 @@ zero.Init partitions each module's parameters as soon as that module's construct
 output map would not be zero, breaking the exact identity at init. Gathering the parameter first,
 as DeepSpeed documents, keeps ZeRO-3 weights identical to every other layout's.
 """
+
 from __future__ import annotations
 
 from typing import Callable

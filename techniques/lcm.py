@@ -13,6 +13,7 @@ renormalisation. If TF32 matmuls are
 enabled globally, only the tap weights are rounded (bf16-born activations are exact in TF32), an
 error below the bf16 resolution of the output.
 """
+
 from __future__ import annotations
 
 import torch
@@ -66,7 +67,7 @@ def causal_anchor(h: torch.Tensor, pos: torch.Tensor, taps: torch.Tensor, block:
     # windows' backward (unfold_backward) is a scatter-add that cost more than the matmuls.
     blocks = F.pad(h, (0, 0, 0, 0, 0, pad)).view(n_blocks, C, b, d)
     # [n_blocks, K, b, d]: zeros before block 0 (and above a single block shorter than K)
-    tails = F.pad(blocks[:-1, max(C - K, 0):], (0, 0, 0, 0, max(K - C, 0), 0, 1, 0))
+    tails = F.pad(blocks[:-1, max(C - K, 0) :], (0, 0, 0, 0, max(K - C, 0), 0, 1, 0))
     anchor = torch.einsum("nbik,nkbd->nibd", weights[..., K:], blocks)
     anchor = anchor + torch.einsum("nbik,nkbd->nibd", weights[..., :K], tails)
     return anchor.reshape(n_blocks * C, b, d)[:s]
@@ -125,6 +126,7 @@ class LCM(nn.Module):
         return dict(self._last)
 
     def extra_repr(self) -> str:
-        return (f"K={self.K}, beta={self.beta}, a_max={self.a_max}, n_iter={self.n_iter}, "
-                f"gate={self.use_gate}, clamp={self.clamp}")
-
+        return (
+            f"K={self.K}, beta={self.beta}, a_max={self.a_max}, n_iter={self.n_iter}, "
+            f"gate={self.use_gate}, clamp={self.clamp}"
+        )

@@ -6,6 +6,7 @@ per head; folding the norm's gain into the small weight and scaling the narrow o
 per-token `1/RMS(h)` computes the same function (the norm is linear once the scale is fixed) with
 one reduction over `h` instead. Always fp32, like the RMSNorm it replaces.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rms_normed_linear(h: torch.Tensor, norm: nn.RMSNorm, weight: torch.Tensor,
-                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def rms_normed_linear(
+    h: torch.Tensor, norm: nn.RMSNorm, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """`F.linear(norm(h), weight, bias)` in fp32: `[..., d] -> [..., out]`."""
     hf = h.float()
     mean_square = torch.linalg.vector_norm(hf, dim=-1, keepdim=True).square() / hf.shape[-1]

@@ -10,6 +10,7 @@ never forces a host-device synchronisation in the middle of a pipelined forward 
 runs as a dense update over the vocabulary in which rows absent from the micro-batch get a zero
 rate and stay bit-identical.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ class SCAHead(nn.Module):
         self.lambda_field, self.lambda_coh, self.lambda_vc = cfg.lambda_field, cfg.lambda_coh, cfg.lambda_vc
         self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.proj = nn.Linear(hidden_size, cfg.rank, bias=False)
-        init.normal_(self.proj.weight, std=hidden_size ** -0.5)
+        init.normal_(self.proj.weight, std=hidden_size**-0.5)
         self.register_buffer("mu", torch.zeros(vocab_size, cfg.rank), persistent=True)
         self.register_buffer("var", torch.full((vocab_size, cfg.rank), 1.0 / cfg.rank), persistent=True)
         self.register_buffer("cnt", torch.zeros(vocab_size), persistent=True)
@@ -60,8 +61,9 @@ class SCAHead(nn.Module):
         u = F.rms_norm(h.float(), self.norm.normalized_shape, self.norm.weight.float(), self.norm.eps).to(h.dtype)
         return F.normalize(self.proj(u).float(), dim=-1)
 
-    def forward(self, h: torch.Tensor, tokens: torch.Tensor, doc: torch.Tensor, step: int,
-                update_ema: bool = True) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, tokens: torch.Tensor, doc: torch.Tensor, step: int, update_ema: bool = True
+    ) -> torch.Tensor:
         """Pass ``update_ema=False`` when the forward is recomputed, so the EMA runs once per micro-batch."""
         z = self.project(h)
         flat, ids = z.reshape(-1, self.rank), tokens.reshape(-1)
@@ -72,8 +74,12 @@ class SCAHead(nn.Module):
         total = lambda_field * l_field + self.lambda_coh * l_coh + self.lambda_vc * l_vc
         if update_ema:
             self.update_field(flat.detach(), ids)
-        self._last = {"l_field": l_field.detach(), "l_coh": l_coh.detach(), "l_vc": l_vc.detach(),
-                      "loss": total.detach()}
+        self._last = {
+            "l_field": l_field.detach(),
+            "l_coh": l_coh.detach(),
+            "l_vc": l_vc.detach(),
+            "loss": total.detach(),
+        }
         return total
 
     def _field_loss(self, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -105,7 +111,7 @@ class SCAHead(nn.Module):
         chunk_docs = doc[: n * W].reshape(n, W, b).permute(2, 0, 1).reshape(b * n, W)
         valid = (chunk_docs == chunk_docs[:, :1]).all(1)  # chunk lies inside one document
         anchor = F.normalize(chunks[:, : W // 2].mean(1), dim=-1)
-        positive = F.normalize(chunks[:, W // 2:].mean(1), dim=-1)
+        positive = F.normalize(chunks[:, W // 2 :].mean(1), dim=-1)
         first_doc, row = chunk_docs[:, 0], torch.arange(b, device=z.device).repeat_interleave(n)
         eye = torch.eye(b * n, dtype=torch.bool, device=z.device)
         same_doc = (first_doc[:, None] == first_doc[None, :]) & (row[:, None] == row[None, :]) & ~eye

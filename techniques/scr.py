@@ -13,6 +13,7 @@ scan one level up, so every fp32 sum has at most ``C`` terms and ``decay^k`` is 
 (With TF32 matmuls enabled globally each summand is rounded to TF32 once; that error does not
 accumulate along the sequence and stays below the bf16 resolution of the output.)
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -60,7 +61,7 @@ def segmented_cumsum(x: torch.Tensor, start: torch.Tensor, decay: float = 1.0, b
     if n_blocks > 1:
         # State at each block end = that block's tail + decayed state of the previous block end,
         # unless the block contains a start: the same scan over blocks with decay^C.
-        ends = segmented_cumsum(y[:, -1], local_doc[:, -1] > 0, decay ** C, block)
+        ends = segmented_cumsum(y[:, -1], local_doc[:, -1] > 0, decay**C, block)
         carry = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])  # [n, b, k] state entering block
         reach = decay ** torch.arange(1, C + 1, device=x.device, dtype=x.dtype)  # decay to row i of the block
         open_doc = (local_doc == 0).to(x.dtype) * reach[:, None]  # rows still in the previous block's document
@@ -80,13 +81,14 @@ class SCR(nn.Module):
         init.zeros_(self.relevance.weight)
         init.zeros_(self.relevance.bias)
         self.down = nn.Linear(hidden_size, cfg.rank, bias=False)
-        init.normal_(self.down.weight, std=hidden_size ** -0.5)
+        init.normal_(self.down.weight, std=hidden_size**-0.5)
         self.up = nn.Linear(cfg.rank, hidden_size, bias=False)
         init.zeros_(self.up.weight)
         self._last: dict[str, torch.Tensor] = {}
 
-    def forward(self, h: torch.Tensor, start: torch.Tensor,
-                rho_prev: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h: torch.Tensor, start: torch.Tensor, rho_prev: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # the relevance logit and the rank-r values read RMSNorm(h) through one fused projection
         heads = rms_normed_linear(h, self.norm, torch.cat([self.relevance.weight, self.down.weight]))
         logit, v = heads[..., 0] + self.relevance.bias.float(), heads[..., 1:]  # [s, b], [s, b, r]

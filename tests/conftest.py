@@ -1,4 +1,5 @@
 """Shared pytest set-up: single-threaded torch, offline Hugging Face, heavy imports done once."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

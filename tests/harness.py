@@ -6,6 +6,7 @@ Each child runs single-threaded with a short collective timeout, and its return 
 traceback) travels back through a pipe, so a failure in one rank fails the test with that
 rank's own traceback instead of a hang.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -34,9 +35,10 @@ def preimport_heavy_modules() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        import megatron.core.tensor_parallel  # noqa: F401
         import torch  # noqa: F401
         import torch._dynamo  # noqa: F401  (DeepSpeed/optimizers import it lazily, ~4 s)
-        import megatron.core.tensor_parallel  # noqa: F401
+
         from loom.model.parallel import cpu_compat
 
         cpu_compat.setup_deepspeed_env()
@@ -47,12 +49,19 @@ def _child(rank: int, world_size: int, port: int, backend: str, timeout_s: float
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        )
         result = fn(rank, world_size, *args, **kwargs)
         conn.send(("ok", pickle.dumps(result)))
     except BaseException as exc:  # noqa: BLE001 - report everything, including SystemExit
@@ -73,8 +82,15 @@ def _child(rank: int, world_size: int, port: int, backend: str, timeout_s: float
         os._exit(0)
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args, backend: str = "gloo",
-                    timeout: float = 300.0, collective_timeout: float = 120.0, **kwargs) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args,
+    backend: str = "gloo",
+    timeout: float = 300.0,
+    collective_timeout: float = 120.0,
+    **kwargs,
+) -> list[Any]:
     """Run `fn(rank, world_size, *args, **kwargs)` in `world_size` forked processes.
 
     Returns the per-rank return values (they must pickle). Raises DistributedTestError with the
@@ -85,8 +101,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, backend: str
     pipes, procs = [], []
     for rank in range(world_size):
         parent_conn, child_conn = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(rank, world_size, port, backend, collective_timeout,
-                                             fn, args, kwargs, child_conn), daemon=True)
+        p = ctx.Process(
+            target=_child,
+            args=(rank, world_size, port, backend, collective_timeout, fn, args, kwargs, child_conn),
+            daemon=True,
+        )
         p.start()
         child_conn.close()
         pipes.append(parent_conn)

@@ -1,5 +1,6 @@
 """`loom bench` runs end to end and prints its tables (the harness, not the timings: nothing here
 asserts a speed; the numbers live in docs/performance.md)."""
+
 import os
 import subprocess
 import sys
@@ -16,15 +17,34 @@ def test_bench_quick_prints_every_table(tmp_path):
     # multi-threaded torch op, which the pytest process cannot promise
     env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     out = tmp_path / "bench.md"
-    done = subprocess.run([sys.executable, "-m", "loom.launch.cli", "bench", "--quick", "--silent", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "loom.launch.cli", "bench", "--quick", "--silent", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     text = done.stdout
-    for heading in ("Hardware ceiling", "Targets", "Peers", "Technique overhead", "Parallel layouts",
-                    "ZeRO stages", "Data path"):
+    for heading in (
+        "Hardware ceiling",
+        "Targets",
+        "Peers",
+        "Technique overhead",
+        "Parallel layouts",
+        "ZeRO stages",
+        "Data path",
+    ):
         assert f"### {heading}" in text, f"missing section {heading!r}:\n{text}"
-    for row in ("HF `LlamaForCausalLM` (sdpa)", "megatron-core `GPTModel`", "| all five |", "| ZeRO-3 |",
-                "| TP2 |", "loader, num_workers=0"):
+    for row in (
+        "HF `LlamaForCausalLM` (sdpa)",
+        "megatron-core `GPTModel`",
+        "| all five |",
+        "| ZeRO-3 |",
+        "| TP2 |",
+        "loader, num_workers=0",
+    ):
         assert row in text, f"missing row {row!r}:\n{text}"
     # every table row is complete (no empty cells from a failed measurement)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]

@@ -1,4 +1,5 @@
 """The distributed harness must surface a failing rank, not hide it."""
+
 import pytest
 import torch
 import torch.distributed as dist

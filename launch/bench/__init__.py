@@ -29,6 +29,7 @@ Modules: `shapes` (what is measured), `hardware` (the machine's limits and load)
 `alternate` (rounds and paired ratios), `options`, `sections` (one table each), `report` (markdown)
 and `run` (`run_bench`). `launch.bench` gathers the public names.
 """
+
 import os
 
 # set before any worker forks, so transformers never reaches for the network or floods stderr

@@ -1,5 +1,6 @@
 """Alternating rounds over worker groups, and the paired ratios that make a noisy machine usable:
 a slow spell that hits one round hits both sides of that round's ratio."""
+
 from __future__ import annotations
 
 import statistics
@@ -41,8 +42,11 @@ def paired_ratio(a: Series, b: Series) -> float:
 
 def quiet_paired_ratio(a: Series, b: Series, minimum: int = 3) -> tuple[float | None, int]:
     """`paired_ratio` over the rounds in which neither side shared the machine (None if too few)."""
-    pairs = [(x, y) for x, y, ea, eb in zip(a.round_medians(), b.round_medians(), a.external, b.external)
-             if ea < QUIET_CORES and eb < QUIET_CORES]
+    pairs = [
+        (x, y)
+        for x, y, ea, eb in zip(a.round_medians(), b.round_medians(), a.external, b.external)
+        if ea < QUIET_CORES and eb < QUIET_CORES
+    ]
     if len(pairs) < minimum:
         return None, len(pairs)
     return statistics.median(x / y for x, y in pairs), len(pairs)
@@ -51,8 +55,16 @@ def quiet_paired_ratio(a: Series, b: Series, minimum: int = 3) -> tuple[float | 
 LOAD: list[float] = []  # cores the rest of the machine used, per measured configuration and round
 
 
-def alternate(groups: dict[str, WorkerGroup], rounds: int, steps: int, warmup: int, probe: WorkerGroup | None,
-              hardware: Hardware, log=print, quiet_wait: float = 0.0) -> dict[str, Series]:
+def alternate(
+    groups: dict[str, WorkerGroup],
+    rounds: int,
+    steps: int,
+    warmup: int,
+    probe: WorkerGroup | None,
+    hardware: Hardware,
+    log=print,
+    quiet_wait: float = 0.0,
+) -> dict[str, Series]:
     """Warm every group up, then `rounds` rounds; each round runs every group for `steps` steps in
     a rotated order, with a hardware probe first. With `quiet_wait` > 0 a round may spend up to
     that many seconds waiting for the rest of the machine to go idle, before it starts and before
@@ -72,7 +84,7 @@ def alternate(groups: dict[str, WorkerGroup], rounds: int, steps: int, warmup: i
             hardware.flops.append(result["flops"])
             hardware.bandwidth.append(result["bandwidth"])
             hardware.labels = (result["matmul"], result["copy"])
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             # others running on cores this configuration leaves idle do not disturb it
             spare = max(0, meter.cpus - groups[name].world * groups[name].threads)
@@ -86,7 +98,11 @@ def alternate(groups: dict[str, WorkerGroup], rounds: int, steps: int, warmup: i
             out[name].external.append(external)
             out[name].rounds.append([max(ts) for ts in zip(*per_rank)])
         LOAD.extend(out[n].external[-1] for n in names)
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(
-            f"{n} {statistics.median(out[n].rounds[-1]):.3f}s (others on its cores {out[n].external[-1]:.1f})"
-            for n in names))
+        log(
+            f"  round {r + 1}/{rounds}: "
+            + ", ".join(
+                f"{n} {statistics.median(out[n].rounds[-1]):.3f}s (others on its cores {out[n].external[-1]:.1f})"
+                for n in names
+            )
+        )
     return out

@@ -1,5 +1,6 @@
 """This machine's limits, probed in the same run as the workloads: matmul FLOP/s, copy bandwidth,
 and how much CPU the rest of the machine takes meanwhile."""
+
 from __future__ import annotations
 
 import os
@@ -70,9 +71,12 @@ class Probe:
     def measure(self) -> dict:
         import torch
 
-        return {"flops": matmul_flops(self.n, self.seconds), "bandwidth": copy_bandwidth(self.mbytes, self.seconds),
-                "matmul": f"{'bf16' if torch.cuda.is_available() else 'fp32'} matmul ({self.n}²)",
-                "copy": f"tensor copy ({self.mbytes} MiB, read + write)"}
+        return {
+            "flops": matmul_flops(self.n, self.seconds),
+            "bandwidth": copy_bandwidth(self.mbytes, self.seconds),
+            "matmul": f"{'bf16' if torch.cuda.is_available() else 'fp32'} matmul ({self.n}²)",
+            "copy": f"tensor copy ({self.mbytes} MiB, read + write)",
+        }
 
 
 QUIET_CORES = 0.25  # a measurement is "quiet" when the rest of the machine used less than this

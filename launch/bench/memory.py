@@ -1,5 +1,6 @@
 """Byte accounting for the memory tables: distinct tensor storages, saved activations, and the
 tensors DeepSpeed's ZeRO optimizers keep in their own attributes."""
+
 from __future__ import annotations
 
 

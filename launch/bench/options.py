@@ -1,4 +1,5 @@
 """The options of one `loom bench` run."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,16 @@ class BenchOptions:
     @classmethod
     def make(cls, quick: bool = False, large: bool = False, **overrides) -> "BenchOptions":
         if quick:
-            base = cls(shape=SHAPES["quick"], rounds=2, steps=1, warmup=1, quick=True, corpus="shakespeare",
-                       data_docs=8, loader_batches=50)
+            base = cls(
+                shape=SHAPES["quick"],
+                rounds=2,
+                steps=1,
+                warmup=1,
+                quick=True,
+                corpus="shakespeare",
+                data_docs=8,
+                loader_batches=50,
+            )
         else:
             base = cls(shape=SHAPES["large"] if large else SHAPES["default"])
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,4 +1,5 @@
 """`run_bench`: the selected sections in order, then the report with the run's machine and load."""
+
 from __future__ import annotations
 
 import datetime
@@ -34,17 +35,22 @@ def run_bench(opts: BenchOptions, log=None) -> Report:
     report = Report(results=body.results)
     import torch
 
-    report.add(f"## `loom bench` — {opts.shape.name} shape", "",
-               f"{platform.node()}: {os.cpu_count()} CPUs ({_cpu_model()}), torch {torch.__version__}, "
-               f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}; load average at start "
-               f"{load_at_start:.1f}; {_load_summary()}; "
-               f"{opts.rounds} alternating rounds × {opts.steps} step(s) after "
-               f"{opts.warmup} warm-up step(s); {datetime.datetime.now():%Y-%m-%d %H:%M}.", "")
+    report.add(
+        f"## `loom bench` — {opts.shape.name} shape",
+        "",
+        f"{platform.node()}: {os.cpu_count()} CPUs ({_cpu_model()}), torch {torch.__version__}, "
+        f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}; load average at start "
+        f"{load_at_start:.1f}; {_load_summary()}; "
+        f"{opts.rounds} alternating rounds × {opts.steps} step(s) after "
+        f"{opts.warmup} warm-up step(s); {datetime.datetime.now():%Y-%m-%d %H:%M}.",
+        "",
+    )
     hardware_table(report, opts)
     targets_table(report)
     report.lines += body.lines
-    report.add(f"Total benchmark time {time.perf_counter() - started:.0f} s; load average at end "
-               f"{os.getloadavg()[0]:.1f}.")
+    report.add(
+        f"Total benchmark time {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.1f}."
+    )
     return report
 
 
@@ -54,9 +60,11 @@ def _load_summary() -> str:
     if not values:
         return "others' CPU use not measured"
     quiet = sum(v < QUIET_CORES for v in values)
-    return (f"during measurements the rest of the machine took {statistics.median(values):.2f} of the cores a "
-            f"configuration used (median; max {max(values):.2f}), {quiet} of {len(values)} measurements quiet "
-            f"(< {QUIET_CORES} cores)")
+    return (
+        f"during measurements the rest of the machine took {statistics.median(values):.2f} of the cores a "
+        f"configuration used (median; max {max(values):.2f}), {quiet} of {len(values)} measurements quiet "
+        f"(< {QUIET_CORES} cores)"
+    )
 
 
 def _record_training_rate(report: Report, opts: BenchOptions) -> None:

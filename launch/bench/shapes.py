@@ -1,8 +1,8 @@
 """Model shapes the benchmark compares at, and the token batches every model trains on."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 
 EOS = 3
 
@@ -27,8 +27,10 @@ class Shape:
         return self.batch * self.seq
 
     def describe(self) -> str:
-        return (f"{self.layers} layers, d={self.hidden}, {self.heads} heads, SwiGLU {self.ffn}, vocab {self.vocab}, "
-                f"seq {self.seq}, batch {self.batch} ({self.tokens_per_step} tokens/step)")
+        return (
+            f"{self.layers} layers, d={self.hidden}, {self.heads} heads, SwiGLU {self.ffn}, vocab {self.vocab}, "
+            f"seq {self.seq}, batch {self.batch} ({self.tokens_per_step} tokens/step)"
+        )
 
 
 SHAPES = {
@@ -41,9 +43,17 @@ SHAPES = {
 def model_config(shape: Shape):
     from loom.model.config import ModelConfig
 
-    return ModelConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers,
-                       num_heads=shape.heads, num_kv_heads=shape.heads, ffn_hidden_size=shape.ffn,
-                       seq_length=shape.seq, tie_embeddings=False, eos_id=EOS)
+    return ModelConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_layers=shape.layers,
+        num_heads=shape.heads,
+        num_kv_heads=shape.heads,
+        ffn_hidden_size=shape.ffn,
+        seq_length=shape.seq,
+        tie_embeddings=False,
+        eos_id=EOS,
+    )
 
 
 def flops_per_token(shape: Shape) -> float:

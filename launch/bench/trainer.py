@@ -1,12 +1,12 @@
 """Loom's trainer path as a benchmark workload, with its per-rank memory accounting."""
+
 from __future__ import annotations
 
 import statistics
 import time
 import warnings
 
-from loom.launch.bench.memory import (SavedTensorMeter, optimizer_tensors, tensor_bytes, zero_buckets,
-                                     zero_grad_buffers)
+from loom.launch.bench.memory import SavedTensorMeter, optimizer_tensors, tensor_bytes, zero_buckets, zero_grad_buffers
 from loom.launch.bench.shapes import Shape, model_config, token_batch
 from loom.launch.bench.workloads import Workload, init_grid
 
@@ -15,8 +15,19 @@ class LoomTrainer(Workload):
     """Loom's own training path: `parallelize` (DeepSpeed engine, ZeRO stage, own 1F1B schedule)
     and `ShardedStage.train_step`, with the techniques' upkeep before each step as the trainer does."""
 
-    def __init__(self, rank, world, shape: Shape, tech=None, tp: int = 1, pp: int = 1, zero: int = 0,
-                 microbatches: int = 1, seed: int = 0, compile: bool = False):
+    def __init__(
+        self,
+        rank,
+        world,
+        shape: Shape,
+        tech=None,
+        tp: int = 1,
+        pp: int = 1,
+        zero: int = 0,
+        microbatches: int = 1,
+        seed: int = 0,
+        compile: bool = False,
+    ):
         import torch
 
         from loom.model.parallel.config import ParallelConfig
@@ -41,11 +52,20 @@ class LoomTrainer(Workload):
                 import torch._inductor.config
 
                 torch._inductor.config.compile_threads = 1
-            self.sharded = parallelize(model_config(shape), self.tech, layout, parallel, OptimizerSettings(),
-                                       self.micro, seed, precision="fp32", compile=compile)
+            self.sharded = parallelize(
+                model_config(shape),
+                self.tech,
+                layout,
+                parallel,
+                OptimizerSettings(),
+                self.micro,
+                seed,
+                precision="fp32",
+                compile=compile,
+            )
         self.specs = self.sharded.module.carry_specs(self.micro, shape.seq, torch.float32)
         full = token_batch(shape, shape.batch)
-        mine = full[layout.dp_rank * per_rank:(layout.dp_rank + 1) * per_rank]
+        mine = full[layout.dp_rank * per_rank : (layout.dp_rank + 1) * per_rank]
         self.batches = list(mine.split(self.micro))
         self.tokens_per_step = shape.tokens_per_step  # global: every DP rank's share together
         self.step_index = 0
@@ -69,9 +89,11 @@ class LoomTrainer(Workload):
         engine, module = self.sharded.engine, self.sharded.module
         params = list(module.parameters())
         held = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
-        out = {"params": tensor_bytes(held),
-               "params_full": 4 * sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in params),
-               "buffers": tensor_bytes(module.buffers())}
+        out = {
+            "params": tensor_bytes(held),
+            "params_full": 4 * sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in params),
+            "buffers": tensor_bytes(module.buffers()),
+        }
         out["grads"] = tensor_bytes([p.grad for p in params] + zero_grad_buffers(engine.optimizer))
         out["buckets"] = tensor_bytes(zero_buckets(engine.optimizer))
         out["optimizer"] = tensor_bytes(optimizer_tensors(engine.optimizer))

@@ -1,5 +1,6 @@
 """Forked worker process groups: each configuration gets its own processes, threads, gloo world
 and memory, and waits on a pipe while the others run."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,15 +30,17 @@ def preimport() -> None:
     parent already started)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        import megatron.core.tensor_parallel  # noqa: F401
         import torch  # noqa: F401
         import torch._dynamo  # noqa: F401
-        import megatron.core.tensor_parallel  # noqa: F401
         from megatron.core.models.gpt import GPTModel  # noqa: F401
+
         from loom.model.parallel import cpu_compat
 
         cpu_compat.setup_deepspeed_env()
         import deepspeed  # noqa: F401
         from transformers import LlamaForCausalLM  # noqa: F401
+
         import loom.model.gpt  # noqa: F401
         import loom.model.parallel.parallelize  # noqa: F401
 
@@ -67,8 +70,15 @@ def _worker_main(rank: int, world: int, port: int, threads: int, factory, kwargs
         except OSError:
             pass
     faulthandler.enable()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=str(threads))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS=str(threads),
+    )
     warnings.filterwarnings("ignore")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     logging.disable(logging.WARNING)
@@ -114,8 +124,12 @@ class WorkerGroup:
         self.conns, self.procs = [], []
         for rank in range(world):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(rank, world, port, threads, factory, kwargs, child),
-                            daemon=False, name=f"bench-{name}-{rank}")  # may start loader workers
+            p = ctx.Process(
+                target=_worker_main,
+                args=(rank, world, port, threads, factory, kwargs, child),
+                daemon=False,
+                name=f"bench-{name}-{rank}",
+            )  # may start loader workers
             p.start()
             child.close()
             _PARENT_ENDS.append(parent)

@@ -1,5 +1,6 @@
 """What a benchmark worker runs: the peers' shared training loop (Loom, HF Llama, megatron-core
 GPTModel) and the data path. Loom's own trainer path is `launch.benchmark.trainer`."""
+
 from __future__ import annotations
 
 import abc
@@ -70,7 +71,7 @@ class PlainLoop(Workload):
         if world > 1:
             per_rank = batch.shape[0] // world
             model = torch.nn.parallel.DistributedDataParallel(model)
-            batch = batch[rank * per_rank:(rank + 1) * per_rank]
+            batch = batch[rank * per_rank : (rank + 1) * per_rank]
         self.model, self.loss_fn, self.batch = model, loss_fn, batch
         self.opt = adamw(self.params)
         self.model.train()
@@ -109,11 +110,21 @@ def build_hf_llama(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.heads, max_position_embeddings=shape.seq, rms_norm_eps=1e-5,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=shape.seq,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=False,
+    )
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(default_device())
     assert model.config._attn_implementation == "sdpa"
 
@@ -129,34 +140,57 @@ def build_megatron_gpt(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
     off (on CPU they route through torch.compile), explicit causal mask, fp32."""
     import torch
     import torch.nn.functional as F
+    from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron.core import tensor_parallel
-
     init_grid()
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)  # the (CPU) RNG tracker its attention forks
-    cfg = TransformerConfig(num_layers=shape.layers, hidden_size=shape.hidden, num_attention_heads=shape.heads,
-                            ffn_hidden_size=shape.ffn, kv_channels=shape.head_dim, gated_linear_unit=True,
-                            activation_func=F.silu, add_bias_linear=False, normalization="RMSNorm",
-                            layernorm_epsilon=1e-5, use_cpu_initialization=True, perform_initialization=True,
-                            gradient_accumulation_fusion=False, bias_activation_fusion=False,
-                            bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-                            persist_layer_norm=False, attention_dropout=0.0, hidden_dropout=0.0,
-                            params_dtype=torch.float32)
-    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=shape.vocab, max_sequence_length=shape.seq, position_embedding_type="rope",
-                     rotary_base=10000, share_embeddings_and_output_weights=False).to(default_device())
+    cfg = TransformerConfig(
+        num_layers=shape.layers,
+        hidden_size=shape.hidden,
+        num_attention_heads=shape.heads,
+        ffn_hidden_size=shape.ffn,
+        kv_channels=shape.head_dim,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-5,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        params_dtype=torch.float32,
+    )
+    model = GPTModel(
+        config=cfg,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=shape.vocab,
+        max_sequence_length=shape.seq,
+        position_embedding_type="rope",
+        rotary_base=10000,
+        share_embeddings_and_output_weights=False,
+    ).to(default_device())
     s = shape.seq
     position_ids = torch.arange(s, device=default_device()).unsqueeze(0).expand(shape.batch, s).contiguous()
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=default_device()), diagonal=1)
     mask = mask.view(1, 1, s, s)  # True = masked
 
     def loss_fn(m, tokens):
-        return m(tokens[:, :-1].contiguous(), position_ids[:tokens.shape[0]], mask,
-                 labels=tokens[:, 1:].contiguous()).float().mean()
+        return (
+            m(tokens[:, :-1].contiguous(), position_ids[: tokens.shape[0]], mask, labels=tokens[:, 1:].contiguous())
+            .float()
+            .mean()
+        )
 
     return PlainLoop(model, loss_fn, token_batch(shape, shape.batch), rank, world)
 
@@ -165,8 +199,16 @@ class DataPath:
     """Tokenizer encode and loader throughput on a real corpus (see tests/bench/bench_data.py).
     Not a `Workload`: it has no training step, the data section calls `encode` and `load`."""
 
-    def __init__(self, rank, world, corpus: str = "linuxdoc", seq: int = 256, micro_batch: int = 8,
-                 max_docs: int | None = None, vocab_size: int = 8192):
+    def __init__(
+        self,
+        rank,
+        world,
+        corpus: str = "linuxdoc",
+        seq: int = 256,
+        micro_batch: int = 8,
+        max_docs: int | None = None,
+        vocab_size: int = 8192,
+    ):
         from loom.data.corpora import ensure_corpus, iter_documents
         from loom.data.shards import preprocess
         from loom.data.tokenizer import Tokenizer, train_tokenizer

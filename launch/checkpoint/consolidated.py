@@ -18,6 +18,7 @@ The result is a *consolidated folder* ("start point"), the common currency of ev
 `launch.convert_hf` turns it into Hugging Face formats and back; `launch.convert_layout` slices it
 into any TP×PP×DP×ZeRO layout for training.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,10 @@ INFO_FILE = "consolidated.json"
 TOKENIZER_FILE = "tokenizer.model"
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
 
-_COLUMN_PARALLEL = re.compile(r"^(embedding\.weight|output_layer\.weight|layers\.\d+\.attention\.qkv\.weight"
-                              r"|layers\.\d+\.mlp\.gate_up\.weight)$")
+_COLUMN_PARALLEL = re.compile(
+    r"^(embedding\.weight|output_layer\.weight|layers\.\d+\.attention\.qkv\.weight"
+    r"|layers\.\d+\.mlp\.gate_up\.weight)$"
+)
 _ROW_PARALLEL = re.compile(r"^layers\.\d+\.(attention\.proj|mlp\.down)\.weight$")
 VOCAB_WEIGHTS = ("embedding.weight", "output_layer.weight")
 _TECHNIQUE_PART = re.compile(r"(^|\.)(lcm|scr|reweave|capture|sca)\.")
@@ -117,8 +120,9 @@ def techniques_from_dict(d: dict | None):
 
     if not d:
         return TechniquesConfig()
-    merged = OmegaConf.merge(OmegaConf.structured(TechniquesConfig),
-                             OmegaConf.create(_filter_known(d, TechniquesConfig)))
+    merged = OmegaConf.merge(
+        OmegaConf.structured(TechniquesConfig), OmegaConf.create(_filter_known(d, TechniquesConfig))
+    )
     return OmegaConf.to_object(merged)
 
 
@@ -187,8 +191,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise ConvertError(f"{path}: no such file or directory")
     if not p.is_dir():
-        raise ConvertError(f"{path} is a file; expected a checkpoint folder (…/checkpoints/step_N) "
-                           f"or a run directory")
+        raise ConvertError(f"{path} is a file; expected a checkpoint folder (…/checkpoints/step_N) or a run directory")
     if any((p / marker).exists() for marker in (INFO_FILE, "meta.json", ckpt.MANIFEST, "ds")):
         problem = ckpt.verify(p)
         if problem is not None:
@@ -258,8 +261,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     os.chmod(path, 0o644)
 
 
-def write_consolidated(data: Consolidated, folder: Path, kind: str = "consolidate",
-                       extra: dict | None = None) -> None:
+def write_consolidated(data: Consolidated, folder: Path, kind: str = "consolidate", extra: dict | None = None) -> None:
     """Write `data` into an (empty) folder in the consolidated format, with meta.json and a manifest."""
     from loom.launch.checkpoint import store as ckpt
 
@@ -274,16 +276,29 @@ def write_consolidated(data: Consolidated, folder: Path, kind: str = "consolidat
         shutil.copyfile(data.tokenizer, folder / TOKENIZER_FILE)
         tokenizer_sha = data.tokenizer_sha256()
     info = {
-        "format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "written": time.time(),
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": kind,
+        "written": time.time(),
         "vocab_rows": "vocab_size (no tensor-parallel padding)",
-        "model": data.run_config.get("model", {}), "techniques": data.run_config.get("techniques", {}),
-        "config": data.run_config, "state": data.state, "source": data.source,
+        "model": data.run_config.get("model", {}),
+        "techniques": data.run_config.get("techniques", {}),
+        "config": data.run_config,
+        "state": data.state,
+        "source": data.source,
         "optimizer": {"step": data.optimizer_step, "keys": list(OPTIMIZER_KEYS)} if has_opt else None,
-        "tokenizer_sha256": tokenizer_sha, **(extra or {}),
+        "tokenizer_sha256": tokenizer_sha,
+        **(extra or {}),
     }
     (folder / INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
-    meta = {"state": data.state, "config": data.run_config, "start_point": True,
-            "world_size": None, "layout": None, "source": data.source}
+    meta = {
+        "state": data.state,
+        "config": data.run_config,
+        "start_point": True,
+        "world_size": None,
+        "layout": None,
+        "source": data.source,
+    }
     (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     ckpt.write_manifest(folder)
 
@@ -315,13 +330,20 @@ def read_consolidated(folder: str | os.PathLike, optimizer: bool = False) -> Con
         step = info["optimizer"].get("step")
     tok = p / TOKENIZER_FILE
     run_config = info.get("config") or {"model": info.get("model", {}), "techniques": info.get("techniques", {})}
-    return Consolidated(weights=weights, run_config=run_config, state=dict(info.get("state") or {}),
-                        source=dict(info.get("source") or {}), optimizer=opt, optimizer_step=step,
-                        tokenizer=tok if tok.is_file() else None)
+    return Consolidated(
+        weights=weights,
+        run_config=run_config,
+        state=dict(info.get("state") or {}),
+        source=dict(info.get("source") or {}),
+        optimizer=opt,
+        optimizer_step=step,
+        tokenizer=tok if tok.is_file() else None,
+    )
 
 
-def consolidate(ckpt: str | os.PathLike, out: str | os.PathLike, optimizer: bool = False, force: bool = False,
-                log=print) -> Path:
+def consolidate(
+    ckpt: str | os.PathLike, out: str | os.PathLike, optimizer: bool = False, force: bool = False, log=print
+) -> Path:
     """`loom convert consolidate`: checkpoint (any layout) → consolidated folder."""
     data = load(ckpt, optimizer=optimizer, log=log)
     for note in data.notes:
@@ -330,9 +352,15 @@ def consolidate(ckpt: str | os.PathLike, out: str | os.PathLike, optimizer: bool
         write_consolidated(data, tmp, kind="consolidate")
     n = sum(t.numel() for name, t in data.weights.items() if not is_training_only(name))
     layout = data.source.get("layout") or {}
-    log(f"consolidated {len(data.weights)} tensors ({n:,} model parameters, fp32) from "
+    log(
+        f"consolidated {len(data.weights)} tensors ({n:,} model parameters, fp32) from "
         f"{data.source.get('checkpoint', ckpt)}"
-        + (f" [TP {layout.get('tp')} × PP {layout.get('pp')} × DP {layout.get('dp')}, ZeRO-{layout.get('zero')}]"
-           if layout else "")
-        + (" with optimizer state" if data.optimizer is not None else "") + f" → {out}")
+        + (
+            f" [TP {layout.get('tp')} × PP {layout.get('pp')} × DP {layout.get('dp')}, ZeRO-{layout.get('zero')}]"
+            if layout
+            else ""
+        )
+        + (" with optimizer state" if data.optimizer is not None else "")
+        + f" → {out}"
+    )
     return Path(out)

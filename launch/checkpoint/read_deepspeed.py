@@ -16,6 +16,7 @@ files directly — no process group, no GPU — and merges:
   replicated and taken from TP rank 0.
 * pipeline stages: stage modules already use global names (`layers.7.…`), so stages just union.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,16 @@ from pathlib import Path
 
 import torch
 
-from loom.launch.checkpoint.consolidated import (OPTIMIZER_KEYS, TOKENIZER_FILE, VOCAB_WEIGHTS, Consolidated, ConvertError,
-                            expected_shapes, model_config_from_dict, partition_dim)
+from loom.launch.checkpoint.consolidated import (
+    OPTIMIZER_KEYS,
+    TOKENIZER_FILE,
+    VOCAB_WEIGHTS,
+    Consolidated,
+    ConvertError,
+    expected_shapes,
+    model_config_from_dict,
+    partition_dim,
+)
 
 
 def _quiet_torch_load(path: Path):
@@ -98,15 +107,21 @@ def read_checkpoint(folder: Path, optimizer: bool = False, log=None) -> Consolid
         elif not any(n.startswith("optimizer state") for n in notes):
             notes.append("this checkpoint has no readable optimizer state; it is left out")
     if len(merged.get("embedding.weight", ())) and merged["embedding.weight"].shape[0] < cfg.vocab_size:
-        raise ConvertError(f"embedding has {merged['embedding.weight'].shape[0]} rows < model.vocab_size "
-                           f"{cfg.vocab_size}")
+        raise ConvertError(
+            f"embedding has {merged['embedding.weight'].shape[0]} rows < model.vocab_size {cfg.vocab_size}"
+        )
     _check_core_shapes(merged, cfg, str(folder))
     tokenizer = folder / TOKENIZER_FILE
     return Consolidated(
-        weights=merged, run_config=run_config, state=dict(meta.get("state", {})),
+        weights=merged,
+        run_config=run_config,
+        state=dict(meta.get("state", {})),
         source={"checkpoint": str(folder.resolve()), "layout": dict(layout), "world_size": meta.get("world_size")},
-        optimizer=opt_merged, optimizer_step=(max(steps) if (opt_merged is not None and steps) else None),
-        tokenizer=tokenizer if tokenizer.is_file() else None, notes=notes)
+        optimizer=opt_merged,
+        optimizer_step=(max(steps) if (opt_merged is not None and steps) else None),
+        tokenizer=tokenizer if tokenizer.is_file() else None,
+        notes=notes,
+    )
 
 
 def _check_stage_order(per_stage: list[list[dict]], cfg, pp: int) -> None:
@@ -118,8 +133,10 @@ def _check_stage_order(per_stage: list[list[dict]], cfg, pp: int) -> None:
         for shard in shards:
             got = {int(m.group(1)) for n in shard for m in [re.match(r"layers\.(\d+)\.", n)] if m}
             if got != want:
-                raise ConvertError(f"pipeline stage {pp_rank} of the checkpoint holds blocks {sorted(got)}, expected "
-                                   f"{sorted(want)}: the files do not match the layout in meta.json")
+                raise ConvertError(
+                    f"pipeline stage {pp_rank} of the checkpoint holds blocks {sorted(got)}, expected "
+                    f"{sorted(want)}: the files do not match the layout in meta.json"
+                )
 
 
 def _is_trainable_name(name: str) -> bool:
@@ -138,8 +155,11 @@ def _read_model_parallel_rank(ds_dir: Path, mp: int, dp: int, zero: int, optimiz
     states = _quiet_torch_load(model_file)
     module = states["module"]
     buffer_names = set(states.get("buffer_names") or [])
-    buffers = {k: v.detach().float() if v.is_floating_point() else v.detach()
-               for k, v in module.items() if k in buffer_names and torch.is_tensor(v)}
+    buffers = {
+        k: v.detach().float() if v.is_floating_point() else v.detach()
+        for k, v in module.items()
+        if k in buffer_names and torch.is_tensor(v)
+    }
     if zero == 0:
         return _read_zero0(states, module, buffers, optimizer)
     optim_files = [ds_dir / f"zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt" for d in range(dp)]
@@ -160,8 +180,11 @@ def _read_model_parallel_rank(ds_dir: Path, mp: int, dp: int, zero: int, optimiz
 def _read_zero0(states: dict, module: dict, buffers: dict, optimizer: bool):
     """ZeRO-0: module weights in the working dtype; a bf16 run's DeepSpeed optimizer also keeps
     fp32 masters (`fp32_groups`) in the order of Loom's `build_optimizer` groups."""
-    params = {k: v.detach() for k, v in module.items()
-              if torch.is_tensor(v) and k not in buffers and not k.endswith("_extra_state")}
+    params = {
+        k: v.detach()
+        for k, v in module.items()
+        if torch.is_tensor(v) and k not in buffers and not k.endswith("_extra_state")
+    }
     # Loom's build_optimizer: matrices (ndim >= 2) in group 0, vectors in group 1, each in module order
     names = list(params)
     order = [n for n in names if params[n].ndim >= 2] + [n for n in names if params[n].ndim < 2]
@@ -233,8 +256,10 @@ def _read_zero12(shards: list[dict], shapes: list[dict], buffers: dict, optimize
                         pieces.append(flat.narrow(0, address.start, address.numel))
                 full = torch.cat(pieces) if pieces else torch.empty(0)
                 if full.numel() != math.prod(shape):
-                    raise ConvertError(f"ZeRO partitions of {name} hold {full.numel()} values, expected "
-                                       f"{math.prod(shape)} for shape {tuple(shape)}")
+                    raise ConvertError(
+                        f"ZeRO partitions of {name} hold {full.numel()} values, expected "
+                        f"{math.prod(shape)} for shape {tuple(shape)}"
+                    )
                 target[name] = full.float().view(tuple(shape)).clone()
     weights.update(buffers)
     return weights, (opt if optimizer and opt["exp_avg"] else {}), step, None
@@ -314,5 +339,6 @@ def _check_core_shapes(weights: dict, cfg, where: str) -> None:
         if name not in weights:
             raise ConvertError(f"{where} has no weight {name}")
         if tuple(weights[name].shape) != shape:
-            raise ConvertError(f"{where}: {name} has shape {tuple(weights[name].shape)}, but the config "
-                               f"implies {shape}")
+            raise ConvertError(
+                f"{where}: {name} has shape {tuple(weights[name].shape)}, but the config implies {shape}"
+            )

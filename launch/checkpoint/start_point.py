@@ -19,6 +19,7 @@ keep their fresh initial values, which are the identity (LCM a=0, SCR W_up=0, CM
 of a technique the new run switched off are reported and ignored. HCMA's refresh state is not part
 of the weights: it is rebuilt at the next refresh step.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,17 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from loom.launch.checkpoint.consolidated import (OPTIMIZER_KEYS, VOCAB_WEIGHTS, ConvertError, is_technique_name, load, output_folder,
-                            partition_dim, read_consolidated, write_consolidated)
+from loom.launch.checkpoint.consolidated import (
+    OPTIMIZER_KEYS,
+    VOCAB_WEIGHTS,
+    ConvertError,
+    is_technique_name,
+    load,
+    output_folder,
+    partition_dim,
+    read_consolidated,
+    write_consolidated,
+)
 
 
 # ------------------------------------------------------------------------------------- slicing
@@ -57,8 +67,9 @@ def local_slice(name: str, full: torch.Tensor, local_shape: tuple[int, ...], tp:
     if name in VOCAB_WEIGHTS:
         full = _fit_vocab(name, full, full_shape[0])
     if list(full.shape) != full_shape:
-        raise ConvertError(f"{name}: consolidated shape {tuple(full.shape)} does not fit {tp} × "
-                           f"{tuple(local_shape)} (dim {dim})")
+        raise ConvertError(
+            f"{name}: consolidated shape {tuple(full.shape)} does not fit {tp} × {tuple(local_shape)} (dim {dim})"
+        )
     return full.chunk(tp, dim=dim)[tp_rank]
 
 
@@ -75,8 +86,11 @@ def _fit_vocab(name: str, full: torch.Tensor, rows: int) -> torch.Tensor:
 def _stage_names(module: torch.nn.Module) -> tuple[list[str], list[str]]:
     params = [n for n, _ in module.named_parameters()]
     pset = set(params)
-    buffers = [n for n, v in module.state_dict().items()
-               if n not in pset and torch.is_tensor(v) and not n.endswith("_extra_state")]
+    buffers = [
+        n
+        for n, v in module.state_dict().items()
+        if n not in pset and torch.is_tensor(v) and not n.endswith("_extra_state")
+    ]
     return params, buffers
 
 
@@ -108,11 +122,15 @@ def check_names(module, weights: dict, log=None) -> list[str]:
     unused = sorted(have - wanted - {"output_layer.weight"})
     if log is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         if missing:
-            log(f"note: {len(missing)} technique tensor(s) not in the weights start from their identity init "
-                f"(e.g. {missing[0]})")
+            log(
+                f"note: {len(missing)} technique tensor(s) not in the weights start from their identity init "
+                f"(e.g. {missing[0]})"
+            )
         if unused:
-            log(f"warning: {len(unused)} tensor(s) of the weights are not used by this model's techniques "
-                f"(e.g. {unused[0]}); the network differs from the one that was saved")
+            log(
+                f"warning: {len(unused)} tensor(s) of the weights are not used by this model's techniques "
+                f"(e.g. {unused[0]}); the network differs from the one that was saved"
+            )
     return missing
 
 
@@ -131,8 +149,9 @@ def _local_shape(param) -> tuple[int, ...]:
 def _check_model(module, weights: dict) -> None:
     emb = weights.get("embedding.weight")
     if emb is not None and emb.shape[0] < module.cfg.vocab_size:
-        raise ConvertError(f"the consolidated embedding has {emb.shape[0]} rows but model.vocab_size is "
-                           f"{module.cfg.vocab_size}")
+        raise ConvertError(
+            f"the consolidated embedding has {emb.shape[0]} rows but model.vocab_size is {module.cfg.vocab_size}"
+        )
 
 
 @torch.no_grad()
@@ -184,9 +203,13 @@ def _step_tensor(step: float, like: Optional[torch.Tensor] = None) -> torch.Tens
 
 
 @torch.no_grad()
-def load_consolidated_into_engine(sharded, weights: dict[str, torch.Tensor],
-                                  optimizer: Optional[dict[str, dict[str, torch.Tensor]]] = None,
-                                  optimizer_step: Optional[float] = None, log=None) -> list[str]:
+def load_consolidated_into_engine(
+    sharded,
+    weights: dict[str, torch.Tensor],
+    optimizer: Optional[dict[str, dict[str, torch.Tensor]]] = None,
+    optimizer_step: Optional[float] = None,
+    log=None,
+) -> list[str]:
     """Write full consolidated tensors into a live `ShardedStage` (any ZeRO stage, fp32 or bf16):
     the fp32 master partition, the working copy and, with `optimizer`, Adam's moments and step.
 
@@ -210,8 +233,11 @@ def load_consolidated_into_engine(sharded, weights: dict[str, torch.Tensor],
         value = local_slice(name, full, shape, tp, tp_rank).float()
         moments = {}
         if use_opt:
-            src_name = name if name in optimizer["exp_avg"] else (
-                "embedding.weight" if name == "output_layer.weight" else name)
+            src_name = (
+                name
+                if name in optimizer["exp_avg"]
+                else ("embedding.weight" if name == "output_layer.weight" else name)
+            )
             for key in OPTIMIZER_KEYS:
                 t = optimizer.get(key, {}).get(src_name)
                 if t is not None:
@@ -254,13 +280,12 @@ def _z3_set_partition(opt, param, value: torch.Tensor, key: Optional[str] = None
     rank = opt._get_param_partition_rank(param)
     flat = value.reshape(-1).to(part.dtype)
     start = rank * part.numel()
-    piece = flat[start:start + part.numel()]
+    piece = flat[start : start + part.numel()]
     part.data.zero_()
     part.data[: piece.numel()].copy_(piece)
 
 
-def _write_param(engine, base, param, value: torch.Tensor, moments: dict, step: Optional[float],
-                 masters: dict) -> None:
+def _write_param(engine, base, param, value: torch.Tensor, moments: dict, step: Optional[float], masters: dict) -> None:
     if hasattr(param, "ds_id"):  # ZeRO-3: master + this rank's partition of the working copy
         opt = param._z3_optimizer if hasattr(param, "_z3_optimizer") else None
         if opt is not None:
@@ -271,7 +296,7 @@ def _write_param(engine, base, param, value: torch.Tensor, moments: dict, step: 
         flat = value.reshape(-1)
         rank = dist.get_rank(group=param.ds_process_group) if param.ds_process_group is not None else 0
         start = rank * part.numel()
-        piece = flat[start:start + part.numel()]
+        piece = flat[start : start + part.numel()]
         part.data.zero_()
         part.data[: piece.numel()].copy_(piece.to(part.dtype))
         return
@@ -310,8 +335,7 @@ def is_start_point(folder: str | os.PathLike) -> bool:
 
 def check_compatible(model_cfg, saved: dict, where: str, log=print) -> None:
     """The run's model shape must equal the saved one (layout and techniques may differ)."""
-    keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-            "tie_embeddings")
+    keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "tie_embeddings")
     from loom.launch.checkpoint.consolidated import model_config_from_dict
 
     s = model_config_from_dict(saved)
@@ -331,8 +355,14 @@ def check_compatible(model_cfg, saved: dict, where: str, log=print) -> None:
             log(f"warning: model.{key} is {getattr(model_cfg, key)} in the run but {getattr(s, key)} in {where}")
 
 
-def load_start_point(sharded, folder: str | os.PathLike, model_cfg=None, tokenizer_sha256: Optional[str] = None,
-                     optimizer: bool = True, log=print) -> dict:
+def load_start_point(
+    sharded,
+    folder: str | os.PathLike,
+    model_cfg=None,
+    tokenizer_sha256: Optional[str] = None,
+    optimizer: bool = True,
+    log=print,
+) -> dict:
     """Load a consolidated folder into a live `ShardedStage` at this run's layout.
 
     `model_cfg` (the run's ModelConfig) and `tokenizer_sha256` (the run's tokenizer) are checked
@@ -343,16 +373,20 @@ def load_start_point(sharded, folder: str | os.PathLike, model_cfg=None, tokeniz
 
     p = Path(folder)
     if not (p / INFO_FILE).is_file():
-        raise ConvertError(f"{folder} is not a consolidated folder (no {INFO_FILE}); write one with "
-                           f"`loom convert consolidate` or `loom convert from-hf`")
+        raise ConvertError(
+            f"{folder} is not a consolidated folder (no {INFO_FILE}); write one with "
+            f"`loom convert consolidate` or `loom convert from-hf`"
+        )
     data = read_consolidated(p, optimizer=optimizer)
     if model_cfg is not None:
         check_compatible(model_cfg, data.run_config.get("model", {}), str(folder), log=log)
     if tokenizer_sha256 is not None:
         saved = data.tokenizer_sha256()
         if saved is not None and saved != tokenizer_sha256:
-            raise ConvertError(f"the run's tokenizer differs from the one stored in {folder} (sha256 "
-                               f"{tokenizer_sha256[:12]} != {saved[:12]}); set data.tokenizer={p / 'tokenizer.model'}")
+            raise ConvertError(
+                f"the run's tokenizer differs from the one stored in {folder} (sha256 "
+                f"{tokenizer_sha256[:12]} != {saved[:12]}); set data.tokenizer={p / 'tokenizer.model'}"
+            )
     load_consolidated_into_engine(sharded, data.weights, data.optimizer, data.optimizer_step, log=log)
     if log is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         what = "weights and optimizer state" if data.optimizer is not None else "weights (optimizer state starts fresh)"
@@ -361,16 +395,24 @@ def load_start_point(sharded, folder: str | os.PathLike, model_cfg=None, tokeniz
 
 
 # ------------------------------------------------------------------------------------- reshard
-def reshard(ckpt: str | os.PathLike, out: str | os.PathLike, tensor: Optional[int] = None,
-            pipeline: Optional[int] = None, zero: Optional[int] = None, data_parallel: Optional[int] = None,
-            optimizer: bool = True, force: bool = False, log=print) -> Path:
+def reshard(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    tensor: Optional[int] = None,
+    pipeline: Optional[int] = None,
+    zero: Optional[int] = None,
+    data_parallel: Optional[int] = None,
+    optimizer: bool = True,
+    force: bool = False,
+    log=print,
+) -> Path:
     """`loom convert reshard`: a checkpoint of one layout → a start point for another.
 
     The output is a consolidated folder with the optimizer state (it is layout-free, so any
     TP×PP×DP×ZeRO can start from it); the target layout only validates divisibility and goes into
     the generated `config.yaml`. Resume with `loom train OUT/config.yaml --resume OUT`."""
-    from loom.launch.config import to_yaml
     from loom.launch.checkpoint.consolidated import run_config_from_dict
+    from loom.launch.config import to_yaml
 
     data = load(ckpt, optimizer=optimizer, log=log)
     run_cfg = run_config_from_dict(data.run_config)
@@ -391,8 +433,10 @@ def reshard(ckpt: str | os.PathLike, out: str | os.PathLike, tensor: Optional[in
         log(f"note: {note}")
     src_pp = int((data.source.get("layout") or {}).get("pp") or p.pipeline)
     if run_cfg.techniques.cmr.enabled and run_cfg.techniques.cmr.stage_local and src_pp != p.pipeline:
-        log(f"warning: CMR is stage-local: with PP {p.pipeline} instead of {src_pp} its targets read other sources, "
-            f"so the network changes")
+        log(
+            f"warning: CMR is stage-local: with PP {p.pipeline} instead of {src_pp} its targets read other sources, "
+            f"so the network changes"
+        )
     if optimizer and data.optimizer is None:
         log("note: no optimizer state could be read; training from the resharded folder restarts Adam's moments")
     with output_folder(out, force) as tmp:
@@ -403,13 +447,23 @@ def reshard(ckpt: str | os.PathLike, out: str | os.PathLike, tensor: Optional[in
         run_cfg.checkpoint.resume = "none"
         (tmp / "config.yaml").write_text(to_yaml(run_cfg))
     src = data.source.get("layout") or {}
-    log(f"resharded {data.source.get('checkpoint', ckpt)} (TP {src.get('tp')} × PP {src.get('pp')} × "
+    log(
+        f"resharded {data.source.get('checkpoint', ckpt)} (TP {src.get('tp')} × PP {src.get('pp')} × "
         f"DP {src.get('dp')}, ZeRO-{src.get('zero')}) → {out} for TP {p.tensor} × PP {p.pipeline}, "
-        f"ZeRO-{p.zero_stage}" + (" with optimizer state" if data.optimizer is not None else "") +
-        f"\n  continue with: loom train {Path(out) / 'config.yaml'} --resume {out}  (any DP size; the data "
-        f"stream restarts)")
+        f"ZeRO-{p.zero_stage}"
+        + (" with optimizer state" if data.optimizer is not None else "")
+        + f"\n  continue with: loom train {Path(out) / 'config.yaml'} --resume {out}  (any DP size; the data "
+        f"stream restarts)"
+    )
     return Path(out)
 
 
-__all__ = ["local_slice", "load_consolidated_into_stage", "load_consolidated_into_engine", "load_start_point",
-           "is_start_point", "check_compatible", "reshard"]
+__all__ = [
+    "local_slice",
+    "load_consolidated_into_stage",
+    "load_consolidated_into_engine",
+    "load_start_point",
+    "is_start_point",
+    "check_compatible",
+    "reshard",
+]

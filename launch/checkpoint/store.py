@@ -11,6 +11,7 @@ Everything is written into `.tmp-step_…` and renamed when complete, then `late
 crash mid-write leaves at most a temporary folder that is never loaded. On resume the newest
 checkpoint whose manifest verifies is used; a corrupted one is reported and skipped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -114,8 +115,12 @@ def resolve_resume(resume: str, run_dir: str, log=print) -> Path | None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -133,8 +138,9 @@ def all_finite(module: torch.nn.Module) -> bool:
     return bool(ok.item())
 
 
-def save(engine, run_dir: str, step: int, rank_state: dict, meta: dict, tokenizer_path: str | None,
-         keep_last: int) -> Path:
+def save(
+    engine, run_dir: str, step: int, rank_state: dict, meta: dict, tokenizer_path: str | None, keep_last: int
+) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint folder."""
     if not all_finite(engine.module):
         raise CheckpointError(f"refusing to save step {step}: the weights contain NaN or inf")
@@ -151,8 +157,9 @@ def save(engine, run_dir: str, step: int, rank_state: dict, meta: dict, tokenize
         error = exc
     _agree(error, "preparing", tmp)
     try:
-        engine.save_checkpoint(str(tmp / "ds"), tag="state", client_state={"universal_checkpoint_info": {}},
-                               save_latest=False)
+        engine.save_checkpoint(
+            str(tmp / "ds"), tag="state", client_state={"universal_checkpoint_info": {}}, save_latest=False
+        )
         torch.save(rank_state, tmp / "loom" / f"rank_{rank:05d}.pt")
     except (OSError, RuntimeError) as exc:  # a full disk surfaces as either
         error = exc
@@ -188,8 +195,9 @@ def _agree(error: Exception | None, phase: str, tmp: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     detail = f": {error}" if error is not None else " on another rank"
-    raise CheckpointError(f"checkpoint save failed while {phase} {tmp.name}{detail}; the previous checkpoints "
-                          f"are intact")
+    raise CheckpointError(
+        f"checkpoint save failed while {phase} {tmp.name}{detail}; the previous checkpoints are intact"
+    )
 
 
 def _apply_retention(root: Path, keep_last: int) -> None:

@@ -1,4 +1,5 @@
 """CLI wiring for `loom bench` (the benchmark library is `launch.bench`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ def command_line(args: argparse.Namespace) -> str:
     for name in ("rounds", "steps", "warmup", "threads", "corpus", "quiet_wait"):
         value = getattr(args, name)
         if value is not None:
-            parts.append(f"--{name.replace('_', '-')} {value:g}" if isinstance(value, float) else
-                         f"--{name.replace('_', '-')} {value}")
+            parts.append(
+                f"--{name.replace('_', '-')} {value:g}"
+                if isinstance(value, float)
+                else f"--{name.replace('_', '-')} {value}"
+            )
     if args.sections:
         parts.append("--sections " + ",".join(args.sections))
     return " ".join(parts)
@@ -41,9 +45,17 @@ def command_line(args: argparse.Namespace) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from loom.launch.bench import BenchOptions, run_bench
 
-    opts = BenchOptions.make(quick=args.quick, large=args.large, rounds=args.rounds, steps=args.steps,
-                             warmup=args.warmup, threads=args.threads, sections=args.sections, corpus=args.corpus,
-                             quiet_wait=args.quiet_wait)
+    opts = BenchOptions.make(
+        quick=args.quick,
+        large=args.large,
+        rounds=args.rounds,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
+        sections=args.sections,
+        corpus=args.corpus,
+        quiet_wait=args.quiet_wait,
+    )
     log = (lambda line: None) if args.silent else (lambda line: print(line, file=sys.stderr, flush=True))
     report = run_bench(opts, log=log)
     text = report.text()
@@ -55,27 +67,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("bench",
-                       help="benchmarks against peers (HF Llama, megatron-core GPTModel) and the hardware limit",
-                       description="Measure Loom's training step against Hugging Face LlamaForCausalLM (sdpa) and "
-                                   "megatron-core GPTModel at the same shape, the techniques' time and memory "
-                                   "overhead, parallel layouts, ZeRO per-rank bytes and the data path, with the "
-                                   "hardware ceiling probed in the same run. Configurations alternate round by "
-                                   "round; medians and paired ratios are reported as a markdown table on stdout "
-                                   "(progress on stderr).")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks against peers (HF Llama, megatron-core GPTModel) and the hardware limit",
+        description="Measure Loom's training step against Hugging Face LlamaForCausalLM (sdpa) and "
+        "megatron-core GPTModel at the same shape, the techniques' time and memory "
+        "overhead, parallel layouts, ZeRO per-rank bytes and the data path, with the "
+        "hardware ceiling probed in the same run. Configurations alternate round by "
+        "round; medians and paired ratios are reported as a markdown table on stdout "
+        "(progress on stderr).",
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny shape, 2 rounds: checks the harness in ~1-2 minutes")
     size.add_argument("--large", action="store_true", help="8 layers, d=1024, vocab 32000, seq 512 (slow on CPU)")
     p.add_argument("--rounds", type=_positive, default=None, help="alternating rounds (default 8; 2 with --quick)")
     p.add_argument("--steps", type=_positive, default=None, help="timed steps per configuration per round (default 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per configuration first (default 2)")
-    p.add_argument("--threads", type=_positive, default=None,
-                   help="threads of single-process configurations (default 2)")
-    p.add_argument("--sections", type=_sections, default=None,
-                   help="comma list of peers,techniques,layouts,zero,data (default: all)")
+    p.add_argument(
+        "--threads", type=_positive, default=None, help="threads of single-process configurations (default 2)"
+    )
+    p.add_argument(
+        "--sections",
+        type=_sections,
+        default=None,
+        help="comma list of peers,techniques,layouts,zero,data (default: all)",
+    )
     p.add_argument("--corpus", default=None, help="corpus of the data-path section (default linuxdoc)")
-    p.add_argument("--quiet-wait", type=float, default=None, metavar="SECONDS",
-                   help="before each round wait up to this long for the rest of the machine to go idle (default 0)")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="before each round wait up to this long for the rest of the machine to go idle (default 0)",
+    )
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_bench)

@@ -3,6 +3,7 @@
 Attribute docstrings (a string literal right after a field) are the single place a field is
 documented; `docs/config.md` is rendered from them and a test keeps it in sync.
 """
+
 from __future__ import annotations
 
 import ast
@@ -19,8 +20,11 @@ def field_docs(cls) -> dict[str, str]:
     docs = {}
     for node, following in zip(body, body[1:] + [None]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                    and isinstance(following.value.value, str)):
+            if (
+                isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(following.value.value.split())
     return docs
 
@@ -52,9 +56,13 @@ def iter_fields(cls, prefix: str = ""):
 
 
 def render_markdown(cls) -> str:
-    lines = ["# Configuration reference", "",
-             "Generated from the config dataclasses' field docstrings by `loom config docs`; "
-             "a test keeps it in sync. Override any field on the command line with `key.path=value`.", ""]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the config dataclasses' field docstrings by `loom config docs`; "
+        "a test keeps it in sync. Override any field on the command line with `key.path=value`.",
+        "",
+    ]
     for path, type_name, default, doc, is_section in iter_fields(cls):
         if is_section:
             lines += ["", f"## `{path}`", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]

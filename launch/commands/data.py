@@ -3,6 +3,7 @@
 Handlers take the argparse namespace and return an exit code. Bad input raises ValueError or
 FileNotFoundError with a one-line message; the CLI's main prints it as `error: ...` and exits 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,15 @@ import time
 def _add_source_args(parser: argparse.ArgumentParser, what: str) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", metavar="NAME", help=f"built-in corpus to {what} (see `loom data list`)")
-    source.add_argument("--input", metavar="PATH", nargs="+",
-                        help=".txt (one document per file), .jsonl or .jsonl.gz files, folders or globs")
-    parser.add_argument("--cache-dir", metavar="DIR", help="corpus cache (default $LOOM_CACHE/corpora or ~/.cache/loom/corpora)")
+    source.add_argument(
+        "--input",
+        metavar="PATH",
+        nargs="+",
+        help=".txt (one document per file), .jsonl or .jsonl.gz files, folders or globs",
+    )
+    parser.add_argument(
+        "--cache-dir", metavar="DIR", help="corpus cache (default $LOOM_CACHE/corpora or ~/.cache/loom/corpora)"
+    )
 
 
 def _inputs(args: argparse.Namespace) -> list[str]:
@@ -33,8 +40,10 @@ def cmd_data_list(args: argparse.Namespace) -> int:
     print(f"{'name':<12} {'source':<24} {'license':<36} {'built':<5} description")
     for corpus in CORPORA.values():
         built = "yes" if os.path.isfile(os.path.join(cache, f"{corpus.name}.jsonl")) else "no"
-        print(f"{corpus.name:<12} {corpus.source:<24} {corpus.license:<36} {built:<5} "
-              f"{corpus.description} ({corpus.role})")
+        print(
+            f"{corpus.name:<12} {corpus.source:<24} {corpus.license:<36} {built:<5} "
+            f"{corpus.description} ({corpus.role})"
+        )
     print(f"cache: {cache}")
     return 0
 
@@ -47,8 +56,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     path = ensure_corpus(args.name, args.cache_dir)
     with open(path, encoding="utf-8") as f:
         documents = sum(1 for _ in f)
-    print(f"{args.name}: {documents} documents, {os.path.getsize(path) / 1e6:.1f} MB in {path} "
-          f"({time.perf_counter() - start:.1f}s)")
+    print(
+        f"{args.name}: {documents} documents, {os.path.getsize(path) / 1e6:.1f} MB in {path} "
+        f"({time.perf_counter() - start:.1f}s)"
+    )
     return 0
 
 
@@ -56,11 +67,19 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from loom.data.tokenizer import Tokenizer, train_tokenizer
 
     start = time.perf_counter()
-    model = train_tokenizer(_inputs(args), args.out, vocab_size=args.vocab_size, model_type=args.model_type,
-                            num_threads=args.threads, input_sentence_size=args.sample_lines)
+    model = train_tokenizer(
+        _inputs(args),
+        args.out,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        num_threads=args.threads,
+        input_sentence_size=args.sample_lines,
+    )
     tok = Tokenizer(model)
-    print(f"trained {args.model_type} tokenizer, vocab {tok.vocab_size}: {model} "
-          f"(sha256 {tok.sha256[:12]}, {time.perf_counter() - start:.1f}s)")
+    print(
+        f"trained {args.model_type} tokenizer, vocab {tok.vocab_size}: {model} "
+        f"(sha256 {tok.sha256[:12]}, {time.perf_counter() - start:.1f}s)"
+    )
     return 0
 
 
@@ -69,13 +88,22 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from loom.data.shards import preprocess
 
     start = time.perf_counter()
-    manifests = preprocess(_inputs(args), args.tokenizer, args.out, seq_length=args.seq_length,
-                           samples_per_shard=args.samples_per_shard, num_workers=args.workers,
-                           val_percent=args.val_percent, progress=not args.quiet)
+    manifests = preprocess(
+        _inputs(args),
+        args.tokenizer,
+        args.out,
+        seq_length=args.seq_length,
+        samples_per_shard=args.samples_per_shard,
+        num_workers=args.workers,
+        val_percent=args.val_percent,
+        progress=not args.quiet,
+    )
     for split, path in manifests.items():
         m = load_manifest(path)
-        print(f"{split}: {m.num_documents} documents -> {m.num_samples} samples x {m.sample_length} tokens "
-              f"in {len(m.shards)} shards ({m.dtype}): {path}")
+        print(
+            f"{split}: {m.num_documents} documents -> {m.num_samples} samples x {m.sample_length} tokens "
+            f"in {len(m.shards)} shards ({m.dtype}): {path}"
+        )
     print(f"done in {time.perf_counter() - start:.1f}s")
     return 0
 
@@ -108,10 +136,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model file")
     pre.add_argument("--out", required=True, metavar="DIR")
     pre.add_argument("--seq-length", type=int, required=True, help="tokens per sample is seq_length + 1")
-    pre.add_argument("--samples-per-shard", type=int, default=256,
-                     help="samples per .tar shard (enough shards for every rank x worker stream)")
-    pre.add_argument("--val-percent", type=float, default=0.0,
-                     help="hold out this percent of documents (by crc32 of the text) into DIR/val")
+    pre.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=256,
+        help="samples per .tar shard (enough shards for every rank x worker stream)",
+    )
+    pre.add_argument(
+        "--val-percent",
+        type=float,
+        default=0.0,
+        help="hold out this percent of documents (by crc32 of the text) into DIR/val",
+    )
     pre.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     pre.set_defaults(func=cmd_preprocess)

@@ -3,11 +3,10 @@ embedding table, run the T aligning steps with centroids, weights and anchor fix
 row norms, and write a start point with the aligned table (a tied output layer is the same table;
 an untied one is left alone, `apply_to_output_embedding: tied`). The Adam state is carried over
 unchanged, as the spec says; training or export continues from the result at any layout."""
+
 from __future__ import annotations
 
 import dataclasses
-
-import torch
 
 from loom.launch.checkpoint.consolidated import ConvertError, load, output_folder, write_consolidated
 
@@ -26,8 +25,11 @@ def align_embeddings(ckpt: str, out: str, force: bool = False, log=print) -> dic
     moved = float((aligned - table).norm() / table.norm())
     weights = dict(data.weights, **{"embedding.weight": aligned})
     with output_folder(out, force) as folder:
-        write_consolidated(dataclasses.replace(data, weights=weights), folder, kind="align-embeddings",
-                           extra={"hcma": {"relative_change": moved,
-                                           **{k: float(v) for k, v in hcma.metrics().items()}}})
+        write_consolidated(
+            dataclasses.replace(data, weights=weights),
+            folder,
+            kind="align-embeddings",
+            extra={"hcma": {"relative_change": moved, **{k: float(v) for k, v in hcma.metrics().items()}}},
+        )
     log(f"aligned {table.shape[0]} embedding rows (relative change {moved:.4f}) → {out}")
     return {"relative_change": moved}

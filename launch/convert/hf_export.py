@@ -18,6 +18,7 @@ Tokens: Loom's training loss adds no BOS (documents are packed and separated by 
 exported tokenizer adds `<s>` like Llama's. The ids of the text itself are identical; a prompt that
 starts with BOS is a slightly different context from what the model mostly saw in training.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,16 @@ from typing import Optional
 
 import torch
 
-from loom.launch.checkpoint.consolidated import (INFO_FILE, TOKENIZER_FILE, Consolidated, ConvertError, is_training_only, load,
-                            output_folder, save_safetensors)
+from loom.launch.checkpoint.consolidated import (
+    INFO_FILE,
+    TOKENIZER_FILE,
+    Consolidated,
+    ConvertError,
+    is_training_only,
+    load,
+    output_folder,
+    save_safetensors,
+)
 
 HF_README = """# {name} (exported by `loom convert to-hf`)
 
@@ -72,8 +81,10 @@ def llama_state_dict(weights: dict, cfg) -> dict[str, torch.Tensor]:
     d, hd, kv = cfg.hidden_size, cfg.head_dim, cfg.kv_heads
     qpg = cfg.num_heads // kv
     V = cfg.vocab_size
-    out = {"model.embed_tokens.weight": weights["embedding.weight"][:V],
-           "model.norm.weight": weights["final_norm.weight"]}
+    out = {
+        "model.embed_tokens.weight": weights["embedding.weight"][:V],
+        "model.norm.weight": weights["final_norm.weight"],
+    }
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = weights["output_layer.weight"][:V]
     for i in range(cfg.num_layers):
@@ -135,20 +146,28 @@ def _sp_info(path: Path):
     return sp, model_type
 
 
-SELF_CHECK_TEXTS = ("Hello world", "To be, or not to be: that is the question.",
-                    "x = 12345 + 0.5e-3;\nprint(x)  # two  spaces", "naïve café — 東京 😀 ∑",
-                    "ends with space ")
+SELF_CHECK_TEXTS = (
+    "Hello world",
+    "To be, or not to be: that is the question.",
+    "x = 12345 + 0.5e-3;\nprint(x)  # two  spaces",
+    "naïve café — 東京 😀 ∑",
+    "ends with space ",
+)
 
 
 def export_tokenizer(tokenizer_model: Path, out: Path, vocab_size: int, log=print) -> None:
     """SentencePiece BPE `.model` → `LlamaTokenizer` files (+ the .model itself) in `out`."""
     sp, model_type = _sp_info(tokenizer_model)
     if sp.get_piece_size() != vocab_size:
-        raise ConvertError(f"the tokenizer has {sp.get_piece_size()} pieces but the model's vocabulary is "
-                           f"{vocab_size}: mismatched tokenizer")
+        raise ConvertError(
+            f"the tokenizer has {sp.get_piece_size()} pieces but the model's vocabulary is "
+            f"{vocab_size}: mismatched tokenizer"
+        )
     if model_type != "bpe":
-        raise ConvertError(f"the tokenizer is a SentencePiece {model_type} model; only BPE exports to an exact "
-                           f"Hugging Face LlamaTokenizer (pass --skip-tokenizer to export the weights alone)")
+        raise ConvertError(
+            f"the tokenizer is a SentencePiece {model_type} model; only BPE exports to an exact "
+            f"Hugging Face LlamaTokenizer (pass --skip-tokenizer to export the weights alone)"
+        )
     from transformers import LlamaTokenizer
 
     def piece(i):
@@ -156,13 +175,21 @@ def export_tokenizer(tokenizer_model: Path, out: Path, vocab_size: int, log=prin
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(tokenizer_model, Path(tmp) / "tokenizer.model")
-        tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False,
-                                             bos_token=piece(sp.bos_id()), eos_token=piece(sp.eos_id()),
-                                             unk_token=piece(sp.unk_id()), pad_token=piece(sp.pad_id()))
+        tok = LlamaTokenizer.from_pretrained(
+            tmp,
+            add_bos_token=True,
+            add_eos_token=False,
+            bos_token=piece(sp.bos_id()),
+            eos_token=piece(sp.eos_id()),
+            unk_token=piece(sp.unk_id()),
+            pad_token=piece(sp.pad_id()),
+        )
     bad = [t for t in SELF_CHECK_TEXTS if tok.encode(t, add_special_tokens=False) != sp.encode(t)]
     if bad:
-        log(f"warning: the exported tokenizer encodes {len(bad)} of {len(SELF_CHECK_TEXTS)} check strings "
-            f"differently from SentencePiece (e.g. {bad[0]!r})")
+        log(
+            f"warning: the exported tokenizer encodes {len(bad)} of {len(SELF_CHECK_TEXTS)} check strings "
+            f"differently from SentencePiece (e.g. {bad[0]!r})"
+        )
     tok.save_pretrained(str(out))
     shutil.copyfile(tokenizer_model, out / TOKENIZER_FILE)
 
@@ -176,8 +203,11 @@ def _special_ids(data: Consolidated, cfg) -> dict:
     ids = {"bos_token_id": 2, "eos_token_id": cfg.eos_id, "pad_token_id": 0}
     if data.tokenizer is not None:
         sp, _ = _sp_info(data.tokenizer)
-        ids = {"bos_token_id": sp.bos_id() if sp.bos_id() >= 0 else None, "eos_token_id": cfg.eos_id,
-               "pad_token_id": sp.pad_id() if sp.pad_id() >= 0 else None}
+        ids = {
+            "bos_token_id": sp.bos_id() if sp.bos_id() >= 0 else None,
+            "eos_token_id": cfg.eos_id,
+            "pad_token_id": sp.pad_id() if sp.pad_id() >= 0 else None,
+        }
     return ids
 
 
@@ -190,12 +220,25 @@ def remote_code_techniques(tech, cfg, source_pp: int) -> dict:
     out: dict = {}
     if tech.lcm.enabled:
         c = tech.lcm
-        out["lcm"] = {"blocks": sorted(plan.lcm_blocks), "K": c.K, "beta": c.beta, "a_max": c.a_max,
-                      "n_iter": c.n_iter, "gate": c.gate, "clamp": c.clamp, "placement": c.placement}
+        out["lcm"] = {
+            "blocks": sorted(plan.lcm_blocks),
+            "K": c.K,
+            "beta": c.beta,
+            "a_max": c.a_max,
+            "n_iter": c.n_iter,
+            "gate": c.gate,
+            "clamp": c.clamp,
+            "placement": c.placement,
+        }
     if tech.scr.enabled:
         c = tech.scr
-        out["scr"] = {"blocks": list(plan.scr_blocks), "rank": c.rank, "gamma": c.gamma, "decay": c.decay,
-                      "placement": c.placement}
+        out["scr"] = {
+            "blocks": list(plan.scr_blocks),
+            "rank": c.rank,
+            "gamma": c.gamma,
+            "decay": c.decay,
+            "placement": c.placement,
+        }
     if tech.cmr.enabled:
         readable = {}
         for target in plan.cmr_targets:
@@ -204,11 +247,16 @@ def remote_code_techniques(tech, cfg, source_pp: int) -> dict:
                 per_stage = cfg.num_layers // source_pp
                 first = stage_layer_range(cfg.num_layers, source_pp, (target - 1) // per_stage).start
             readable[str(target)] = plan.slots_before(target, first)
-        out["cmr"] = {"sources": list(plan.cmr_sources), "targets": list(plan.cmr_targets),
-                      "rank": tech.cmr.rank, "readable": readable,
-                      # stage-local CMR carries no bank between the saved layout's pipeline stages
-                      "reset_bank_at": [r * (cfg.num_layers // source_pp) for r in range(1, source_pp)]
-                      if plan.cmr_stage_local else []}
+        out["cmr"] = {
+            "sources": list(plan.cmr_sources),
+            "targets": list(plan.cmr_targets),
+            "rank": tech.cmr.rank,
+            "readable": readable,
+            # stage-local CMR carries no bank between the saved layout's pipeline stages
+            "reset_bank_at": [r * (cfg.num_layers // source_pp) for r in range(1, source_pp)]
+            if plan.cmr_stage_local
+            else [],
+        }
     return out
 
 
@@ -216,12 +264,21 @@ def _require_transformers() -> None:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise ConvertError("exporting to Hugging Face needs the transformers package: "
-                           "pip install transformers") from None
+        raise ConvertError(
+            "exporting to Hugging Face needs the transformers package: pip install transformers"
+        ) from None
 
 
-def to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, remote_code: bool = False, dtype: str = "fp32",
-          tokenizer: Optional[str] = None, skip_tokenizer: bool = False, force: bool = False, log=print) -> Path:
+def to_hf(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    remote_code: bool = False,
+    dtype: str = "fp32",
+    tokenizer: Optional[str] = None,
+    skip_tokenizer: bool = False,
+    force: bool = False,
+    log=print,
+) -> Path:
     """`loom convert to-hf`: checkpoint or consolidated folder → Hugging Face model folder."""
     _require_transformers()
     if dtype not in _DTYPES:
@@ -238,9 +295,11 @@ def to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, remote_code: bool = F
     active = active_techniques(weights, tech)
     if active and not remote_code:
         names = ", ".join(active[:-1]) + (" and " if len(active) > 1 else "") + active[-1]
-        raise ConvertError(f"{names} {'is' if len(active) == 1 else 'are'} on and trained, which "
-                           f"LlamaForCausalLM cannot express; pass --remote-code to export with Loom's own "
-                           f"modeling code (trust_remote_code=True)")
+        raise ConvertError(
+            f"{names} {'is' if len(active) == 1 else 'are'} on and trained, which "
+            f"LlamaForCausalLM cannot express; pass --remote-code to export with Loom's own "
+            f"modeling code (trust_remote_code=True)"
+        )
     if data.tokenizer is None and not skip_tokenizer:
         raise ConvertError("the checkpoint has no tokenizer.model; pass --tokenizer PATH or --skip-tokenizer")
     dropped = sorted({k.split(".")[2] for k in data.weights if is_training_only(k) and k.startswith("layers.")})
@@ -256,8 +315,10 @@ def to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, remote_code: bool = F
             _write_llama(tmp, weights, cfg, torch_dtype, dtype, special)
             folded = [t.upper() for t in LLAMA_TECHNIQUES if getattr(tech, t).enabled]
             if folded:
-                log(f"note: {', '.join(folded)} {'is' if len(folded) == 1 else 'are'} on but still the identity; "
-                    f"exported as a plain Llama")
+                log(
+                    f"note: {', '.join(folded)} {'is' if len(folded) == 1 else 'are'} on but still the identity; "
+                    f"exported as a plain Llama"
+                )
         if not skip_tokenizer:
             export_tokenizer(data.tokenizer, tmp, cfg.vocab_size, log=log)
         extra = ""
@@ -266,15 +327,27 @@ def to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, remote_code: bool = F
         if tech.hcma.enabled:
             extra += "* HCMA shaped the embedding table during training; nothing else is needed at inference.\n"
         if remote_code:
-            extra += ("* Remote code: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; no KV "
-                      "cache (`use_cache=False`), no padding inside a batch.\n")
-        (tmp / "README.md").write_text(HF_README.format(
-            name=data.run_config.get("name", "loom"), arch=arch, source=data.source.get("checkpoint", ckpt),
-            step=step, bos=special["bos_token_id"], eos=special["eos_token_id"],
-            remote=" (remote code: `trust_remote_code=True`)" if remote_code else "", extra=extra))
-    log(f"exported {arch} ({dtype}) to {out}"
+            extra += (
+                "* Remote code: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; no KV "
+                "cache (`use_cache=False`), no padding inside a batch.\n"
+            )
+        (tmp / "README.md").write_text(
+            HF_README.format(
+                name=data.run_config.get("name", "loom"),
+                arch=arch,
+                source=data.source.get("checkpoint", ckpt),
+                step=step,
+                bos=special["bos_token_id"],
+                eos=special["eos_token_id"],
+                remote=" (remote code: `trust_remote_code=True`)" if remote_code else "",
+                extra=extra,
+            )
+        )
+    log(
+        f"exported {arch} ({dtype}) to {out}"
         + ("" if skip_tokenizer else " with its tokenizer (it adds BOS; Loom's training adds none)")
-        + ("; training-only SCA heads dropped" if dropped else ""))
+        + ("; training-only SCA heads dropped" if dropped else "")
+    )
     return Path(out)
 
 
@@ -283,23 +356,36 @@ def _write_llama(tmp: Path, weights: dict, cfg, torch_dtype, dtype: str, special
 
     sd = llama_state_dict(weights, cfg)  # technique tensors (identity here) are left behind
     hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)}, hidden_act="silu",
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=special["bos_token_id"], eos_token_id=special["eos_token_id"],
-        pad_token_id=special["pad_token_id"])
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.seq_length,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=special["bos_token_id"],
+        eos_token_id=special["eos_token_id"],
+        pad_token_id=special["pad_token_id"],
+    )
     hf_cfg.architectures = ["LlamaForCausalLM"]
     hf_cfg.dtype = _DTYPE_NAMES[dtype]
     hf_cfg.save_pretrained(str(tmp))
-    GenerationConfig(bos_token_id=special["bos_token_id"], eos_token_id=special["eos_token_id"],
-                     pad_token_id=special["pad_token_id"]).save_pretrained(str(tmp))
+    GenerationConfig(
+        bos_token_id=special["bos_token_id"], eos_token_id=special["eos_token_id"], pad_token_id=special["pad_token_id"]
+    ).save_pretrained(str(tmp))
     save_safetensors({k: v.to(torch_dtype) for k, v in sd.items()}, tmp / "model.safetensors")
 
 
-def _write_remote_code(tmp: Path, data: Consolidated, weights: dict, cfg, tech, torch_dtype, dtype: str,
-                       special: dict) -> None:
+def _write_remote_code(
+    tmp: Path, data: Consolidated, weights: dict, cfg, tech, torch_dtype, dtype: str, special: dict
+) -> None:
     import transformers
 
     from loom.launch.convert.hf_modeling import FILES, HERE
@@ -307,15 +393,29 @@ def _write_remote_code(tmp: Path, data: Consolidated, weights: dict, cfg, tech, 
     source_pp = int((data.source.get("layout") or {}).get("pp") or 1)
     techniques = remote_code_techniques(tech, cfg, source_pp)
     config = {
-        "architectures": ["LoomForCausalLM"], "model_type": "loom",
-        "auto_map": {"AutoConfig": "configuration_loom.LoomConfig",
-                     "AutoModelForCausalLM": "modeling_loom.LoomForCausalLM"},
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "max_position_embeddings": cfg.seq_length,
-        "rope_theta": float(cfg.rope_theta), "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "techniques": techniques, "document_eos_id": cfg.eos_id, "use_cache": False,
-        "dtype": _DTYPE_NAMES[dtype], "transformers_version": transformers.__version__, **special,
+        "architectures": ["LoomForCausalLM"],
+        "model_type": "loom",
+        "auto_map": {
+            "AutoConfig": "configuration_loom.LoomConfig",
+            "AutoModelForCausalLM": "modeling_loom.LoomForCausalLM",
+        },
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.seq_length,
+        "rope_theta": float(cfg.rope_theta),
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "techniques": techniques,
+        "document_eos_id": cfg.eos_id,
+        "use_cache": False,
+        "dtype": _DTYPE_NAMES[dtype],
+        "transformers_version": transformers.__version__,
+        **special,
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {**special, "use_cache": False, "transformers_version": transformers.__version__}
@@ -323,9 +423,17 @@ def _write_remote_code(tmp: Path, data: Consolidated, weights: dict, cfg, tech, 
     for name in FILES:
         shutil.copyfile(HERE / name, tmp / name)
     keep = {k: v for k, v in weights.items() if not (cfg.tie_embeddings and k == "output_layer.weight")}
-    save_safetensors({k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in keep.items()},
-                     tmp / "model.safetensors")
+    save_safetensors(
+        {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in keep.items()}, tmp / "model.safetensors"
+    )
 
 
-__all__ = ["to_hf", "llama_state_dict", "loom_state_dict", "active_techniques", "export_tokenizer",
-           "remote_code_techniques", "INFO_FILE"]
+__all__ = [
+    "to_hf",
+    "llama_state_dict",
+    "loom_state_dict",
+    "active_techniques",
+    "export_tokenizer",
+    "remote_code_techniques",
+    "INFO_FILE",
+]

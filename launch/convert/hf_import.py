@@ -1,6 +1,7 @@
 """`loom convert from-hf`: a Hugging Face `LlamaForCausalLM` folder (and its SentencePiece tokenizer)
 into a Loom consolidated folder, the start point `loom train --resume` / `model.init_from` accept.
 The weight mapping is the inverse of `launch.convert_hf.llama_state_dict`."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,14 @@ from typing import Optional
 
 import torch
 
-from loom.launch.checkpoint.consolidated import (TOKENIZER_FILE, Consolidated, ConvertError, expected_shapes, output_folder,
-                            write_consolidated)
+from loom.launch.checkpoint.consolidated import (
+    TOKENIZER_FILE,
+    Consolidated,
+    ConvertError,
+    expected_shapes,
+    output_folder,
+    write_consolidated,
+)
 from loom.launch.convert.hf_export import _sp_info, loom_state_dict
 
 
@@ -54,8 +61,9 @@ def model_config_from_hf(hf: dict):
 
     arch = hf.get("architectures") or []
     if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
-        raise ConvertError(f"only Llama-architecture models convert (model_type 'llama'), got "
-                           f"{hf.get('model_type')!r} {arch}")
+        raise ConvertError(
+            f"only Llama-architecture models convert (model_type 'llama'), got {hf.get('model_type')!r} {arch}"
+        )
     problems = []
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {hf.get('hidden_act')!r} (Loom uses SwiGLU/silu)")
@@ -73,21 +81,28 @@ def model_config_from_hf(hf: dict):
     theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or hf.get("rope_theta", 10000.0)
     eos = hf.get("eos_token_id", 3)
     eos = eos[0] if isinstance(eos, list) else eos
-    cfg = ModelConfig(vocab_size=int(hf["vocab_size"]), hidden_size=d, num_layers=int(hf["num_hidden_layers"]),
-                      num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                      ffn_hidden_size=int(hf["intermediate_size"]),
-                      seq_length=int(min(hf.get("max_position_embeddings", 2048), 4096)),
-                      rope_theta=float(theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                      eos_id=int(eos if eos is not None else 3))
+    cfg = ModelConfig(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=d,
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        ffn_hidden_size=int(hf["intermediate_size"]),
+        seq_length=int(min(hf.get("max_position_embeddings", 2048), 4096)),
+        rope_theta=float(theta),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        eos_id=int(eos if eos is not None else 3),
+    )
     shape_problems = cfg.validate(1, 1)
     if shape_problems:
         raise ConvertError("the model's shape is not valid for Loom: " + "; ".join(shape_problems))
     return cfg
 
 
-def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: Optional[str] = None,
-            force: bool = False, log=print) -> Path:
+def from_hf(
+    hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: Optional[str] = None, force: bool = False, log=print
+) -> Path:
     """`loom convert from-hf`: Llama HF folder → a Loom start point (consolidated folder + config.yaml)."""
     from dataclasses import fields
 
@@ -105,11 +120,15 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: Option
     if tok_path.is_file():
         sp, _ = _sp_info(tok_path)
         if sp.get_piece_size() != cfg.vocab_size:
-            raise ConvertError(f"mismatched tokenizer: {tok_path} has {sp.get_piece_size()} pieces but the model's "
-                               f"vocab_size is {cfg.vocab_size} (Loom needs them equal)")
+            raise ConvertError(
+                f"mismatched tokenizer: {tok_path} has {sp.get_piece_size()} pieces but the model's "
+                f"vocab_size is {cfg.vocab_size} (Loom needs them equal)"
+            )
         if sp.eos_id() != cfg.eos_id:
-            raise ConvertError(f"mismatched tokenizer: {tok_path} has EOS id {sp.eos_id()} but the model's "
-                               f"eos_token_id is {cfg.eos_id}")
+            raise ConvertError(
+                f"mismatched tokenizer: {tok_path} has EOS id {sp.eos_id()} but the model's "
+                f"eos_token_id is {cfg.eos_id}"
+            )
     else:
         tok_path = None
     hf_weights = _read_hf_weights(src)
@@ -128,20 +147,33 @@ def from_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: Option
     has_init_from = "init_from" in {f.name for f in fields(ModelConfig)}
     if has_init_from:
         run.model.init_from = str(out_abs)  # type: ignore[attr-defined]
-    data = Consolidated(weights=weights, run_config=to_dict(run),
-                        state={"step": 0, "consumed_tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0},
-                        source={"hf": str(src.resolve()), "model_type": hf.get("model_type")},
-                        tokenizer=tok_path)
+    data = Consolidated(
+        weights=weights,
+        run_config=to_dict(run),
+        state={"step": 0, "consumed_tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0},
+        source={"hf": str(src.resolve()), "model_type": hf.get("model_type")},
+        tokenizer=tok_path,
+    )
     with output_folder(out, force) as tmp:
         write_consolidated(data, tmp, kind="from-hf")
-        header = (f"# Loom run config for continued pretraining of {src.resolve()}\n"
-                  f"# (written by `loom convert from-hf`; edit data/parallel/techniques freely — techniques start\n"
-                  f"# as the identity). Start: loom train {out_abs / 'config.yaml'}"
-                  + ("" if has_init_from else f" --resume {out_abs}") + "\n")
+        header = (
+            f"# Loom run config for continued pretraining of {src.resolve()}\n"
+            f"# (written by `loom convert from-hf`; edit data/parallel/techniques freely — techniques start\n"
+            f"# as the identity). Start: loom train {out_abs / 'config.yaml'}"
+            + ("" if has_init_from else f" --resume {out_abs}")
+            + "\n"
+        )
         (tmp / "config.yaml").write_text(header + to_yaml(run))
     n = sum(v.numel() for v in weights.values())
-    log(f"converted {src} ({n:,} parameters) → Loom start point {out}"
-        + ("" if tok_path else " (no tokenizer.model found: set data.tokenizer to a SentencePiece model with "
-                                f"{cfg.vocab_size} pieces)")
-        + f"\n  train with: loom train {Path(out) / 'config.yaml'}" + ("" if has_init_from else f" --resume {out}"))
+    log(
+        f"converted {src} ({n:,} parameters) → Loom start point {out}"
+        + (
+            ""
+            if tok_path
+            else " (no tokenizer.model found: set data.tokenizer to a SentencePiece model with "
+            f"{cfg.vocab_size} pieces)"
+        )
+        + f"\n  train with: loom train {Path(out) / 'config.yaml'}"
+        + ("" if has_init_from else f" --resume {out}")
+    )
     return Path(out)

@@ -1,5 +1,6 @@
 """Rank 0 of `loom eval`: every rank's records turned into the metrics, with the pure functions of
 `techniques.metrics`, plus the training-time metrics read from the run's TensorBoard logs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +8,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loom.techniques.metrics import (attention as attn_m, entropy as ent_m, geometry as geo_m, lexical as lex_m,
-                                optimization as opt_m, perplexity as ppl_m, recall as rec_m,
-                                representation as rep_m, robustness as rob_m)
+from loom.techniques.metrics import attention as attn_m
+from loom.techniques.metrics import entropy as ent_m
+from loom.techniques.metrics import geometry as geo_m
+from loom.techniques.metrics import lexical as lex_m
+from loom.techniques.metrics import optimization as opt_m
+from loom.techniques.metrics import perplexity as ppl_m
+from loom.techniques.metrics import recall as rec_m
+from loom.techniques.metrics import representation as rep_m
+from loom.techniques.metrics import robustness as rob_m
 
 
 def aggregate(records: list[dict], ev, run_logs: dict) -> dict[str, float]:
@@ -20,8 +27,16 @@ def aggregate(records: list[dict], ev, run_logs: dict) -> dict[str, float]:
             merged.setdefault(k, []).extend(v)
     fam = set(ev.families)
     out: dict[str, float] = {}
-    for section in (_loss_metrics, _document_metrics, _hidden_state_metrics, _generation_metrics,
-                    _attention_metrics, _gain_metrics, _probe_metrics, _embedding_metrics):
+    for section in (
+        _loss_metrics,
+        _document_metrics,
+        _hidden_state_metrics,
+        _generation_metrics,
+        _attention_metrics,
+        _gain_metrics,
+        _probe_metrics,
+        _embedding_metrics,
+    ):
         section(merged, ev, fam, out)
     _run_log_metrics(run_logs, ev, fam, out)
     return out
@@ -49,11 +64,19 @@ def _document_metrics(merged: dict, ev, fam: set, out: dict) -> None:
             w = min(s.ppl_window, max(2, min(len(x) for x in nlls) // 2))
             st = max(1, min(s.ppl_stride, w // 2))
             r = ppl_m.ppl_fluctuation(nlls, w, st)
-            out.update({"ppl_f/ppl_f": r["ppl_f"], "ppl_f/ppl_cv": r["ppl_cv"], "ppl_f/documents": r["documents"],
-                        "ppl_f/window": w})
+            out.update(
+                {
+                    "ppl_f/ppl_f": r["ppl_f"],
+                    "ppl_f/ppl_cv": r["ppl_cv"],
+                    "ppl_f/documents": r["documents"],
+                    "ppl_f/window": w,
+                }
+            )
         if "entropy" in fam:
             r = ent_m.sequence_entropy_stats([torch.as_tensor(d["entropy"]) for d in docs.values()])
-            out.update({"entropy/hbar_mean": r["mean"], "entropy/hbar_var": r["var"], "entropy/sequences": r["sequences"]})
+            out.update(
+                {"entropy/hbar_mean": r["mean"], "entropy/hbar_var": r["var"], "entropy/sequences": r["sequences"]}
+            )
         target = np.concatenate([d["target"] for d in docs.values()])
         ranks = np.concatenate([d["rank"] for d in docs.values()])
         ranks_cos = np.concatenate([d["rank_cos"] for d in docs.values()])
@@ -106,8 +129,9 @@ def _hidden_state_metrics(merged: dict, ev, fam: set, out: dict) -> None:
         if "coherence" in fam:
             for p, name in ((ev.sca_layer, "sca_layer"), (L, "last")):
                 keys = [(d, q) for (d, q), v in sorted(hidden.items()) if q == p and "chunks" in v]
-                r = rep_m.coherence_report([hidden[k]["chunks"] for k in keys],
-                                           groups=[ev.held.doc_source[d] for d, _ in keys])
+                r = rep_m.coherence_report(
+                    [hidden[k]["chunks"] for k in keys], groups=[ev.held.doc_source[d] for d, _ in keys]
+                )
                 for k, v in r.items():
                     out[f"coherence/{name}/{k}"] = v
             out["coherence/sca_layer_index"] = ev.sca_layer
@@ -149,15 +173,15 @@ def _attention_metrics(merged: dict, ev, fam: set, out: dict) -> None:
             disp.setdefault(layer, []).append((dsum, count))
         layers = sorted(by_layer)
         rows = sorted(by_layer[layers[0]])
-        maps = [torch.stack([by_layer[l][i] for i in rows]) for l in layers]
+        maps = [torch.stack([by_layer[ly][i] for i in rows]) for ly in layers]
         ahd = attn_m.cross_layer_ahd(maps)
-        for l, v in zip(layers[:-1], ahd):
-            out[f"ahd/layer{l}"] = v
+        for ly, v in zip(layers[:-1], ahd):
+            out[f"ahd/layer{ly}"] = v
         out["ahd/mean"] = float(np.mean(ahd)) if ahd else float("nan")
-        for l in layers:
-            tot = np.sum(np.asarray(disp[l]), axis=0)
-            out[f"ahd/dispersion_layer{l}"] = tot[0] / max(tot[1], 1)
-        out["ahd/dispersion_mean"] = float(np.mean([out[f"ahd/dispersion_layer{l}"] for l in layers]))
+        for ly in layers:
+            tot = np.sum(np.asarray(disp[ly]), axis=0)
+            out[f"ahd/dispersion_layer{ly}"] = tot[0] / max(tot[1], 1)
+        out["ahd/dispersion_mean"] = float(np.mean([out[f"ahd/dispersion_layer{ly}"] for ly in layers]))
 
 
 def _gain_metrics(merged: dict, ev, fam: set, out: dict) -> None:
@@ -165,8 +189,9 @@ def _gain_metrics(merged: dict, ev, fam: set, out: dict) -> None:
         """NLL gain per setting over records (setting, _, NLL with less context, NLL with more context)."""
         for setting in sorted({r[0] for r in records}):
             sel = [r for r in records if r[0] == setting]
-            out[gain_key(setting)] = ppl_m.nll_gain(np.concatenate([r[2] for r in sel]),
-                                                    np.concatenate([r[3] for r in sel]))
+            out[gain_key(setting)] = ppl_m.nll_gain(
+                np.concatenate([r[2] for r in sel]), np.concatenate([r[3] for r in sel])
+            )
             out[count_key(setting)] = len(sel)
 
     gains(merged.get("persist") or [], lambda m: f"persistence/gain_{m:g}x", lambda m: f"persistence/segments_{m:g}x")
@@ -183,8 +208,9 @@ def _probe_metrics(merged: dict, ev, fam: set, out: dict) -> None:
             ms = np.sum(np.asarray([(m[1], m[2]) for m in merged.get("kv_ms", []) if m[0] == n]), axis=0)
             out[f"kv_recall/N{n}/ms_per_token"] = ms[0] / max(ms[1], 1)
         out["kv_recall/exact_match_mean"] = _nanmean(v for k, v in out.items() if k.endswith("/exact_match"))
-        out["kv_recall/teacher_forced_mean"] = _nanmean(v for k, v in out.items()
-                                                        if k.startswith("kv_recall/N") and k.endswith("/teacher_forced"))
+        out["kv_recall/teacher_forced_mean"] = _nanmean(
+            v for k, v in out.items() if k.startswith("kv_recall/N") and k.endswith("/teacher_forced")
+        )
 
     if merged.get("num"):
         for n in sorted({x[0] for x in merged["num"]}):
@@ -198,10 +224,12 @@ def _probe_metrics(merged: dict, ev, fam: set, out: dict) -> None:
 def _embedding_metrics(merged: dict, ev, fam: set, out: dict) -> None:
     if merged.get("robust"):
         rb = sorted(merged["robust"], key=lambda x: x[0])
-        out["robustness/token_delta_nll"] = rob_m.delta_nll(np.concatenate([x[1] for x in rb]),
-                                                            np.concatenate([x[2] for x in rb]))
-        out["robustness/token_top1_agreement"] = rob_m.top1_agreement(np.concatenate([x[3] for x in rb]),
-                                                                      np.concatenate([x[4] for x in rb]))
+        out["robustness/token_delta_nll"] = rob_m.delta_nll(
+            np.concatenate([x[1] for x in rb]), np.concatenate([x[2] for x in rb])
+        )
+        out["robustness/token_top1_agreement"] = rob_m.top1_agreement(
+            np.concatenate([x[3] for x in rb]), np.concatenate([x[4] for x in rb])
+        )
         r = rob_m.accuracy_drop(np.concatenate([x[5] for x in rb]), np.concatenate([x[6] for x in rb]))
         out["robustness/fgsm_acc_clean"] = r["acc_clean"]
         out["robustness/fgsm_acc_adversarial"] = r["acc_adversarial"]
@@ -221,11 +249,15 @@ def _run_log_metrics(run_logs: dict, ev, fam: set, out: dict) -> None:
     elif "smoothness" in fam:
         ev.notes.append("smoothness: the run's TensorBoard has no train/grad_norm")
     if "overhead" in fam:
-        for tag, key in (("throughput/tokens_per_s", "train_tokens_per_s"), ("time/step_s", "train_step_s"),
-                         ("memory/peak_allocated_gb", "train_peak_memory_gb"), ("memory/rss_gb", "train_rss_gb")):
+        for tag, key in (
+            ("throughput/tokens_per_s", "train_tokens_per_s"),
+            ("time/step_s", "train_step_s"),
+            ("memory/peak_allocated_gb", "train_peak_memory_gb"),
+            ("memory/rss_gb", "train_rss_gb"),
+        ):
             if run_logs.get(tag):
                 vals = [v for _, v in sorted(run_logs[tag].items())]
-                tail = vals[len(vals) // 2:] or vals  # the second half: past start-up effects
+                tail = vals[len(vals) // 2 :] or vals  # the second half: past start-up effects
                 out[f"overhead/{key}"] = float(max(tail) if "memory" in tag else np.median(tail))
 
 
@@ -237,5 +269,8 @@ def read_run_logs(run_dir: Path) -> dict[str, dict[int, float]]:
 
     acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]
-            if not tag.startswith("evaluate/")}
+    return {
+        tag: {e.step: e.value for e in acc.Scalars(tag)}
+        for tag in acc.Tags()["scalars"]
+        if not tag.startswith("evaluate/")
+    }

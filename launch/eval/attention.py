@@ -1,5 +1,6 @@
 """Attention maps for the AHD family: probabilities recomputed from each attention module's inputs
 by a forward hook on the stage that owns the layer, reduced over heads across the TP group."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,6 +28,7 @@ class AttentionPass:
             maps: dict[int, Any] = {}
             handles = []
             for idx, block in self.m.module.layers.items():
+
                 def hook(mod, inputs, output, layer=int(idx) + 1):
                     probs = attention_maps(mod, *inputs, qpos)  # [b, h_local, Q, s]
                     mean = attn_m.head_sum(probs)
@@ -37,6 +39,7 @@ class AttentionPass:
                     if self.m.layout.tp > 1:
                         dist.all_reduce(disp, group=tp_group)
                     maps[layer] = (mean.float(), float(disp), probs.shape[0] * heads * probs.shape[2])
+
                 handles.append(block.attention.register_forward_hook(hook))
             try:
                 self.m.forward(rows_all[chunk])

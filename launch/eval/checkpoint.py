@@ -7,10 +7,12 @@ into data-parallel partitions, so they are consolidated into full weights first 
 the code behind `loom convert consolidate`) and sliced for this rank's TP shard and PP stage
 (`launch.convert_layout`).
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import torch
 
 
@@ -28,8 +30,13 @@ def run_config_from_meta(config: dict):
             path = f"{prefix}{key}"
             if path not in known:
                 continue
-            out[key] = prune(value, path + ".") if isinstance(value, dict) and value and \
-                not isinstance(getattr(known[path], "default", None), (dict, list)) else value
+            out[key] = (
+                prune(value, path + ".")
+                if isinstance(value, dict)
+                and value
+                and not isinstance(getattr(known[path], "default", None), (dict, list))
+                else value
+            )
         return out
 
     schema = OmegaConf.structured(RunConfig)
@@ -71,8 +78,9 @@ def _load_model_parallel_file(module: torch.nn.Module, folder: Path, mp_rank: in
     missing = [k for k in missing if not k.endswith("_extra_state")]
     unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise ValueError(f"{state_file}: weights do not match the config (missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]})")
+        raise ValueError(
+            f"{state_file}: weights do not match the config (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
 
 
 def _load_zero3(module: torch.nn.Module, folder: Path) -> None:
@@ -85,8 +93,9 @@ def _load_zero3(module: torch.nn.Module, folder: Path) -> None:
     # a technique tensor that is absent would silently keep its identity init: evaluate the saved network or nothing
     fresh = load_consolidated_into_stage(module, weights)
     if fresh:
-        raise ValueError(f"{folder}: the consolidated weights lack {len(fresh)} tensor(s) of the model, "
-                         f"e.g. {fresh[0]}")
+        raise ValueError(
+            f"{folder}: the consolidated weights lack {len(fresh)} tensor(s) of the model, e.g. {fresh[0]}"
+        )
 
 
 def reference_embedding_table(folder: Path, vocab_size: int) -> torch.Tensor:
@@ -99,8 +108,9 @@ def reference_embedding_table(folder: Path, vocab_size: int) -> torch.Tensor:
     tp = int(meta.get("layout", {}).get("tp", 1))
     parts = []
     for tp_rank in range(tp):
-        sd = torch.load(folder / "ds" / "state" / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu",
-                        weights_only=False)["module"]
+        sd = torch.load(
+            folder / "ds" / "state" / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu", weights_only=False
+        )["module"]
         parts.append(sd["embedding.weight"].float())
     return torch.cat(parts)[:vocab_size]
 

@@ -1,5 +1,6 @@
 """Held-out text for `loom eval`: the token stream, the documents of the document pass, probe
 filler, and training-token frequencies for the frequency buckets."""
+
 from __future__ import annotations
 
 import random
@@ -38,7 +39,9 @@ def split_docs(stream: np.ndarray, eos: int, complete_tail: bool) -> list[np.nda
     return [d for d in docs if len(d)]
 
 
-def read_heldout(source: str, tokenizer, settings: EvalSettings, cache_dir: Optional[str], log=print) -> tuple[np.ndarray, str]:
+def read_heldout(
+    source: str, tokenizer, settings: EvalSettings, cache_dir: Optional[str], log=print
+) -> tuple[np.ndarray, str]:
     """Token stream of `source`: a shard manifest (or its folder; the `val` split when present),
     a built-in corpus name, or text files (.txt/.jsonl/.jsonl.gz, globs, folders)."""
     from loom.data.corpora import CORPORA, ensure_corpus, iter_documents
@@ -47,8 +50,9 @@ def read_heldout(source: str, tokenizer, settings: EvalSettings, cache_dir: Opti
 
     limit = settings.max_stream_tokens
     path = Path(source)
-    is_manifest = source.endswith(".json") or (path.is_dir() and ((path / "manifest.json").is_file()
-                                                                   or (path / "val" / "manifest.json").is_file()))
+    is_manifest = source.endswith(".json") or (
+        path.is_dir() and ((path / "manifest.json").is_file() or (path / "val" / "manifest.json").is_file())
+    )
     if is_manifest or "://" in source or source.startswith("pipe:"):
         manifest = load_manifest(source, split="val")
         check_compatible(manifest, tokenizer_sha256=tokenizer.sha256)
@@ -78,8 +82,9 @@ def read_heldout(source: str, tokenizer, settings: EvalSettings, cache_dir: Opti
     return np.concatenate(parts), label
 
 
-def select_heldout(stream: np.ndarray, tokenizer, label: str, settings: EvalSettings, seq_length: int,
-                   from_manifest: bool) -> Heldout:
+def select_heldout(
+    stream: np.ndarray, tokenizer, label: str, settings: EvalSettings, seq_length: int, from_manifest: bool
+) -> Heldout:
     eos = tokenizer.eos_id
     docs = split_docs(stream, eos, complete_tail=True)  # a manifest's last document may be cut: still real text
     min_len = max(settings.min_doc_tokens, seq_length)
@@ -88,15 +93,21 @@ def select_heldout(stream: np.ndarray, tokenizer, label: str, settings: EvalSett
     segments = []
     for i, d in enumerate(docs):
         for k in range(max(1, settings.doc_segments)):
-            seg = d[k * settings.max_doc_tokens:(k + 1) * settings.max_doc_tokens]
+            seg = d[k * settings.max_doc_tokens : (k + 1) * settings.max_doc_tokens]
             if len(seg) >= min_len:
                 segments.append((i, seg))
     rng = random.Random(settings.seed)
     chosen = sorted(rng.sample(range(len(segments)), min(settings.max_docs, len(segments))))
     filler = stream[stream != eos]
     words = rec_m.key_words(tokenizer.decode(filler[:60000].tolist()))
-    return Heldout(stream=stream, docs=[segments[i][1] for i in chosen], filler=filler, words=words, source=label,
-                   doc_source=[segments[i][0] for i in chosen])
+    return Heldout(
+        stream=stream,
+        docs=[segments[i][1] for i in chosen],
+        filler=filler,
+        words=words,
+        source=label,
+        doc_source=[segments[i][0] for i in chosen],
+    )
 
 
 def training_token_counts(train_source: Optional[str], vocab_size: int, log=print) -> Optional[np.ndarray]:
@@ -132,8 +143,28 @@ def continuation_encoder(tokenizer):
     return encode
 
 
-_STOPWORDS = {"the", "a", "an", "of", "to", "and", "or", "in", "on", "is", "it", "that", "this", "as", "for",
-              "with", "be", "by", "at", "from"}
+_STOPWORDS = {
+    "the",
+    "a",
+    "an",
+    "of",
+    "to",
+    "and",
+    "or",
+    "in",
+    "on",
+    "is",
+    "it",
+    "that",
+    "this",
+    "as",
+    "for",
+    "with",
+    "be",
+    "by",
+    "at",
+    "from",
+}
 
 
 def non_content_positions(ids, tokenizer) -> list[int]:

@@ -1,5 +1,6 @@
 """Embedding-space families of `loom eval`: robustness to nearest-neighbour token substitution and
 to an L2 fast-gradient step on the input embeddings, and the geometry of the embedding table."""
+
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,8 @@ import torch.distributed as dist
 
 from loom.launch.eval.checkpoint import before_alignment_table
 from loom.launch.eval.settings import batches_of
-from loom.techniques.metrics import geometry as geo_m, robustness as rob_m
+from loom.techniques.metrics import geometry as geo_m
+from loom.techniques.metrics import robustness as rob_m
 
 
 class EmbeddingPasses:
@@ -30,8 +32,13 @@ class EmbeddingPasses:
             clean = rows_all[chunk]
             pert = clean.copy()
             for r, i in enumerate(chunk):
-                ctx, _ = rob_m.substitute_tokens(clean[r, : half + 1].tolist(), nn_ids, self.s.robust_fraction,
-                                                 seed=self.s.seed * 100003 + i, protect=[0])
+                ctx, _ = rob_m.substitute_tokens(
+                    clean[r, : half + 1].tolist(),
+                    nn_ids,
+                    self.s.robust_fraction,
+                    seed=self.s.seed * 100003 + i,
+                    protect=[0],
+                )
                 pert[r, : half + 1] = ctx
             a, _ = self.m.forward(clean)
             b, _ = self.m.forward(pert)
@@ -48,8 +55,13 @@ class EmbeddingPasses:
             handle = module.embedding.register_forward_hook(lambda m_, i_, o: keep_grad(o)) if module.is_first else None
             tokens = torch.as_tensor(clean, dtype=torch.long, device=self.m.device)
             try:
-                forward_backward_1f1b(lambda mb, rec: module(mb, rec, update_ema=False), [tokens], self.m.pp_group,
-                                      module.carry_specs(tokens.shape[0], s, self.m.dtype), self.m.device)
+                forward_backward_1f1b(
+                    lambda mb, rec: module(mb, rec, update_ema=False),
+                    [tokens],
+                    self.m.pp_group,
+                    module.carry_specs(tokens.shape[0], s, self.m.dtype),
+                    self.m.device,
+                )
             finally:
                 if handle is not None:
                     handle.remove()
@@ -65,9 +77,18 @@ class EmbeddingPasses:
                 c, _ = self.m.forward(clean, embed_delta=delta)
             if a is not None:
                 for r, i in enumerate(chunk):
-                    self.record("robust", (i, a["nll"][r, half:].numpy(), b["nll"][r, half:].numpy(),
-                                           a["argmax"][r, half:].numpy(), b["argmax"][r, half:].numpy(),
-                                           (a["rank"][r] == 0).numpy(), (c["rank"][r] == 0).numpy()))
+                    self.record(
+                        "robust",
+                        (
+                            i,
+                            a["nll"][r, half:].numpy(),
+                            b["nll"][r, half:].numpy(),
+                            a["argmax"][r, half:].numpy(),
+                            b["argmax"][r, half:].numpy(),
+                            (a["rank"][r] == 0).numpy(),
+                            (c["rank"][r] == 0).numpy(),
+                        ),
+                    )
 
     def geometry(self) -> None:
         table = self.m.full_embedding_table()
@@ -88,5 +109,10 @@ class EmbeddingPasses:
             self.notes.append(f"geometry: no clustering ({exc})")
         before = before_alignment_table(self.s.reference, cfg, self.m.layout.tp)
         self.record("geo", ("knn10_overlap", geo_m.knn_overlap(before, table, self.s.knn_k)))
-        self.record("geo", ("low_density_fraction", geo_m.low_density_fraction(
-            table, hcfg.knn, hcfg.pi_max, projection=hcma.projection)))
+        self.record(
+            "geo",
+            (
+                "low_density_fraction",
+                geo_m.low_density_fraction(table, hcfg.knn, hcfg.pi_max, projection=hcma.projection),
+            ),
+        )

@@ -28,6 +28,7 @@ The pieces, in the order one evaluation uses them:
     eval_aggregate   rank 0: records → metrics; the run's TensorBoard logs
     eval_report      JSON, TensorBoard scalars, console summary
 """
+
 from __future__ import annotations
 
 import time
@@ -40,35 +41,77 @@ import torch.distributed as dist
 from loom.launch.eval.aggregate import aggregate, read_run_logs
 from loom.launch.eval.attention import attention_maps
 from loom.launch.eval.checkpoint import resolve_checkpoint_dir, run_config_from_meta
-from loom.launch.eval.data import (Heldout, non_content_positions, read_heldout, select_heldout, split_docs,
-                              training_token_counts)
+from loom.launch.eval.data import (
+    Heldout,
+    non_content_positions,
+    read_heldout,
+    select_heldout,
+    split_docs,
+    training_token_counts,
+)
 from loom.launch.eval.model import EvalModel
 from loom.launch.eval.report import json_safe, print_summary, write_json, write_tensorboard
 from loom.launch.eval.runner import Evaluator
-from loom.launch.eval.settings import (COUNT_FAMILIES, FAMILIES, RUN_LOG_FAMILIES, EvalSettings, log0, parse_families,
-                                  parse_lengths, parse_settings)
+from loom.launch.eval.settings import (
+    COUNT_FAMILIES,
+    FAMILIES,
+    RUN_LOG_FAMILIES,
+    EvalSettings,
+    log0,
+    parse_families,
+    parse_lengths,
+    parse_settings,
+)
 
 # names older callers and tests use
 _lengths = parse_lengths
 _split_docs = split_docs
 
-__all__ = ["FAMILIES", "EvalSettings", "EvalModel", "Evaluator", "Heldout", "aggregate", "attention_maps",
-           "eval_from_cli", "evaluate", "log0", "non_content_positions", "parse_families", "parse_settings",
-           "read_heldout", "read_run_logs", "resolve_checkpoint_dir", "run_config_from_meta", "select_heldout",
-           "training_token_counts"]
+__all__ = [
+    "FAMILIES",
+    "EvalSettings",
+    "EvalModel",
+    "Evaluator",
+    "Heldout",
+    "aggregate",
+    "attention_maps",
+    "eval_from_cli",
+    "evaluate",
+    "log0",
+    "non_content_positions",
+    "parse_families",
+    "parse_settings",
+    "read_heldout",
+    "read_run_logs",
+    "resolve_checkpoint_dir",
+    "run_config_from_meta",
+    "select_heldout",
+    "training_token_counts",
+]
 
 
-def evaluate(checkpoint: str, data: Optional[str], families: list[str], settings: EvalSettings,
-             out: Optional[str], tb: Optional[str], train_data: Optional[str] = None) -> Optional[dict]:
+def evaluate(
+    checkpoint: str,
+    data: Optional[str],
+    families: list[str],
+    settings: EvalSettings,
+    out: Optional[str],
+    tb: Optional[str],
+    train_data: Optional[str] = None,
+) -> Optional[dict]:
     """Collective over the world. Returns the result dict on rank 0 (None elsewhere)."""
     start = time.perf_counter()
     folder = resolve_checkpoint_dir(checkpoint)
     model = EvalModel(folder)
-    log0(f"eval: {folder} (step {model.step}) · layout DP {model.layout.dp} × PP {model.layout.pp} × "
-         f"TP {model.layout.tp} · {len(families)} metric families")
+    log0(
+        f"eval: {folder} (step {model.step}) · layout DP {model.layout.dp} × PP {model.layout.pp} × "
+        f"TP {model.layout.tp} · {len(families)} metric families"
+    )
     tokenizer, held, counts = _load_data(folder, model.cfg, data, train_data, families, settings)
-    log0(f"eval: held-out data from {held.source}: {len(held.stream):,} tokens, {len(held.docs)} documents "
-         f"for the document pass")
+    log0(
+        f"eval: held-out data from {held.source}: {len(held.stream):,} tokens, {len(held.docs)} documents "
+        f"for the document pass"
+    )
     ev = Evaluator(model, tokenizer, held, counts, settings, families)
     ev.run()
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -82,9 +125,14 @@ def evaluate(checkpoint: str, data: Optional[str], families: list[str], settings
     metrics = aggregate(gathered, ev, logs)
     notes = sorted({n for ns in notes_all for n in ns})
     result = {
-        "checkpoint": str(folder.resolve()), "step": model.step, "data": held.source, "families": families,
+        "checkpoint": str(folder.resolve()),
+        "step": model.step,
+        "data": held.source,
+        "families": families,
         "layout": {"dp": model.layout.dp, "pp": model.layout.pp, "tp": model.layout.tp},
-        "settings": asdict(settings), "rare_gap": ev.rare_gap, "notes": notes,
+        "settings": asdict(settings),
+        "rare_gap": ev.rare_gap,
+        "notes": notes,
         "metrics": {k: json_safe(float(v)) for k, v in sorted(metrics.items())},
         "wall_s": round(time.perf_counter() - start, 1),
     }
@@ -96,8 +144,9 @@ def evaluate(checkpoint: str, data: Optional[str], families: list[str], settings
     return result
 
 
-def _load_data(folder: Path, cfg, data: Optional[str], train_data: Optional[str], families: list[str],
-               settings: EvalSettings):
+def _load_data(
+    folder: Path, cfg, data: Optional[str], train_data: Optional[str], families: list[str], settings: EvalSettings
+):
     """(tokenizer, Heldout, training-token counts or None), read on rank 0 and broadcast."""
     from loom.data.tokenizer import Tokenizer
     from loom.launch.train.prepare_data import prepare_data
@@ -118,8 +167,11 @@ def _load_data(folder: Path, cfg, data: Optional[str], train_data: Optional[str]
         stream, label = read_heldout(source, tokenizer, settings, cfg.data.cache_dir, log=log0)
         from_manifest = label.startswith("manifest")
         box[0] = select_heldout(stream, tokenizer, label, settings, cfg.model.seq_length, from_manifest)
-        box[1] = training_token_counts(train_data or (prepared.train if prepared else None), cfg.model.vocab_size,
-                                       log=log0) if set(families) & COUNT_FAMILIES else None
+        box[1] = (
+            training_token_counts(train_data or (prepared.train if prepared else None), cfg.model.vocab_size, log=log0)
+            if set(families) & COUNT_FAMILIES
+            else None
+        )
     dist.broadcast_object_list(box, src=0)
     held, counts = box
     return tokenizer, held, counts

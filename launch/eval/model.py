@@ -1,6 +1,7 @@
 """The evaluation network: this rank's pipeline stage of a checkpoint, rebuilt at the checkpoint's
 tensor/pipeline layout (the extra factor of the world is data parallelism), with teacher-forced
 and greedy forwards that go through the pipeline (`forward_only`) and keep logits vocab-parallel."""
+
 from __future__ import annotations
 
 import json
@@ -33,15 +34,19 @@ class EvalModel:
         tp, pp = int(lay.get("tp", self.cfg.parallel.tensor)), int(lay.get("pp", self.cfg.parallel.pipeline))
         world = dist.get_world_size()
         if world % (tp * pp):
-            raise ValueError(f"the checkpoint has TP={tp} × PP={pp}: run `loom eval` with a multiple of {tp * pp} "
-                             f"processes (got {world})")
+            raise ValueError(
+                f"the checkpoint has TP={tp} × PP={pp}: run `loom eval` with a multiple of {tp * pp} "
+                f"processes (got {world})"
+            )
         cpu_compat.apply()
-        self.layout = init_parallel_groups(ParallelConfig(tensor=tp, pipeline=pp, zero_stage=0,
-                                                          timeout_s=self.cfg.parallel.timeout_s))
+        self.layout = init_parallel_groups(
+            ParallelConfig(tensor=tp, pipeline=pp, zero_stage=0, timeout_s=self.cfg.parallel.timeout_s)
+        )
         self.device = default_device()
         self.dtype = resolve_dtype(self.cfg.train.precision)
-        self.module = build_stage(self.cfg.model, self.cfg.techniques, self.layout, self.cfg.train.seed, self.dtype,
-                                  self.device)
+        self.module = build_stage(
+            self.cfg.model, self.cfg.techniques, self.layout, self.cfg.train.seed, self.dtype, self.device
+        )
         self.zero_stage = zero_stage_of(self.meta, self.cfg.parallel.zero_stage)
         load_stage_weights(self.module, folder, self.zero_stage, mp_rank=self.layout.pp_rank * tp + self.layout.tp_rank)
         self.module.eval()
@@ -86,11 +91,17 @@ class EvalModel:
         handles = []
         if capture:
             if module.is_first:
-                handles.append(module.embedding.register_forward_hook(
-                    lambda m, i, o: captured.__setitem__(0, o.detach().float().transpose(0, 1))))
+                handles.append(
+                    module.embedding.register_forward_hook(
+                        lambda m, i, o: captured.__setitem__(0, o.detach().float().transpose(0, 1))
+                    )
+                )
             for idx, block in module.layers.items():
-                handles.append(block.register_forward_hook(
-                    lambda m, i, o, p=int(idx) + 1: captured.__setitem__(p, o.detach().float().transpose(0, 1))))
+                handles.append(
+                    block.register_forward_hook(
+                        lambda m, i, o, p=int(idx) + 1: captured.__setitem__(p, o.detach().float().transpose(0, 1))
+                    )
+                )
         if embed_delta is not None and module.is_first:
             handles.append(module.embedding.register_forward_hook(lambda m, i, o: embed_delta(o)))
 
@@ -103,8 +114,9 @@ class EvalModel:
         from loom.model.parallel.pipeline import forward_only
 
         try:
-            outs = forward_only(stage_forward, [tokens], self.pp_group, module.carry_specs(b, s, self.dtype),
-                                self.device)
+            outs = forward_only(
+                stage_forward, [tokens], self.pp_group, module.carry_specs(b, s, self.dtype), self.device
+            )
         finally:
             for h in handles:
                 h.remove()
@@ -112,8 +124,9 @@ class EvalModel:
         return stats, captured
 
     def token_stats(self, logits: torch.Tensor, labels: torch.Tensor) -> dict:
-        out = ent_m.vocab_parallel_token_stats(logits, labels.t(), self.vocab_start, self.tp_group,
-                                               column_scale=self.column_scale)
+        out = ent_m.vocab_parallel_token_stats(
+            logits, labels.t(), self.vocab_start, self.tp_group, column_scale=self.column_scale
+        )
         return {k: v.t().cpu() for k, v in out.items()}
 
     @torch.no_grad()
@@ -137,11 +150,16 @@ class EvalModel:
                 if not module.is_last:
                     return out
                 last = out[-1]  # [b, V/tp]
-                return torch.stack([ent_m.vocab_parallel_argmax(last, self.vocab_start, self.tp_group).double(),
-                                    ent_m.vocab_parallel_entropy(last, self.tp_group).double()])
+                return torch.stack(
+                    [
+                        ent_m.vocab_parallel_argmax(last, self.vocab_start, self.tp_group).double(),
+                        ent_m.vocab_parallel_entropy(last, self.tp_group).double(),
+                    ]
+                )
 
-            outs = forward_only(stage_forward, [tokens], self.pp_group,
-                                module.carry_specs(b, window.shape[1], self.dtype), self.device)
+            outs = forward_only(
+                stage_forward, [tokens], self.pp_group, module.carry_specs(b, window.shape[1], self.dtype), self.device
+            )
             result = outs[0] if outs else torch.zeros(2, b, dtype=torch.float64, device=self.device)
             if dist.get_world_size(self.pp_group) > 1:
                 dist.broadcast(result, src=self.last_stage_rank, group=self.pp_group)

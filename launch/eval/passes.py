@@ -1,5 +1,6 @@
 """Teacher-forced passes of `loom eval`: the held-out loss, the document pass (per-token
 statistics and, on request, hidden-state summaries), and the context gains (persistence, multi-turn)."""
+
 from __future__ import annotations
 
 import time
@@ -10,7 +11,9 @@ import torch
 
 from loom.launch.eval.data import split_docs
 from loom.launch.eval.settings import batches_of
-from loom.techniques.metrics import perplexity as ppl_m, recall as rec_m, representation as rep_m
+from loom.techniques.metrics import perplexity as ppl_m
+from loom.techniques.metrics import recall as rec_m
+from loom.techniques.metrics import representation as rep_m
 
 
 class TeacherForcedPasses:
@@ -44,16 +47,17 @@ class TeacherForcedPasses:
             rows = []
             for d, start, _ in chunk:
                 z = np.concatenate([[eos], self.held.docs[d]])
-                rows.append(z[start:start + s + 1])
+                rows.append(z[start : start + s + 1])
             stats, captured = self.m.forward(np.stack(rows), capture=capture)
             n_tokens += len(rows) * s
-            for r, (d, start, keep) in enumerate(chunk):
+            for r, (d, _start, keep) in enumerate(chunk):
                 if stats is not None:
-                    rec = per_doc.setdefault(d, {k: [] for k in ("nll", "entropy", "rank", "rank_cos", "argmax",
-                                                                 "target", "gap", "input")})
+                    rec = per_doc.setdefault(
+                        d, {k: [] for k in ("nll", "entropy", "rank", "rank_cos", "argmax", "target", "gap", "input")}
+                    )
                     for key in ("nll", "entropy", "rank", "rank_cos", "argmax"):
                         rec[key].append(stats[key][r, keep:].numpy())
-                    rec["target"].append(rows[r][1 + keep:])
+                    rec["target"].append(rows[r][1 + keep :])
                     rec["input"].append(rows[r][keep:-1])
                     rec["gap"].append(rec_m.long_gap_mask(rows[r], self.rare_gap)[keep:])
                 for point, h in captured.items():
@@ -100,12 +104,12 @@ class TeacherForcedPasses:
                 continue
             for chunk in batches_of(self.mine(len(docs)), self.s.batch_size):
                 full = np.stack([np.concatenate([[eos], docs[i][:n]]) for i in chunk])
-                half = np.stack([np.concatenate([[eos], docs[i][n // 2:n]]) for i in chunk])
+                half = np.stack([np.concatenate([[eos], docs[i][n // 2 : n]]) for i in chunk])
                 a, _ = self.m.forward(full)
                 b, _ = self.m.forward(half)
                 if a is not None:
                     for r, i in enumerate(chunk):
-                        self.record("persist", (mult, i, b["nll"][r].numpy(), a["nll"][r, n // 2:].numpy()))
+                        self.record("persist", (mult, i, b["nll"][r].numpy(), a["nll"][r, n // 2 :].numpy()))
 
     def multiturn(self) -> None:
         eos, T = self.tok.eos_id, self.s.turn_tokens
@@ -134,7 +138,7 @@ class TeacherForcedPasses:
                     continue
                 buffer = list(buffer) + ([newline, newline] if buffer else []) + para.tolist()
                 if len(buffer) >= T - 2:
-                    turns.append(np.asarray(buffer[:T - 2] + [newline, newline], dtype=np.int64))
+                    turns.append(np.asarray(buffer[: T - 2] + [newline, newline], dtype=np.int64))
                     buffer = []
             if turns:
                 runs.append(turns)
@@ -142,7 +146,7 @@ class TeacherForcedPasses:
             dialogues = []
             for run in runs:
                 for start in range(0, len(run) - k + 1, k):
-                    dialogues.append(run[start:start + k])
+                    dialogues.append(run[start : start + k])
             dialogues = dialogues[: self.s.multiturn_dialogues]
             if not dialogues:
                 self.notes.append(f"multiturn: no {k}-turn dialogue of {T}-token turns in the held-out text")

@@ -1,5 +1,6 @@
 """Where `loom eval` puts its results: a JSON file, TensorBoard scalars under `evaluate/`, and a
 console summary."""
+
 from __future__ import annotations
 
 import json
@@ -31,17 +32,28 @@ def write_tensorboard(metrics: dict[str, float], tb_dir: str, step: int) -> None
     from loom.launch.train.tensorboard import MetricsWriter
 
     writer = MetricsWriter(tb_dir, enabled=True)
-    writer.scalars({f"evaluate/{k}": v for k, v in metrics.items() if v is not None and math.isfinite(float(v))},
-                   step)
+    writer.scalars({f"evaluate/{k}": v for k, v in metrics.items() if v is not None and math.isfinite(float(v))}, step)
     writer.close()
 
 
 def print_summary(result: dict) -> None:
     m = result["metrics"]
     print(f"eval: {len(m)} scalars in {result['wall_s']} s → {result['out']} (TensorBoard: {result['tb']})")
-    for key in ("loss/heldout_nll", "loss/perplexity", "ppl_f/ppl_f", "entropy/hbar_mean", "generation/ev",
-                "generation/li", "drift/latent_drift", "ahd/mean", "kv_recall/exact_match_mean",
-                "coherence/last/coh", "collapse/erank_last", "robustness/fgsm_drop", "geometry/silhouette_fine"):
+    for key in (
+        "loss/heldout_nll",
+        "loss/perplexity",
+        "ppl_f/ppl_f",
+        "entropy/hbar_mean",
+        "generation/ev",
+        "generation/li",
+        "drift/latent_drift",
+        "ahd/mean",
+        "kv_recall/exact_match_mean",
+        "coherence/last/coh",
+        "collapse/erank_last",
+        "robustness/fgsm_drop",
+        "geometry/silhouette_fine",
+    ):
         if key in m:
             value = m[key]
             print(f"  {key:32s} {value if value is None else f'{value:.4f}'}")

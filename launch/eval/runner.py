@@ -1,5 +1,6 @@
 """One rank's share of `loom eval`: runs the requested metric families on the evaluation model and
 collects per-rank records (turned into metrics on rank 0 by `launch.eval_aggregate`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,15 @@ from loom.launch.eval.settings import DOC_PASS_FAMILIES, HIDDEN_FAMILIES, EvalSe
 
 
 class Evaluator(TeacherForcedPasses, AttentionPass, ProbePasses, EmbeddingPasses):
-    def __init__(self, model: EvalModel, tokenizer, held: Heldout, counts: Optional[np.ndarray],
-                 settings: EvalSettings, families: list[str]):
+    def __init__(
+        self,
+        model: EvalModel,
+        tokenizer,
+        held: Heldout,
+        counts: Optional[np.ndarray],
+        settings: EvalSettings,
+        families: list[str],
+    ):
         self.m, self.tok, self.held, self.counts = model, tokenizer, held, counts
         self.s, self.families = settings, families
         self.L = model.cfg.model.num_layers
@@ -45,10 +53,16 @@ class Evaluator(TeacherForcedPasses, AttentionPass, ProbePasses, EmbeddingPasses
         steps = [("loss", self.heldout_loss)]
         if fam & DOC_PASS_FAMILIES:
             steps.append(("document pass", lambda: self.document_pass(capture=bool(fam & HIDDEN_FAMILIES))))
-        for name, fn in (("generation", self.generation), ("ahd", self.attention), ("persistence", self.persistence),
-                         ("kv_recall", self.kv_recall), ("numerical", self.numerical),
-                         ("multiturn", self.multiturn), ("robustness", self.robustness),
-                         ("geometry", self.geometry)):
+        for name, fn in (
+            ("generation", self.generation),
+            ("ahd", self.attention),
+            ("persistence", self.persistence),
+            ("kv_recall", self.kv_recall),
+            ("numerical", self.numerical),
+            ("multiturn", self.multiturn),
+            ("robustness", self.robustness),
+            ("geometry", self.geometry),
+        ):
             if name in fam:
                 steps.append((name, fn))
         for name, fn in steps:

@@ -1,4 +1,5 @@
 """What `loom eval` measures and how big: the metric families, the `--set` knobs, and their parsing."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -10,13 +11,13 @@ FAMILIES: dict[str, str] = {
     "ppl_f": "perplexity fluctuation PPL-F and its CV over 128-token windows (§3.14 m1)",
     "entropy": "teacher-forced sequence entropy H̄: mean and variance over sequences (§4.14 m1)",
     "generation": "greedy generations: entropy variance EV, lexical instability LI, rep-4, distinct-2, "
-                  "sentence-length std, generation ms/token (§3.14 m2-3, §4.14 m1)",
+    "sentence-length std, generation ms/token (§3.14 m2-3, §4.14 m1)",
     "drift": "latent drift 1 - cos(h^L_t, h^L_t-1) (§3.14 m4)",
     "repvar": "representation variability per layer (§4.14 m2)",
     "ahd": "cross-layer attention-head deviation and within-layer head dispersion, JS divergence (§4.14 m3)",
     "persistence": "context-persistence gain NLL(2nd half | none) - NLL(2nd half | 1st half) (§4.14 m4)",
     "kv_recall": "key-value recall against length: greedy exact match, teacher-forced accuracy, ms/token "
-                 "(§5.14 m1, §7.14 m3)",
+    "(§5.14 m1, §7.14 m3)",
     "rare_recall": "recall of tokens whose previous occurrence is far back, per training-frequency bucket (§5.14 m2)",
     "numerical": "numerical-reasoning probes: accuracy and paraphrase consistency (§5.14 m3)",
     "multiturn": "multi-turn context-utilisation gain against the number of turns (§5.14 m4 proxy)",
@@ -29,8 +30,18 @@ FAMILIES: dict[str, str] = {
     "smoothness": "grad-norm CV over 100-step windows and spike count, from the run's logs (§3.14 m5)",
     "overhead": "training tokens/s, step time, memory (from the run's logs) and inference ms/token (§3.14 m6 ...)",
 }
-DOC_PASS_FAMILIES = {"ppl_f", "entropy", "drift", "repvar", "coherence", "collapse", "rare_words", "retrieval",
-                     "rare_recall", "overhead"}
+DOC_PASS_FAMILIES = {
+    "ppl_f",
+    "entropy",
+    "drift",
+    "repvar",
+    "coherence",
+    "collapse",
+    "rare_words",
+    "retrieval",
+    "rare_recall",
+    "overhead",
+}
 """Families computed from the teacher-forced pass over whole held-out documents."""
 HIDDEN_FAMILIES = {"drift", "repvar", "coherence", "collapse", "rare_words"}
 """Families that need the hidden states of that pass (captured by hooks, which cost memory)."""
@@ -43,6 +54,7 @@ RUN_LOG_FAMILIES = {"smoothness", "overhead"}
 @dataclass
 class EvalSettings:
     """Sizes and knobs of `loom eval` (set with `--set key=value`)."""
+
     seed: int = 0
     batch_size: int = 8
     """Sequences per forward pass."""
@@ -139,4 +151,4 @@ def log0(message: str) -> None:
 
 def batches_of(items: list, size: int):
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]

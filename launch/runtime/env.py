@@ -4,6 +4,7 @@ torchrun and the deepspeed launcher export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADD
 `srun` exports SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the job's node list. A plain
 `python -m loom.launch.cli train` is a world of one.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -57,15 +58,27 @@ def read_dist_env(environ=None) -> DistEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         launcher = "deepspeed" if "DEEPSPEED_ENV" in env or "CROSS_RANK" in env else "torchrun"
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), launcher)
+        return DistEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            launcher,
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         # a port per job and per restart (as in launch/slurm/*.sbatch): a requeued job may land on the
         # same node while the previous run's socket is still in TIME_WAIT
         job, restart = int(env.get("SLURM_JOB_ID", 0)), int(env.get("SLURM_RESTART_COUNT", 0))
         port = int(env.get("MASTER_PORT", 20000 + (job % 4000) * 10 + restart % 10))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR") or _first_slurm_host(env), port, "srun")
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            env.get("MASTER_ADDR") or _first_slurm_host(env),
+            port,
+            "srun",
+        )
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single process")
 
 
@@ -83,12 +96,18 @@ def init_distributed(denv: DistEnv, timeout_s: float = 600.0) -> str:
     import torch
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(denv.rank), WORLD_SIZE=str(denv.world_size), LOCAL_RANK=str(denv.local_rank),
-                      MASTER_ADDR=denv.master_addr, MASTER_PORT=str(denv.master_port))
+    os.environ.update(
+        RANK=str(denv.rank),
+        WORLD_SIZE=str(denv.world_size),
+        LOCAL_RANK=str(denv.local_rank),
+        MASTER_ADDR=denv.master_addr,
+        MASTER_PORT=str(denv.master_port),
+    )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=denv.rank, world_size=denv.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend, rank=denv.rank, world_size=denv.world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     return backend

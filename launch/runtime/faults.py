@@ -7,6 +7,7 @@ LOOM_FAULT_KILL=RANK:STEP:PHASE  global rank RANK kills itself with SIGKILL at S
                                  of writing that step's checkpoint (PHASE "save": engine files
                                  written, manifest not yet)
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,7 @@
 """One run per output directory: a second `loom train` on the same directory refuses to start
 instead of interleaving checkpoints with the first. The lock is an flock held by global rank 0
 for the life of the process, so it disappears with the process, even after kill -9."""
+
 from __future__ import annotations
 
 import fcntl

@@ -5,6 +5,7 @@ which rank it was. Every rank therefore stamps a heartbeat into the job's key-va
 torchrun / the rendezvous already runs) from a background thread; when a collective fails, the
 survivors read the stamps and name the ranks that went quiet first.
 """
+
 from __future__ import annotations
 
 import threading
@@ -56,7 +57,11 @@ class Heartbeat:
             silent = {r: s for r, s in self.silent_ranks().items() if r != self.rank}
         if not silent:
             return f"a collective failed ({str(exc).splitlines()[0][:200]})"
-        names = ", ".join(f"rank {r} (silent for {s:.0f} s)" if s != float("inf") else f"rank {r} (never seen)"
-                          for r, s in sorted(silent.items()))
-        return f"lost contact with {names}: it died, hung or was cut off; the collective failed with: " \
-               f"{str(exc).splitlines()[0][:200]}"
+        names = ", ".join(
+            f"rank {r} (silent for {s:.0f} s)" if s != float("inf") else f"rank {r} (never seen)"
+            for r, s in sorted(silent.items())
+        )
+        return (
+            f"lost contact with {names}: it died, hung or was cut off; the collective failed with: "
+            f"{str(exc).splitlines()[0][:200]}"
+        )

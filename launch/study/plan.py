@@ -18,6 +18,7 @@ last checkpoint), so an interrupted study continues where it stopped; `--report-
 the report from what exists. `parallel_runs` runs go at once (one per core on a small machine, one
 per node on a cluster), each with `nproc` processes (torchrun when > 1).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+
 def _default_arms() -> Dict[str, List[str]]:
     return {
         "baseline": [],
@@ -38,8 +40,13 @@ def _default_arms() -> Dict[str, List[str]]:
         "cmr": ["techniques.cmr.enabled=true"],
         "sca": ["techniques.sca.enabled=true"],
         "hcma": ["techniques.hcma.enabled=true"],
-        "all": ["techniques.lcm.enabled=true", "techniques.scr.enabled=true", "techniques.cmr.enabled=true",
-                "techniques.sca.enabled=true", "techniques.hcma.enabled=true"],
+        "all": [
+            "techniques.lcm.enabled=true",
+            "techniques.scr.enabled=true",
+            "techniques.cmr.enabled=true",
+            "techniques.sca.enabled=true",
+            "techniques.hcma.enabled=true",
+        ],
     }
 
 
@@ -67,7 +74,8 @@ class StudyConfig:
     nproc: int = 1
     """Processes per run (torchrun when > 1)."""
     parallel_runs: int = 1
-    """Runs trained/evaluated at the same time (each with `nproc` processes); their timing metrics then share the machine."""
+    """Runs trained/evaluated at the same time (each with `nproc` processes); their timing metrics then share the
+    machine."""
     eval_data: Optional[str] = None
     """Held-out data for `loom eval --data` (None: each run's own eval data)."""
     eval_metrics: str = "all"
@@ -75,7 +83,8 @@ class StudyConfig:
     eval_settings: List[str] = field(default_factory=list)
     """`loom eval --set` items (sizes and knobs)."""
     alpha: float = 0.05
-    """Significance level marked in the report (Welch and paired t-tests, two-sided, no multiple-comparison correction)."""
+    """Significance level marked in the report (Welch and paired t-tests, two-sided, no multiple-comparison
+    correction)."""
     run_timeout_s: float = 7200.0
     """A training or evaluation run that takes longer than this is stopped and reported as failed."""
 
@@ -112,8 +121,9 @@ def load_study_config(path: str, overrides: List[str]) -> StudyConfig:
     if len(set(cfg.seeds)) != len(cfg.seeds):
         problems.append(f"study config: seeds repeat: {cfg.seeds}")
     if len(cfg.seeds) < cfg.min_seeds:
-        problems.append(f"study config: {len(cfg.seeds)} seed(s) given; the study needs at least {cfg.min_seeds} "
-                        f"(min_seeds)")
+        problems.append(
+            f"study config: {len(cfg.seeds)} seed(s) given; the study needs at least {cfg.min_seeds} (min_seeds)"
+        )
     if cfg.nproc < 1:
         problems.append("study config: nproc must be >= 1")
     if cfg.parallel_runs < 1:
@@ -156,8 +166,11 @@ def plan_runs(cfg: StudyConfig) -> List[RunSpec]:
     for arm in arms_of(cfg):
         for seed in cfg.seeds:
             folder = root / arm / f"seed{seed}"
-            overrides = common + list(cfg.arms[arm]) + [f"train.seed={seed}", f"data.seed={seed}",
-                                                         f"output_dir={folder}", f"name={cfg.name}-{arm}-s{seed}"]
+            overrides = (
+                common
+                + list(cfg.arms[arm])
+                + [f"train.seed={seed}", f"data.seed={seed}", f"output_dir={folder}", f"name={cfg.name}-{arm}-s{seed}"]
+            )
             specs.append(RunSpec(arm, seed, folder, overrides))
     return specs
 
@@ -171,8 +184,16 @@ def _log(msg: str) -> None:
 def _loom(args: List[str], nproc: int) -> List[str]:
     if nproc == 1:
         return [sys.executable, "-m", "loom.launch.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "loom.launch.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "loom.launch.cli",
+        *args,
+    ]
 
 
 def _run_logged(cmd: List[str], log_file: Path, timeout: float) -> tuple[int, float]:
@@ -185,8 +206,7 @@ def _run_logged(cmd: List[str], log_file: Path, timeout: float) -> tuple[int, fl
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         try:
-            code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
+            code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             log.write(f"\nstudy: timed out after {timeout:.0f} s\n")
             code = 124
@@ -248,8 +268,10 @@ def _execute_run(cfg: StudyConfig, spec: RunSpec, label: str, status: dict, lock
     run_yaml = spec.folder / "run.yaml"
     text = to_yaml(run_cfg)
     if run_yaml.is_file() and run_yaml.read_text() != text and _final_step(spec.folder) is not None:
-        raise ValueError(f"{run_yaml} differs from the study's config for {key}: the study config changed "
-                         f"after this run trained; use a new output_dir or delete {spec.folder}")
+        raise ValueError(
+            f"{run_yaml} differs from the study's config for {key}: the study config changed "
+            f"after this run trained; use a new output_dir or delete {spec.folder}"
+        )
     run_yaml.write_text(text)
     target = run_cfg.train.max_steps
     done = _final_step(spec.folder)
@@ -258,8 +280,9 @@ def _execute_run(cfg: StudyConfig, spec: RunSpec, label: str, status: dict, lock
     else:
         resume = ["--resume", "auto"] if done is not None else []
         _log(f"{label}: training {target} steps" + (f" (resuming at {done})" if resume else ""))
-        code, wall = _run_logged(_loom(["train", str(run_yaml), *resume], cfg.nproc), spec.folder / "train.log",
-                                 cfg.run_timeout_s)
+        code, wall = _run_logged(
+            _loom(["train", str(run_yaml), *resume], cfg.nproc), spec.folder / "train.log", cfg.run_timeout_s
+        )
         done = _final_step(spec.folder)
         with lock:
             entry["train_wall_s"] = round(wall + entry.get("train_wall_s", 0.0), 1)

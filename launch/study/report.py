@@ -1,6 +1,7 @@
 """The techniques study's report: collect every run's evaluation and training curves, summarise each
 metric over seeds with a Welch and a paired (by seed) t-test against the baseline, draw the plots
 and write `report.md` (see `launch/study.py` for running the study)."""
+
 from __future__ import annotations
 
 import json
@@ -169,8 +170,10 @@ def write_plots(cfg: StudyConfig, data: dict, out: Path) -> List[str]:
         files.append(name)
 
     # loss curves: mean over seeds with a min–max band
-    for tag, name, title in (("train/loss", "loss_curves.png", "training loss"),
-                             ("eval/loss", "eval_loss_curves.png", "held-out loss during training")):
+    for tag, name, title in (
+        ("train/loss", "loss_curves.png", "training loss"),
+        ("eval/loss", "eval_loss_curves.png", "held-out loss during training"),
+    ):
         fig, ax = plt.subplots(figsize=(8, 5))
         drew = False
         for arm in arms:
@@ -207,7 +210,7 @@ def write_plots(cfg: StudyConfig, data: dict, out: Path) -> List[str]:
             ax.set_xticklabels(arms, rotation=45, fontsize=7)
             ax.set_title(key, fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
-        for ax in list(axes.flat)[len(keys):]:
+        for ax in list(axes.flat)[len(keys) :]:
             ax.axis("off")
         fig.suptitle(f"{cfg.name}: key metrics (mean ± std over seeds; dots = seeds)", fontsize=10)
         fig.tight_layout(rect=(0, 0, 1, 0.97))
@@ -238,14 +241,33 @@ def write_plots(cfg: StudyConfig, data: dict, out: Path) -> List[str]:
             save(fig, ax, name, xlabel, ylabel, title)
         plt.close(fig)
 
-    lengths = sorted({int(k.split("/")[1][1:]) for a in arms for item in data[a].values()
-                      for k in item.get("metrics", {}) if k.startswith("kv_recall/N")})
-    series_plot(lambda n: f"kv_recall/N{n}/teacher_forced", lengths, "context length N (tokens)", "kv_recall.png",
-                "key-value recall (teacher-forced top-1 over value tokens)", "accuracy")
+    lengths = sorted(
+        {
+            int(k.split("/")[1][1:])
+            for a in arms
+            for item in data[a].values()
+            for k in item.get("metrics", {})
+            if k.startswith("kv_recall/N")
+        }
+    )
+    series_plot(
+        lambda n: f"kv_recall/N{n}/teacher_forced",
+        lengths,
+        "context length N (tokens)",
+        "kv_recall.png",
+        "key-value recall (teacher-forced top-1 over value tokens)",
+        "accuracy",
+    )
     from loom.techniques.metrics.recall import BUCKET_NAMES
 
-    series_plot(lambda b: f"retrieval/logit/{b}/top10", list(BUCKET_NAMES), "training frequency", "retrieval.png",
-                "next-token retrieval@10 by training-frequency bucket", "top-10 accuracy")
+    series_plot(
+        lambda b: f"retrieval/logit/{b}/top10",
+        list(BUCKET_NAMES),
+        "training frequency",
+        "retrieval.png",
+        "next-token retrieval@10 by training-frequency bucket",
+        "top-10 accuracy",
+    )
     return files
 
 
@@ -257,37 +279,55 @@ def write_report(cfg: StudyConfig, command: str, config_text: str) -> Path:
     lines = [f"# {cfg.name}: techniques study", ""]
     n_runs = sum(len(v) for v in data.values())
     n_eval = sum(1 for v in data.values() for item in v.values() if item.get("metrics"))
-    lines += [f"Command: `{command}`", "",
-              f"Arms: {', '.join(arms)} · seeds: {cfg.seeds} · runs planned: {n_runs} · evaluated: {n_eval}", "",
-              "Every arm trains on the same data with the same seeds (each seed sets `train.seed` and `data.seed`) "
-              "for the same number of steps and tokens; only the technique switches differ. Cells are "
-              "mean ± sample std (ddof = 1) over seeds; `p` is the two-sided Welch t-test "
-              "(`scipy.stats.ttest_ind(equal_var=False)`) against the baseline, `pp` the two-sided paired t-test "
-              "over the seeds both arms share (`scipy.stats.ttest_rel`; a seed's baseline run is that seed's "
-              f"matched control, so pairing removes the between-seed spread); `*` marks a p-value < {cfg.alpha}. "
-              "No correction for multiple comparisons: with this many metrics some p < 0.05 are expected by chance, "
-              "and with few seeds the test has little power. Metric definitions: TECHNIQUES.md §3.14–§7.14 and "
-              "`techniques/metrics/`. Timing metrics (`overhead/*`, `*/ms_per_token`, wall times) are only "
-              "comparable between runs made on an otherwise idle machine.", ""]
-    failures = [(a, s, item["status"]["error"]) for a in data for s, item in data[a].items()
-                if item["status"].get("error")]
+    lines += [
+        f"Command: `{command}`",
+        "",
+        f"Arms: {', '.join(arms)} · seeds: {cfg.seeds} · runs planned: {n_runs} · evaluated: {n_eval}",
+        "",
+        "Every arm trains on the same data with the same seeds (each seed sets `train.seed` and `data.seed`) "
+        "for the same number of steps and tokens; only the technique switches differ. Cells are "
+        "mean ± sample std (ddof = 1) over seeds; `p` is the two-sided Welch t-test "
+        "(`scipy.stats.ttest_ind(equal_var=False)`) against the baseline, `pp` the two-sided paired t-test "
+        "over the seeds both arms share (`scipy.stats.ttest_rel`; a seed's baseline run is that seed's "
+        f"matched control, so pairing removes the between-seed spread); `*` marks a p-value < {cfg.alpha}. "
+        "No correction for multiple comparisons: with this many metrics some p < 0.05 are expected by chance, "
+        "and with few seeds the test has little power. Metric definitions: TECHNIQUES.md §3.14–§7.14 and "
+        "`techniques/metrics/`. Timing metrics (`overhead/*`, `*/ms_per_token`, wall times) are only "
+        "comparable between runs made on an otherwise idle machine.",
+        "",
+    ]
+    failures = [
+        (a, s, item["status"]["error"]) for a in data for s, item in data[a].items() if item["status"].get("error")
+    ]
     missing = [(a, s) for a in data for s, item in data[a].items() if not item.get("metrics")]
     if failures or missing:
         lines += ["## Incomplete runs", ""]
         lines += [f"* {a} seed {s}: {e}" for a, s, e in failures]
-        lines += [f"* {a} seed {s}: no evaluation" for a, s in missing if (a, s) not in {(x, y) for x, y, _ in failures}]
+        lines += [
+            f"* {a} seed {s}: no evaluation" for a, s in missing if (a, s) not in {(x, y) for x, y, _ in failures}
+        ]
         lines.append("")
-    lines += ["## Key metrics (one per claim)", "",
-              "| metric | claim | technique | better | " + " | ".join(arms) + " |",
-              "|---|---|---|---|" + "---|" * len(arms)]
+    lines += [
+        "## Key metrics (one per claim)",
+        "",
+        "| metric | claim | technique | better | " + " | ".join(arms) + " |",
+        "|---|---|---|---|" + "---|" * len(arms),
+    ]
     for key, claim, tech, better in KEY_METRICS:
         if not any(_values(data, a, key) for a in arms):
             continue
-        lines.append(f"| `{key}` | {claim} | {tech} | {better} | " +
-                     " | ".join(_cell(data, a, key, cfg.alpha) for a in arms) + " |")
+        lines.append(
+            f"| `{key}` | {claim} | {tech} | {better} | "
+            + " | ".join(_cell(data, a, key, cfg.alpha) for a in arms)
+            + " |"
+        )
     lines.append("")
-    lines += ["## Wall time per run (s)", "", "| arm | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " |",
-              "|---|" + "---|" * len(cfg.seeds)]
+    lines += [
+        "## Wall time per run (s)",
+        "",
+        "| arm | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " |",
+        "|---|" + "---|" * len(cfg.seeds),
+    ]
     for arm in arms:
         row = []
         for s in cfg.seeds:
@@ -300,8 +340,9 @@ def write_report(cfg: StudyConfig, command: str, config_text: str) -> Path:
     all_keys = sorted({k for a in arms for item in data[a].values() for k in item.get("metrics", {})})
     lines += ["## All metrics", "", "| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for key in all_keys:
-        if key.endswith(("/count", "/samples", "/documents", "/dialogues", "/sequences", "/segments_1x",
-                         "/segments_2x", "/tokens")):
+        if key.endswith(
+            ("/count", "/samples", "/documents", "/dialogues", "/sequences", "/segments_1x", "/segments_2x", "/tokens")
+        ):
             continue
         lines.append(f"| `{key}` | " + " | ".join(_cell(data, a, key, cfg.alpha) for a in arms) + " |")
     notes = sorted({n for a in arms for item in data[a].values() for n in item.get("notes", [])})
@@ -310,10 +351,14 @@ def write_report(cfg: StudyConfig, command: str, config_text: str) -> Path:
     lines += ["", "## Study config (resolved)", "", "```yaml", config_text.rstrip(), "```", ""]
     baseline_yaml = Path(cfg.output_dir) / "runs" / "baseline" / f"seed{cfg.seeds[0]}" / "run.yaml"
     if baseline_yaml.is_file():
-        lines += [f"## Run config of baseline seed {cfg.seeds[0]}", "", "```yaml", baseline_yaml.read_text().rstrip(),
-                  "```", ""]
+        lines += [
+            f"## Run config of baseline seed {cfg.seeds[0]}",
+            "",
+            "```yaml",
+            baseline_yaml.read_text().rstrip(),
+            "```",
+            "",
+        ]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
-
-

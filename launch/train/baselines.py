@@ -1,4 +1,5 @@
 """Reference points a user can hold a loss against: the unigram model of the training shards."""
+
 from __future__ import annotations
 
 import math

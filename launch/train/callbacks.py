@@ -1,4 +1,5 @@
 """The trainer's callbacks: monitoring, held-out evaluation and checkpoints."""
+
 from __future__ import annotations
 
 import time
@@ -13,8 +14,17 @@ from loom.launch.train.trainer import Callback
 class MonitorCallback(Callback):
     """Scalars to TensorBoard every `log_every` steps, a console line, and a progress bar."""
 
-    def __init__(self, writer: MetricsWriter, log_every: int, flops_per_step: float, peak_tflops: float,
-                 world_size: int, device, progress: bool, log=print):
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        log_every: int,
+        flops_per_step: float,
+        peak_tflops: float,
+        world_size: int,
+        device,
+        progress: bool,
+        log=print,
+    ):
         self.writer, self.log_every = writer, log_every
         self.flops_per_step, self.peak_tflops, self.world_size = flops_per_step, peak_tflops, world_size
         self.device, self.progress_enabled, self.log = device, progress, log
@@ -36,25 +46,29 @@ class MonitorCallback(Callback):
             return
         mean_time = sum(t for t, _ in self._window) / len(self._window)
         scalars = {k: v for k, v in metrics.items() if k.startswith(("train/", "time/"))}
-        scalars.update({
-            "time/step_s": mean_time,
-            "time/data_wait_fraction": sum(w for _, w in self._window) / len(self._window),
-            "throughput/tokens_per_s": trainer.tokens_per_step / mean_time,
-            "throughput/tflops_per_rank": self.flops_per_step / mean_time / self.world_size / 1e12,
-            "throughput/mfu": self.flops_per_step / mean_time / self.world_size / 1e12 / self.peak_tflops,
-            "data/epoch": getattr(trainer.loader, "epoch", 0),
-            "data/corrupt_shards_skipped": getattr(trainer.loader, "corrupt_shards_skipped", 0),
-        })
+        scalars.update(
+            {
+                "time/step_s": mean_time,
+                "time/data_wait_fraction": sum(w for _, w in self._window) / len(self._window),
+                "throughput/tokens_per_s": trainer.tokens_per_step / mean_time,
+                "throughput/tflops_per_rank": self.flops_per_step / mean_time / self.world_size / 1e12,
+                "throughput/mfu": self.flops_per_step / mean_time / self.world_size / 1e12 / self.peak_tflops,
+                "data/epoch": getattr(trainer.loader, "epoch", 0),
+                "data/corrupt_shards_skipped": getattr(trainer.loader, "corrupt_shards_skipped", 0),
+            }
+        )
         scalars.update(memory_scalars(self.device))
         scalars.update(system_scalars())
         scalars.update(trainer.module.technique_scalars())
         self._window.clear()
         self.writer.scalars(scalars, step)
         self.writer.flush()
-        line = (f"step {step}/{trainer.cfg.train.max_steps} · loss {metrics['train/loss']:.4f} · "
-                f"lr {metrics['train/lr']:.2e} · grad norm {metrics['train/grad_norm']:.3f} · "
-                f"{scalars['throughput/tokens_per_s']:,.0f} tok/s · {tflops:.3f} TFLOP/s/rank · "
-                f"MFU {scalars['throughput/mfu']:.1%} · {trainer.state.consumed_tokens:,} tokens")
+        line = (
+            f"step {step}/{trainer.cfg.train.max_steps} · loss {metrics['train/loss']:.4f} · "
+            f"lr {metrics['train/lr']:.2e} · grad norm {metrics['train/grad_norm']:.3f} · "
+            f"{scalars['throughput/tokens_per_s']:,.0f} tok/s · {tflops:.3f} TFLOP/s/rank · "
+            f"MFU {scalars['throughput/mfu']:.1%} · {trainer.state.consumed_tokens:,} tokens"
+        )
         if self.bar.active:
             self.bar.write(line)
         else:
@@ -84,8 +98,10 @@ class EvalCallback(Callback):
             return
         self.last = result
         self.writer.scalars(result, trainer.state.step)
-        self.log(f"eval at step {trainer.state.step}: loss {result['eval/loss']:.4f} · "
-                 f"perplexity {result['eval/perplexity']:.2f} ({time.perf_counter() - start:.1f} s)")
+        self.log(
+            f"eval at step {trainer.state.step}: loss {result['eval/loss']:.4f} · "
+            f"perplexity {result['eval/perplexity']:.2f} ({time.perf_counter() - start:.1f} s)"
+        )
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         if self.every and trainer.state.step % self.every == 0:
@@ -130,8 +146,18 @@ class SampleCallback(Callback):
     """At the end of a completed run: a greedy continuation of a prompt, and the held-out loss set
     against the unigram baseline (how much the model learned beyond token frequencies)."""
 
-    def __init__(self, prompt: str, tokenizer, max_new_tokens: int, dtype, device, baseline_fn=None,
-                 eval_callback: "EvalCallback | None" = None, writer: MetricsWriter | None = None, log=print):
+    def __init__(
+        self,
+        prompt: str,
+        tokenizer,
+        max_new_tokens: int,
+        dtype,
+        device,
+        baseline_fn=None,
+        eval_callback: "EvalCallback | None" = None,
+        writer: MetricsWriter | None = None,
+        log=print,
+    ):
         self.prompt, self.tokenizer, self.max_new_tokens = prompt, tokenizer, max_new_tokens
         self.dtype, self.device, self.baseline_fn = dtype, device, baseline_fn
         self.eval_callback, self.writer, self.log = eval_callback, writer, log
@@ -144,12 +170,15 @@ class SampleCallback(Callback):
         if self.prompt:
             ids = self.tokenizer.encode(self.prompt)
             out = greedy_generate(trainer.module.module, ids, self.max_new_tokens, self.dtype, self.device)
-            self.log(f"sample: {self.prompt!r} → {self.tokenizer.decode(out[len(ids):])!r}")
-        if self.baseline_fn is not None and self.eval_callback is not None and self.eval_callback.last \
-                and dist.get_rank() == 0:
+            self.log(f"sample: {self.prompt!r} → {self.tokenizer.decode(out[len(ids) :])!r}")
+        if (
+            self.baseline_fn is not None
+            and self.eval_callback is not None
+            and self.eval_callback.last
+            and dist.get_rank() == 0
+        ):
             baseline = self.baseline_fn()
             loss = self.eval_callback.last["eval/loss"]
             if self.writer is not None:
                 self.writer.scalars({"eval/unigram_baseline": baseline}, trainer.state.step)
-            self.log(f"held-out loss {loss:.3f} nats/token vs unigram baseline {baseline:.3f} "
-                     f"({loss - baseline:+.3f})")
+            self.log(f"held-out loss {loss:.3f} nats/token vs unigram baseline {baseline:.3f} ({loss - baseline:+.3f})")

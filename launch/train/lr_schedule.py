@@ -1,11 +1,13 @@
 """Learning rate as a pure function of the step (so a resumed run needs no scheduler state)."""
+
 from __future__ import annotations
 
 import math
 
 
-def learning_rate(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int,
-                  schedule: str = "cosine") -> float:
+def learning_rate(
+    step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int, schedule: str = "cosine"
+) -> float:
     """Linear warmup to `lr` over `warmup_steps`, then cosine/linear decay to `min_lr` at `max_steps`."""
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps

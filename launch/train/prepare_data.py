@@ -1,5 +1,6 @@
 """Turn a run's data settings into shard manifests and a tokenizer, building built-in corpora on
 first use (corpus → SentencePiece tokenizer → shards), on global rank 0 while the others wait."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,19 +25,35 @@ def _prepared_dir(cache: Path, corpus: str, vocab_size: int, tokenizer_type: str
     return cache / "prepared" / f"{corpus}-{tokenizer_type}{vocab_size}-seq{seq_length}"
 
 
-def _build_corpus_shards(data: DataConfig, corpus: str, tokenizer_model: Path | None, seq_length: int,
-                         vocab_size: int, log, val_percent: float = 0.0) -> tuple[dict, Path]:
+def _build_corpus_shards(
+    data: DataConfig,
+    corpus: str,
+    tokenizer_model: Path | None,
+    seq_length: int,
+    vocab_size: int,
+    log,
+    val_percent: float = 0.0,
+) -> tuple[dict, Path]:
     """Shards (and, if not given, a tokenizer) for a built-in corpus; cached between runs."""
     cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     # Separate jobs sharing the cache (a study's concurrent runs, users on one node) build it once.
     with FileLock(str(cache / ".prepare.lock")):
-        return _build_corpus_shards_locked(data, corpus, tokenizer_model, seq_length, vocab_size, log,
-                                           val_percent, cache)
+        return _build_corpus_shards_locked(
+            data, corpus, tokenizer_model, seq_length, vocab_size, log, val_percent, cache
+        )
 
 
-def _build_corpus_shards_locked(data: DataConfig, corpus: str, tokenizer_model: Path | None, seq_length: int,
-                                vocab_size: int, log, val_percent: float, cache: Path) -> tuple[dict, Path]:
+def _build_corpus_shards_locked(
+    data: DataConfig,
+    corpus: str,
+    tokenizer_model: Path | None,
+    seq_length: int,
+    vocab_size: int,
+    log,
+    val_percent: float,
+    cache: Path,
+) -> tuple[dict, Path]:
     from loom.data.shards import preprocess
     from loom.data.tokenizer import train_tokenizer
 
@@ -54,12 +71,22 @@ def _build_corpus_shards_locked(data: DataConfig, corpus: str, tokenizer_model: 
             folder.mkdir(parents=True, exist_ok=True)
             train_tokenizer(text, folder / "tokenizer", vocab_size=vocab_size, model_type=data.tokenizer_type)
     shards = folder / (f"{corpus}-val{val_percent:g}" if val_percent > 0 else corpus)
-    splits = {"train": shards / "train" / "manifest.json", "val": shards / "val" / "manifest.json"} \
-        if val_percent > 0 else {"train": shards / "manifest.json"}
+    splits = (
+        {"train": shards / "train" / "manifest.json", "val": shards / "val" / "manifest.json"}
+        if val_percent > 0
+        else {"train": shards / "manifest.json"}
+    )
     if not all(p.is_file() for p in splits.values()):
         log(f"tokenizing {corpus} into shards of {seq_length + 1} tokens under {shards}")
-        preprocess(text, tokenizer_model, shards, seq_length, samples_per_shard=data.samples_per_shard,
-                   num_workers=data.preprocess_workers, val_percent=val_percent)
+        preprocess(
+            text,
+            tokenizer_model,
+            shards,
+            seq_length,
+            samples_per_shard=data.samples_per_shard,
+            num_workers=data.preprocess_workers,
+            val_percent=val_percent,
+        )
     return {k: str(v) for k, v in splits.items()}, tokenizer_model
 
 
@@ -74,8 +101,9 @@ def _prepare_on_this_rank(data: DataConfig, seq_length: int, vocab_size: int, lo
             raise FileNotFoundError(f"no tokenizer: set data.tokenizer or keep tokenizer.model next to {train}")
         held_out = None
     else:
-        manifests, tokenizer = _build_corpus_shards(data, data.corpus, tokenizer, seq_length, vocab_size, log,
-                                                    data.val_percent)
+        manifests, tokenizer = _build_corpus_shards(
+            data, data.corpus, tokenizer, seq_length, vocab_size, log, data.val_percent
+        )
         train, held_out = manifests["train"], manifests.get("val")
     evaluation = data.eval_data
     if evaluation is None and data.eval_corpus:

@@ -1,4 +1,5 @@
 """`loom train`: config → process grid → data → parallel model → Trainer.fit."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from loom.launch.checkpoint import store as checkpoint
-
 from loom.launch.checkpoint import start_point as convert_layout
-from loom.launch.train.baselines import unigram_cross_entropy
-from loom.launch.train.callbacks import CheckpointCallback, EvalCallback, MonitorCallback, SampleCallback
+from loom.launch.checkpoint import store as checkpoint
 from loom.launch.config import RunConfig, load_config, to_dict, to_yaml
 from loom.launch.runtime.env import init_distributed, read_dist_env
-from loom.launch.train.tensorboard import MetricsWriter, flops_per_token, measure_peak_tflops
-from loom.launch.train.prepare_data import prepare_data
 from loom.launch.runtime.run_lock import acquire_run_lock
 from loom.launch.runtime.watchdog import Heartbeat
+from loom.launch.train.baselines import unigram_cross_entropy
+from loom.launch.train.callbacks import CheckpointCallback, EvalCallback, MonitorCallback, SampleCallback
+from loom.launch.train.prepare_data import prepare_data
+from loom.launch.train.tensorboard import MetricsWriter, flops_per_token, measure_peak_tflops
 from loom.launch.train.train_module import TrainModule
 from loom.launch.train.trainer import Trainer, TrainState
 
@@ -61,8 +61,17 @@ def train_from_cli(config_path: str, overrides: list[str], resume: str | None = 
 
 def _looks_like_lost_peer(exc: BaseException) -> bool:
     text = str(exc)
-    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
-                                   "timed out", "Broken pipe", "NCCL communicator was aborted"))
+    return any(
+        s in text
+        for s in (
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "Timed out waiting",
+            "timed out",
+            "Broken pipe",
+            "NCCL communicator was aborted",
+        )
+    )
 
 
 def _compile_cache(cfg: RunConfig) -> str:
@@ -98,31 +107,55 @@ def run(cfg: RunConfig) -> int:
     data = prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=log0)
     tokenizer = Tokenizer(data.tokenizer)
     if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise ValueError(f"tokenizer {data.tokenizer} has {tokenizer.vocab_size} pieces but model.vocab_size is "
-                         f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+        raise ValueError(
+            f"tokenizer {data.tokenizer} has {tokenizer.vocab_size} pieces but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
+        )
     if tokenizer.eos_id != cfg.model.eos_id:
         raise ValueError(f"tokenizer EOS id {tokenizer.eos_id} != model.eos_id {cfg.model.eos_id}")
 
     device, dtype = default_device(), resolve_dtype(cfg.train.precision)
     o = cfg.optim
-    optim = OptimizerSettings(lr=o.lr, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
-                              grad_clip=o.grad_clip)
+    optim = OptimizerSettings(
+        lr=o.lr, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps, grad_clip=o.grad_clip
+    )
     overlay = json.loads(Path(cfg.deepspeed_json).read_text()) if cfg.deepspeed_json else None
-    sharded = parallelize(cfg.model, cfg.techniques, layout, cfg.parallel, optim, cfg.train.micro_batch_size,
-                          cfg.train.seed, cfg.train.precision, overlay, compile_cache=_compile_cache(cfg),
-                          compile=cfg.train.compile)
+    sharded = parallelize(
+        cfg.model,
+        cfg.techniques,
+        layout,
+        cfg.parallel,
+        optim,
+        cfg.train.micro_batch_size,
+        cfg.train.seed,
+        cfg.train.precision,
+        overlay,
+        compile_cache=_compile_cache(cfg),
+        compile=cfg.train.compile,
+    )
     module = TrainModule(sharded, layout, cfg.train.micro_batch_size, cfg.model.seq_length, dtype, device)
-    loader = build_train_loader(data.train, cfg.train.micro_batch_size, layout.dp_rank, layout.dp,
-                                cfg.data.num_workers, cfg.data.seed, cfg.data.on_corrupt,
-                                shards_per_pool=cfg.data.shards_per_pool, prefetch_factor=cfg.data.prefetch_factor,
-                                shard_base=cfg.data.shard_base, tokenizer_sha256=tokenizer.sha256,
-                                vocab_size=cfg.model.vocab_size, seq_length=cfg.model.seq_length)
+    loader = build_train_loader(
+        data.train,
+        cfg.train.micro_batch_size,
+        layout.dp_rank,
+        layout.dp,
+        cfg.data.num_workers,
+        cfg.data.seed,
+        cfg.data.on_corrupt,
+        shards_per_pool=cfg.data.shards_per_pool,
+        prefetch_factor=cfg.data.prefetch_factor,
+        shard_base=cfg.data.shard_base,
+        tokenizer_sha256=tokenizer.sha256,
+        vocab_size=cfg.model.vocab_size,
+        seq_length=cfg.model.seq_length,
+    )
     state = TrainState()
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.output_dir, log=log0)
     if resume_from is not None and convert_layout.is_start_point(resume_from):
         # consolidated weights (and optimizer state) re-sliced for this layout: a layout change
-        meta = convert_layout.load_start_point(sharded, resume_from, cfg.model, tokenizer.sha256, optimizer=True,
-                                               log=log0)
+        meta = convert_layout.load_start_point(
+            sharded, resume_from, cfg.model, tokenizer.sha256, optimizer=True, log=log0
+        )
         state = TrainState(**meta["state"])
         log0(f"resumed from start point {resume_from} at step {state.step} at this layout; the data stream restarts")
     elif resume_from is not None:
@@ -137,8 +170,9 @@ def run(cfg: RunConfig) -> int:
             log0("warning: the checkpoint was written by a different number of ranks; the data stream restarts")
         log0(f"resumed from {resume_from} at step {state.step} ({state.consumed_tokens:,} tokens)")
     elif cfg.model.init_from:
-        convert_layout.load_start_point(sharded, cfg.model.init_from, cfg.model, tokenizer.sha256, optimizer=False,
-                                        log=log0)
+        convert_layout.load_start_point(
+            sharded, cfg.model.init_from, cfg.model, tokenizer.sha256, optimizer=False, log=log0
+        )
         log0(f"initialised weights from {cfg.model.init_from}")
 
     tokens_per_step = cfg.train.micro_batch_size * cfg.parallel.microbatches * layout.dp * cfg.model.seq_length
@@ -148,33 +182,78 @@ def run(cfg: RunConfig) -> int:
     writer.text("layout", "```\n" + grid + "\n```")
 
     def save(trainer) -> Path:
-        meta = {"state": trainer.state.as_dict(), "world_size": layout.world_size, "config": to_dict(cfg),
-                "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero": cfg.parallel.zero_stage}}
-        rank_state = {"loader": loader.state_dict(), "rng": checkpoint.rng_state(),
-                      "hcma": sharded.module.hcma.state_dict() if sharded.module.hcma is not None else {}}
-        return checkpoint.save(sharded.engine, cfg.output_dir, trainer.state.step, rank_state, meta, data.tokenizer,
-                               cfg.checkpoint.keep_last)
+        meta = {
+            "state": trainer.state.as_dict(),
+            "world_size": layout.world_size,
+            "config": to_dict(cfg),
+            "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero": cfg.parallel.zero_stage},
+        }
+        rank_state = {
+            "loader": loader.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "hcma": sharded.module.hcma.state_dict() if sharded.module.hcma is not None else {},
+        }
+        return checkpoint.save(
+            sharded.engine,
+            cfg.output_dir,
+            trainer.state.step,
+            rank_state,
+            meta,
+            data.tokenizer,
+            cfg.checkpoint.keep_last,
+        )
 
-    callbacks = [MonitorCallback(writer, cfg.train.log_every, flops_per_token(cfg.model, cfg.model.seq_length)
-                                 * tokens_per_step, peak, layout.world_size, device,
-                                 progress=dist.get_rank() == 0 and os.isatty(2), log=log0)]
+    callbacks = [
+        MonitorCallback(
+            writer,
+            cfg.train.log_every,
+            flops_per_token(cfg.model, cfg.model.seq_length) * tokens_per_step,
+            peak,
+            layout.world_size,
+            device,
+            progress=dist.get_rank() == 0 and os.isatty(2),
+            log=log0,
+        )
+    ]
     evaluator = None
     if data.eval:
         evaluator = EvalCallback(
-            lambda: eval_batches(data.eval, cfg.train.micro_batch_size, layout.dp_rank, layout.dp,
-                                 max_batches=cfg.data.eval_max_batches, seq_length=cfg.model.seq_length,
-                                 tokenizer_sha256=tokenizer.sha256),
-            cfg.train.eval_every, writer, log=log0)
+            lambda: eval_batches(
+                data.eval,
+                cfg.train.micro_batch_size,
+                layout.dp_rank,
+                layout.dp,
+                max_batches=cfg.data.eval_max_batches,
+                seq_length=cfg.model.seq_length,
+                tokenizer_sha256=tokenizer.sha256,
+            ),
+            cfg.train.eval_every,
+            writer,
+            log=log0,
+        )
         callbacks.append(evaluator)
-    callbacks.append(SampleCallback(
-        cfg.train.sample_prompt, tokenizer, cfg.train.sample_tokens, dtype, device,
-        baseline_fn=(lambda: unigram_cross_entropy(data.train, data.eval, cfg.model.vocab_size)) if data.eval else None,
-        eval_callback=evaluator, writer=writer, log=log0))
+    callbacks.append(
+        SampleCallback(
+            cfg.train.sample_prompt,
+            tokenizer,
+            cfg.train.sample_tokens,
+            dtype,
+            device,
+            baseline_fn=(lambda: unigram_cross_entropy(data.train, data.eval, cfg.model.vocab_size))
+            if data.eval
+            else None,
+            eval_callback=evaluator,
+            writer=writer,
+            log=log0,
+        )
+    )
     callbacks.append(CheckpointCallback(cfg.checkpoint.every, save, cfg.checkpoint.on_save_error == "stop", log=log0))
     trainer = Trainer(cfg, module, loader, state, callbacks, tokens_per_step, log=log0)
     code = trainer.fit()
     writer.close()
-    log0(f"finished at step {state.step} (exit code {code}) · run directory {run_dir.resolve()}\n"
-         f"  checkpoints: {checkpoint.checkpoint_root(run_dir).resolve()}\n"
-         f"  TensorBoard: tensorboard --logdir {(run_dir / 'tensorboard').resolve()}")
+    log0(
+        f"finished at step {state.step} (exit code {code}) · run directory {run_dir.resolve()}\n"
+        f"  checkpoints: {checkpoint.checkpoint_root(run_dir).resolve()}\n"
+        f"  TensorBoard: tensorboard --logdir {(run_dir / 'tensorboard').resolve()}"
+    )
     return code

@@ -1,5 +1,6 @@
 """Greedy text generation through the parallel model (any TP/PP layout), for the samples a
 training run prints. No KV cache: each new token re-runs the prefix, which is fine for samples."""
+
 from __future__ import annotations
 
 import torch
@@ -9,8 +10,9 @@ from loom.model.parallel.pipeline import forward_only
 
 
 @torch.no_grad()
-def greedy_generate(module, prompt_ids: list[int], max_new_tokens: int, dtype: torch.dtype,
-                    device: torch.device) -> list[int]:
+def greedy_generate(
+    module, prompt_ids: list[int], max_new_tokens: int, dtype: torch.dtype, device: torch.device
+) -> list[int]:
     """Collective over the model-parallel ranks of one DP replica; every rank returns the same ids."""
     from megatron.core import parallel_state as ps
 
@@ -28,7 +30,9 @@ def greedy_generate(module, prompt_ids: list[int], max_new_tokens: int, dtype: t
         next_id = torch.zeros(1, dtype=torch.long, device=device)
         if out:
             local = out[0][-1, 0].float()  # [V_pad / tp]
-            best = torch.stack([local.max(), local.argmax().float() + ps.get_tensor_model_parallel_rank() * local.numel()])
+            best = torch.stack(
+                [local.max(), local.argmax().float() + ps.get_tensor_model_parallel_rank() * local.numel()]
+            )
             gathered = [torch.empty_like(best) for _ in range(dist.get_world_size(tp_group))]
             dist.all_gather(gathered, best, group=tp_group)
             winner = max(gathered, key=lambda t: float(t[0]))

@@ -6,6 +6,7 @@ stage's (vocab-parallel) embedding and made bit-identical across DP replicas; in
 aligned table is written into DeepSpeed's fp32 master weights (otherwise the next optimizer step
 would silently revert it), into the working copy, and into a tied output copy on the last stage.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,6 @@
 """What a user watches: TensorBoard scalars (rank 0), a console line, a progress bar with ETA, and
 the throughput arithmetic behind tokens/s, TFLOP/s and MFU."""
+
 from __future__ import annotations
 
 import math
@@ -36,9 +37,11 @@ def measure_peak_tflops(dtype: torch.dtype, device: torch.device, seconds: float
 
 def memory_scalars(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
-        return {"memory/allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
-                "memory/reserved_gb": torch.cuda.memory_reserved(device) / 2**30,
-                "memory/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+        return {
+            "memory/allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
+            "memory/reserved_gb": torch.cuda.memory_reserved(device) / 2**30,
+            "memory/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
     return {"memory/rss_gb": _process().memory_info().rss / 2**30}
 
 
@@ -51,8 +54,11 @@ def _process():
 def system_scalars() -> dict[str, float]:
     """Leak detectors for long runs: open files, threads and child processes of this rank."""
     proc = _process()
-    return {"system/open_fds": float(proc.num_fds()), "system/threads": float(proc.num_threads()),
-            "system/child_processes": float(len(proc.children(recursive=True)))}
+    return {
+        "system/open_fds": float(proc.num_fds()),
+        "system/threads": float(proc.num_threads()),
+        "system/child_processes": float(len(proc.children(recursive=True))),
+    }
 
 
 class MetricsWriter:

@@ -1,5 +1,6 @@
 """The per-batch seam between the trainer loop and the parallel model (OLMo-core's train module):
 one optimizer step, one evaluation, the techniques' periodic upkeep and their scalars."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,15 @@ from loom.model.parallel.zero import ShardedStage
 
 
 class TrainModule:
-    def __init__(self, sharded: ShardedStage, layout: Layout, micro_batch_size: int, seq_length: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        sharded: ShardedStage,
+        layout: Layout,
+        micro_batch_size: int,
+        seq_length: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.sharded, self.layout = sharded, layout
         self.micro_batch_size, self.seq_length = micro_batch_size, seq_length
         self.dtype, self.device = dtype, device
@@ -37,8 +45,7 @@ class TrainModule:
         with nan_injection(self.module, step):
             result = self.sharded.train_step(batches, step, self.specs)
         finite = math.isfinite(result.loss) and math.isfinite(result.grad_norm)
-        return {"train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": lr,
-                "finite": finite}
+        return {"train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": lr, "finite": finite}
 
     def before_step(self, step: int) -> None:
         """The techniques' periodic, non-differentiable upkeep."""
@@ -56,8 +63,7 @@ class TrainModule:
         for batch in batches:
             batch = batch.to(self.device)
             specs = module.carry_specs(batch.shape[0], batch.shape[1] - 1, self.dtype)
-            out = forward_only(lambda mb, rec: module(mb, rec, update_ema=False), [batch], pp_group, specs,
-                               self.device)
+            out = forward_only(lambda mb, rec: module(mb, rec, update_ema=False), [batch], pp_group, specs, self.device)
             if out:
                 tokens = batch.shape[0] * (batch.shape[1] - 1)
                 total += torch.tensor([float(out[0]) * tokens, tokens], dtype=torch.float64)

@@ -4,6 +4,7 @@ Everything optional (logging, evaluation, checkpoints) is a callback. Stop reque
 SIGUSR1 from Slurm, the `train.max_minutes` limit, too many non-finite steps — are agreed on by
 all ranks at a step boundary, so every rank saves the same checkpoint and exits together.
 """
+
 from __future__ import annotations
 
 import signal
@@ -54,8 +55,9 @@ class StopSignals:
 
 
 class Trainer:
-    def __init__(self, cfg, module, loader, state: TrainState, callbacks: list[Callback], tokens_per_step: int,
-                 log=print):
+    def __init__(
+        self, cfg, module, loader, state: TrainState, callbacks: list[Callback], tokens_per_step: int, log=print
+    ):
         self.cfg, self.module, self.loader, self.state = cfg, module, loader, state
         self.callbacks, self.tokens_per_step, self.log = callbacks, tokens_per_step, log
         self.signals = StopSignals()
@@ -68,8 +70,14 @@ class Trainer:
 
     def _lr(self, step: int) -> float:
         o = self.cfg.optim
-        return learning_rate(step, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps,
-                             max_steps=self.cfg.train.max_steps, schedule=o.schedule)
+        return learning_rate(
+            step,
+            lr=o.lr,
+            min_lr=o.min_lr,
+            warmup_steps=o.warmup_steps,
+            max_steps=self.cfg.train.max_steps,
+            schedule=o.schedule,
+        )
 
     def fit(self) -> int:
         for cb in self.callbacks:
@@ -93,7 +101,9 @@ class Trainer:
         reason = reason or "done"
         for cb in self.callbacks:
             cb.on_stop(self, reason)
-        return {"done": EXIT_DONE, "nonfinite": EXIT_NONFINITE, "save_failed": EXIT_SAVE_FAILED}.get(reason, EXIT_REQUEUE)
+        return {"done": EXIT_DONE, "nonfinite": EXIT_NONFINITE, "save_failed": EXIT_SAVE_FAILED}.get(
+            reason, EXIT_REQUEUE
+        )
 
     def _account(self, metrics: dict) -> None:
         s = self.state
@@ -104,19 +114,23 @@ class Trainer:
         else:
             s.skipped_steps += 1
             s.consecutive_nonfinite += 1
-            self.log(f"warning: step {s.step}: non-finite loss or gradient norm "
-                     f"(loss {metrics['train/loss']}, grad norm {metrics['train/grad_norm']}); step skipped")
+            self.log(
+                f"warning: step {s.step}: non-finite loss or gradient norm "
+                f"(loss {metrics['train/loss']}, grad norm {metrics['train/grad_norm']}); step skipped"
+            )
         metrics.update({"train/consumed_tokens": s.consumed_tokens, "train/skipped_steps": s.skipped_steps})
 
     def _stop_reason(self) -> str | None:
         if self._requested:
             return self._requested
         limit = self.cfg.train.max_minutes
-        flags = torch.tensor([
-            1.0 if self.signals.received else 0.0,
-            1.0 if limit > 0 and time.monotonic() - self.started > limit * 60 else 0.0,
-            1.0 if self.state.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite else 0.0,
-        ])
+        flags = torch.tensor(
+            [
+                1.0 if self.signals.received else 0.0,
+                1.0 if limit > 0 and time.monotonic() - self.started > limit * 60 else 0.0,
+                1.0 if self.state.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite else 0.0,
+            ]
+        )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0]:
             return "signal"

@@ -7,6 +7,7 @@ The first step pays the compilation; inductor's on-disk cache (`cache_dir`) make
 the same shapes start fast. A graph that fails to compile runs eagerly (dynamo's `suppress_errors`)
 with a warning instead of stopping the run.
 """
+
 from __future__ import annotations
 
 import os

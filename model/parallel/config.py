@@ -1,4 +1,5 @@
 """How one run is laid out over its processes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,13 +28,16 @@ class ParallelConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             problems.append(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.zero_stage == 3 and self.pipeline > 1:
-            problems.append("ZeRO-3 with parallel.pipeline > 1 is not supported: use zero_stage 0, 1 or 2 "
-                            "with pipeline parallelism")
+            problems.append(
+                "ZeRO-3 with parallel.pipeline > 1 is not supported: use zero_stage 0, 1 or 2 with pipeline parallelism"
+            )
         if problems:
             return problems
         if world_size is not None and world_size % (self.tensor * self.pipeline):
-            problems.append(f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline "
-                            f"= {self.tensor} × {self.pipeline}")
+            problems.append(
+                f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline "
+                f"= {self.tensor} × {self.pipeline}"
+            )
         return problems
 
     def data_parallel_size(self, world_size: int) -> int:

@@ -2,6 +2,7 @@
 
 Every rank gets the same `{name: fp32 CPU tensor}` dict, named as in a TP=1, PP=1 model.
 """
+
 from __future__ import annotations
 
 import contextlib

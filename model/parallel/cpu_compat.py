@@ -6,6 +6,7 @@ CPU accelerator JIT-builds an inference-only shared-memory op (2-4 minutes, `-ma
 its first `init_distributed`. See shared/reference/megatron_core_cpu.md and deepspeed_cpu.md.
 Loom's own code paths never branch on CPU vs GPU outside this file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,8 +73,10 @@ def setup_deepspeed_env() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings(
-        "ignore", category=FutureWarning,
-        message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+        "ignore",
+        category=FutureWarning,
+        message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    )
     if _DEEPSPEED_PATCHED:
         return
     import deepspeed  # noqa: F401

@@ -1,4 +1,5 @@
 """The DP×PP×TP process grid (megatron-core's `parallel_state`) and DeepSpeed's view of it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ class Layout:
         return self.pp_rank == self.pp - 1
 
     def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world_size}: dp {self.dp_rank}/{self.dp} · "
-                f"pp stage {self.pp_rank}/{self.pp} · tp {self.tp_rank}/{self.tp}")
+        return (
+            f"rank {self.rank}/{self.world_size}: dp {self.dp_rank}/{self.dp} · "
+            f"pp stage {self.pp_rank}/{self.pp} · tp {self.tp_rank}/{self.tp}"
+        )
 
 
 def init_parallel_groups(parallel: ParallelConfig) -> Layout:
@@ -42,9 +45,11 @@ def init_parallel_groups(parallel: ParallelConfig) -> Layout:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     # every group gets the run's timeout, so a hung peer fails the run instead of stalling it for 30 min
-    ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor,
-                                 pipeline_model_parallel_size=parallel.pipeline,
-                                 distributed_timeout_minutes=parallel.timeout_s / 60)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        distributed_timeout_minutes=parallel.timeout_s / 60,
+    )
     return current_layout()
 
 
@@ -52,10 +57,15 @@ def current_layout() -> Layout:
     from megatron.core import parallel_state as ps
 
     return Layout(
-        world_size=dist.get_world_size(), rank=dist.get_rank(),
-        tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
-        dp=ps.get_data_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
-        pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank())
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
 
 
 def describe_grid() -> str:
@@ -131,6 +141,10 @@ def megatron_layer_config(params_dtype: torch.dtype):
     return ModelParallelConfig(
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        params_dtype=params_dtype, pipeline_dtype=params_dtype, use_cpu_initialization=True,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=True,
         perform_initialization=False,
-        gradient_accumulation_fusion=False, sequence_parallel=False)
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )

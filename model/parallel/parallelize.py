@@ -1,6 +1,7 @@
 """Apply the parallel layout to the network (torchtitan's `parallelize` step): build this rank's
 pipeline stage with tensor-parallel layers, write layout-invariant initial weights, move it to the
 device and wrap it in its DeepSpeed engine."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,13 @@ from loom.model.init import init_tensor_parallel_weights
 from loom.model.parallel.compile import compile_blocks
 from loom.model.parallel.config import ParallelConfig
 from loom.model.parallel.groups import Layout, megatron_layer_config
-from loom.model.parallel.zero import (OptimizerSettings, ShardedStage, build_optimizer, deepspeed_config,
-                                 zero3_init_context)
+from loom.model.parallel.zero import (
+    OptimizerSettings,
+    ShardedStage,
+    build_optimizer,
+    deepspeed_config,
+    zero3_init_context,
+)
 from loom.techniques.config import TechniquesConfig
 
 
@@ -29,23 +35,40 @@ def resolve_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
-def build_stage(cfg: ModelConfig, tech: TechniquesConfig, layout: Layout, seed: int,
-                dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> GPTStage:
+def build_stage(
+    cfg: ModelConfig,
+    tech: TechniquesConfig,
+    layout: Layout,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> GPTStage:
     """This rank's stage with its initial weights; identical weights for every layout."""
-    stage = GPTStage(cfg, tech, megatron_layer_config(torch.float32), tp=layout.tp, pp=layout.pp,
-                     pp_rank=layout.pp_rank, seed=seed)
+    stage = GPTStage(
+        cfg, tech, megatron_layer_config(torch.float32), tp=layout.tp, pp=layout.pp, pp_rank=layout.pp_rank, seed=seed
+    )
     init_tensor_parallel_weights(stage, cfg, seed, layout.tp_rank, layout.tp)
     return stage.to(device=device or default_device(), dtype=dtype)
 
 
-def parallelize(cfg: ModelConfig, tech: TechniquesConfig, layout: Layout, parallel: ParallelConfig,
-                optim: OptimizerSettings, micro_batch_size: int, seed: int, precision: str = "auto",
-                deepspeed_overlay: dict | None = None, compile_cache: str | None = None,
-                compile: bool = False) -> ShardedStage:
+def parallelize(
+    cfg: ModelConfig,
+    tech: TechniquesConfig,
+    layout: Layout,
+    parallel: ParallelConfig,
+    optim: OptimizerSettings,
+    micro_batch_size: int,
+    seed: int,
+    precision: str = "auto",
+    deepspeed_overlay: dict | None = None,
+    compile_cache: str | None = None,
+    compile: bool = False,
+) -> ShardedStage:
     """This rank's stage in its DeepSpeed engine; `compile` applies `compile_blocks` before wrapping."""
     dtype = resolve_dtype(precision)
-    ds_config = deepspeed_config(parallel, micro_batch_size, layout.dp, dtype == torch.bfloat16,
-                                 optim.grad_clip, deepspeed_overlay)
+    ds_config = deepspeed_config(
+        parallel, micro_batch_size, layout.dp, dtype == torch.bfloat16, optim.grad_clip, deepspeed_overlay
+    )
     if parallel.zero_stage == 3:
         stage = _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype)
     else:
@@ -65,8 +88,15 @@ def _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype) -> G
 
     deepspeed.init_distributed()  # zero.Init reads DeepSpeed's own view of the (existing) process group
     with zero3_init_context(parallel, ds_config):
-        stage = GPTStage(cfg, tech, megatron_layer_config(torch.float32), tp=layout.tp, pp=layout.pp,
-                         pp_rank=layout.pp_rank, seed=seed)
+        stage = GPTStage(
+            cfg,
+            tech,
+            megatron_layer_config(torch.float32),
+            tp=layout.tp,
+            pp=layout.pp,
+            pp_rank=layout.pp_rank,
+            seed=seed,
+        )
     for name, param in stage.named_parameters():
         if not getattr(param, "tensor_model_parallel", False):
             continue

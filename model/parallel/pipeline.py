@@ -6,6 +6,7 @@ Each send is posted together with its matching receive, so the order of blocking
 deadlock, and the same code runs on gloo and NCCL. Hooks around every micro-batch backward let
 ZeRO-2 reduce gradients per micro-batch.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -76,10 +77,16 @@ def _default_backward(tensors, grads):
     torch.autograd.backward(tensors, grad_tensors=grads)
 
 
-def forward_backward_1f1b(stage_forward: Callable, microbatches: list, pp_group, specs: Specs,
-                          device: torch.device, backward: Callable = _default_backward,
-                          before_backward: Callable | None = None,
-                          after_backward: Callable | None = None) -> list[torch.Tensor]:
+def forward_backward_1f1b(
+    stage_forward: Callable,
+    microbatches: list,
+    pp_group,
+    specs: Specs,
+    device: torch.device,
+    backward: Callable = _default_backward,
+    before_backward: Callable | None = None,
+    after_backward: Callable | None = None,
+) -> list[torch.Tensor]:
     """Run forward and backward of every micro-batch through this rank's stage.
 
     stage_forward(microbatch, received_or_None) returns the dict of tensors for the next stage, or
@@ -135,8 +142,7 @@ def forward_backward_1f1b(stage_forward: Callable, microbatches: list, pp_group,
 
 
 @torch.no_grad()
-def forward_only(stage_forward: Callable, microbatches: list, pp_group, specs: Specs,
-                 device: torch.device) -> list:
+def forward_only(stage_forward: Callable, microbatches: list, pp_group, specs: Specs, device: torch.device) -> list:
     """Forward every micro-batch through the stages (evaluation, generation); returns the last
     stage's outputs ([] on other stages)."""
     link = StageLink(pp_group, specs, device)

@@ -5,6 +5,7 @@ PP > 1: the 1F1B schedule drives backward on `engine.module`; the DeepSpeed opti
 and steps. ZeRO-0/1 reduce once after the schedule; ZeRO-2 reduces per micro-batch through the
 schedule's hooks (DeepSpeed's own PipelineEngine cannot do that). ZeRO-3 needs PP = 1.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,9 @@ class OptimizerSettings:
     grad_clip: float = 1.0
 
 
-def deepspeed_config(parallel: ParallelConfig, micro_batch_size: int, dp: int, bf16: bool,
-                     grad_clip: float, overlay: dict | None = None) -> dict:
+def deepspeed_config(
+    parallel: ParallelConfig, micro_batch_size: int, dp: int, bf16: bool, grad_clip: float, overlay: dict | None = None
+) -> dict:
     """The engine config, generated from Loom's config (one source of truth)."""
     # PP>1 with ZeRO-0/1 reduces once per step, so DeepSpeed sees one "micro-batch" per step
     per_step_micro = parallel.microbatches if (parallel.pipeline == 1 or parallel.zero_stage == 2) else 1
@@ -44,9 +46,13 @@ def deepspeed_config(parallel: ParallelConfig, micro_batch_size: int, dp: int, b
         "gradient_clipping": 0.0 if (parallel.zero_stage == 0 and not bf16) else grad_clip,
         "steps_per_print": 10**12,
         "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": parallel.zero_stage, "reduce_bucket_size": bucket,
-                              "allgather_bucket_size": bucket, "stage3_prefetch_bucket_size": bucket,
-                              "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {
+            "stage": parallel.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+            "stage3_prefetch_bucket_size": bucket,
+            "stage3_param_persistence_threshold": 0,
+        },
         "bf16": {"enabled": bf16},
         "wall_clock_breakdown": False,
     }
@@ -57,6 +63,7 @@ def deepspeed_config(parallel: ParallelConfig, micro_batch_size: int, dp: int, b
 
 def build_optimizer(module: torch.nn.Module, opt: OptimizerSettings) -> torch.optim.Optimizer:
     """AdamW with no decay on vectors (norms, gates, technique scalars), as Megatron does."""
+
     def ndim(p):  # ZeRO-3 partitioned parameters keep their true shape in ds_shape
         return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
 
@@ -78,8 +85,9 @@ def zero3_init_context(parallel: ParallelConfig, ds_config: dict):
     import deepspeed
 
     mpu = MegatronMPU()
-    return deepspeed.zero.Init(data_parallel_group=mpu.get_data_parallel_group(), mpu=mpu,
-                               config_dict_or_path=ds_config)
+    return deepspeed.zero.Init(
+        data_parallel_group=mpu.get_data_parallel_group(), mpu=mpu, config_dict_or_path=ds_config
+    )
 
 
 @dataclass
@@ -91,14 +99,22 @@ class StepResult:
 class ShardedStage:
     """A pipeline stage wrapped in its DeepSpeed engine; `train_step` runs one optimizer step."""
 
-    def __init__(self, stage: torch.nn.Module, layout: Layout, parallel: ParallelConfig, ds_config: dict,
-                 optimizer: torch.optim.Optimizer, grad_clip: float):
+    def __init__(
+        self,
+        stage: torch.nn.Module,
+        layout: Layout,
+        parallel: ParallelConfig,
+        ds_config: dict,
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float,
+    ):
         import deepspeed
         from megatron.core import parallel_state as ps
 
         self.layout, self.parallel = layout, parallel
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=stage, optimizer=optimizer,
-                                                                 config=ds_config, mpu=MegatronMPU())
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=stage, optimizer=optimizer, config=ds_config, mpu=MegatronMPU()
+        )
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
         tied = getattr(stage, "tied_across_stages", False) and (layout.is_first_stage or layout.is_last_stage)
@@ -118,8 +134,9 @@ class ShardedStage:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, microbatches: list[torch.Tensor], step: int, specs: dict,
-                   forward_kwargs: dict | None = None) -> StepResult:
+    def train_step(
+        self, microbatches: list[torch.Tensor], step: int, specs: dict, forward_kwargs: dict | None = None
+    ) -> StepResult:
         """Forward+backward over this rank's micro-batches, reduce, clip and step."""
         from loom.techniques.aux_loss import set_aux_loss_scale
 
@@ -138,13 +155,24 @@ class ShardedStage:
         device = microbatches[0].device
         if self.layout.pp == 1:
             losses = forward_backward_1f1b(
-                stage_forward, microbatches, self.pp_group, specs, device,
+                stage_forward,
+                microbatches,
+                self.pp_group,
+                specs,
+                device,
                 backward=lambda tensors, grads: engine.backward(tensors[0], scale_wrt_gas=False),
-                after_backward=lambda i, last: self._optimizer_step(last))
+                after_backward=lambda i, last: self._optimizer_step(last),
+            )
         elif self.parallel.zero_stage == 2:
-            losses = forward_backward_1f1b(stage_forward, microbatches, self.pp_group, specs, device,
-                                           before_backward=self._zero2_before_backward,
-                                           after_backward=self._zero2_after_backward)
+            losses = forward_backward_1f1b(
+                stage_forward,
+                microbatches,
+                self.pp_group,
+                specs,
+                device,
+                before_backward=self._zero2_before_backward,
+                after_backward=self._zero2_after_backward,
+            )
             for _ in microbatches:  # the engine counts micro-steps; only the last one steps
                 engine.step()
         else:
@@ -203,8 +231,9 @@ class ShardedStage:
         zo.set_gradient_accumulation_boundary(is_last)
         for dtype, bucket in zo.ipg_buckets.items():
             if zo.contiguous_gradients and not bucket.buffer:
-                bucket.buffer.append(torch.empty(int(zo.reduce_bucket_size), dtype=dtype,
-                                                 device=torch.device(self.engine.device)))
+                bucket.buffer.append(
+                    torch.empty(int(zo.reduce_bucket_size), dtype=dtype, device=torch.device(self.engine.device))
+                )
                 bucket.index = 0
 
     def _zero2_after_backward(self, index: int, is_last: bool) -> None:

@@ -8,6 +8,7 @@ Computed on a subsample of queries with eager attention (flash attention never m
 probabilities). Under TP each rank holds `n_h / t` heads: `head_sum` and `dispersion_sum` give the
 per-rank partial sums that are all-reduced over the TP group.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, dim: int = -1) -> torch.Tens
     m = 0.5 * (p + q)
 
     def kl(a, b):
-        return torch.where(a > 0, a * (torch.log(a.clamp_min(1e-300)) - torch.log(b.clamp_min(1e-300))),
-                           torch.zeros_like(a)).sum(dim)
+        return torch.where(
+            a > 0, a * (torch.log(a.clamp_min(1e-300)) - torch.log(b.clamp_min(1e-300))), torch.zeros_like(a)
+        ).sum(dim)
 
     return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0.0)
 

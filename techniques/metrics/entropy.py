@@ -10,6 +10,7 @@ functions below take the local shard and an optional process group; with `group=
 of one) they are plain single-rank computations, so the same code is the reference in tests.
 Padded vocabulary columns hold −1e30 (fp32) and drop out exactly: `exp(−1e30 − M) = 0`.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -58,9 +59,13 @@ def vocab_parallel_entropy(local_logits: torch.Tensor, group: Optional[dist.Proc
     return entropy_from_msu(m, su[0], su[1])
 
 
-def vocab_parallel_token_stats(local_logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
-                               group: Optional[dist.ProcessGroup] = None,
-                               column_scale: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+def vocab_parallel_token_stats(
+    local_logits: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start: int,
+    group: Optional[dist.ProcessGroup] = None,
+    column_scale: Optional[torch.Tensor] = None,
+) -> dict[str, torch.Tensor]:
     """Per-position statistics of vocab-parallel logits `[..., V_local]` against `targets [...]`.
 
     * `nll = M + log S − z_y` (the teacher-forced NLL of §2.2, the reductions of vocab-parallel
@@ -100,8 +105,9 @@ def vocab_parallel_token_stats(local_logits: torch.Tensor, targets: torch.Tensor
     return out
 
 
-def vocab_parallel_argmax(local_logits: torch.Tensor, vocab_start: int,
-                          group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+def vocab_parallel_argmax(
+    local_logits: torch.Tensor, vocab_start: int, group: Optional[dist.ProcessGroup] = None
+) -> torch.Tensor:
     """Global arg-max id of vocab-parallel logits (the lowest id among equal maxima)."""
     z = local_logits.float()
     best, arg = z.max(-1)
@@ -121,17 +127,25 @@ def vocab_parallel_argmax(local_logits: torch.Tensor, vocab_start: int,
 def entropy_variance(per_prompt_entropies: Sequence[torch.Tensor]) -> float:
     """EV = `Var_t(H_t)` per prompt (population variance over generated steps), averaged over
     prompts (§3.14 metric 2)."""
-    values = [float(torch.as_tensor(h, dtype=torch.float64).var(unbiased=False))
-              for h in per_prompt_entropies if torch.as_tensor(h).numel() > 0]
+    values = [
+        float(torch.as_tensor(h, dtype=torch.float64).var(unbiased=False))
+        for h in per_prompt_entropies
+        if torch.as_tensor(h).numel() > 0
+    ]
     return sum(values) / len(values) if values else float("nan")
 
 
 def sequence_entropy_stats(per_sequence_entropies: Sequence[torch.Tensor]) -> dict:
     """`H̄ = mean_t H_t` per sequence (teacher-forced); returns the mean and the population
     variance of `H̄` over sequences (§4.14 metric 1)."""
-    means = torch.tensor([float(torch.as_tensor(h, dtype=torch.float64).mean())
-                          for h in per_sequence_entropies if torch.as_tensor(h).numel() > 0],
-                         dtype=torch.float64)
+    means = torch.tensor(
+        [
+            float(torch.as_tensor(h, dtype=torch.float64).mean())
+            for h in per_sequence_entropies
+            if torch.as_tensor(h).numel() > 0
+        ],
+        dtype=torch.float64,
+    )
     if means.numel() == 0:
         return {"mean": float("nan"), "var": float("nan"), "sequences": 0}
     return {"mean": float(means.mean()), "var": float(means.var(unbiased=False)), "sequences": int(means.numel())}

@@ -6,6 +6,7 @@ overlap with the table before alignment, `mean_v |kNN₁₀ before ∩ kNN₁₀
 tokens in low-density regions, `ρ_v < ρ_med / π_max` with the kNN density of §7.3 step 2).
 Tables are `[V, d]` with real rows only (no TP padding rows).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -85,8 +86,9 @@ def knn_density(y: torch.Tensor, knn: int = 16, chunk: int = 1024) -> torch.Tens
     return rho
 
 
-def low_density_fraction(table: torch.Tensor, knn: int = 16, pi_max: float = 4.0,
-                         projection: Optional[torch.Tensor] = None) -> float:
+def low_density_fraction(
+    table: torch.Tensor, knn: int = 16, pi_max: float = 4.0, projection: Optional[torch.Tensor] = None
+) -> float:
     """Fraction of rows with `ρ_v < ρ_med / π_max`, i.e. where HCMA's weight `π_v` hits its cap
     (§7.14 metric 4, §7.3 step 2). With `projection` (HCMA's random `R [d, p]`) the density is
     taken on `Y = normalize(normalize(E) R)` exactly as HCMA's refresh does; else on `normalize(E)`.

@@ -5,6 +5,7 @@ Spec: TECHNIQUES.md §3.14 metric 3 (LI, rep-4, sentence-length std) and §4.14 
 (distinct-2). Token-level functions take sequences of token ids; the sentence statistic takes the
 decoded text.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,7 @@ def lexical_instability(continuation_1: Sequence[Hashable], continuation_2: Sequ
 
 
 def ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple]:
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def rep_n(tokens: Sequence[Hashable], n: int = 4) -> float:

@@ -6,6 +6,7 @@ the running median over the previous 100 steps) and the overhead metrics §3.14 
 metric 5, §5.14 metric 5, §6.2 and §7.14 metric 5 (tokens/s, step time, peak memory, inference
 ms/token against the baseline).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -32,7 +33,7 @@ def grad_norm_spikes(values: Sequence[float], factor: float = 3.0, window: int =
     x = np.asarray(values, dtype=np.float64)
     spikes = 0
     for i in range(min_history, x.size):
-        history = x[max(0, i - window):i]
+        history = x[max(0, i - window) : i]
         history = history[np.isfinite(history)]
         if history.size >= min_history and np.isfinite(x[i]) and x[i] > factor * np.median(history):
             spikes += 1

@@ -6,6 +6,7 @@ Spec: TECHNIQUES.md §2.2 (teacher-forced NLL `ℓ_t = −log p(x_t | x_<t)`), �
 §6.14 metrics 3–4 and §7.14 metric 5 (perplexity, rare-token NLL). Statistics are population
 statistics (ddof = 0, §2.1).
 """
+
 from __future__ import annotations
 
 import math

@@ -12,6 +12,7 @@ filler is real held-out text, keys are words drawn from it; values and quantitie
 Text templates are encoded with the caller's `encode(str) -> list[int]`, so probes follow the
 checkpoint's tokenizer.
 """
+
 from __future__ import annotations
 
 import random
@@ -22,8 +23,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-BUCKETS: tuple[tuple[float, float], ...] = ((-1, 10), (10, 50), (50, 100), (100, 500), (500, 1000),
-                                            (1000, float("inf")))
+BUCKETS: tuple[tuple[float, float], ...] = (
+    (-1, 10),
+    (10, 50),
+    (50, 100),
+    (100, 500),
+    (500, 1000),
+    (1000, float("inf")),
+)
 """`(lo, hi]` training-frequency buckets of §2.2 (the first is `[0, 10]`)."""
 BUCKET_NAMES = ("0-10", "10-50", "50-100", "100-500", "500-1000", "1000+")
 
@@ -96,13 +103,14 @@ def _filler(stream: np.ndarray, length: int, rng: random.Random) -> list[int]:
         reps = -(-length // max(len(stream), 1))
         return np.tile(stream, reps)[:length].tolist()
     start = rng.randrange(0, len(stream) - length)
-    return stream[start:start + length].tolist()
+    return stream[start : start + length].tolist()
 
 
 @dataclass
 class KVProbe:
     """One key–value recall sample (§5.14 metric 1): `context` ends with the query prefix; the
     model should continue with `answer`."""
+
     context: list[int]
     answer: list[int]
     key: str
@@ -115,8 +123,15 @@ KV_FACT = " The secret code of {key} is {value}."
 KV_QUERY = " The secret code of {key} is"
 
 
-def make_kv_probes(filler_stream: Sequence[int], words: Sequence[str], encode: Callable[[str], list[int]],
-                   n_tokens: int, n_samples: int, n_facts: int = 8, seed: int = 0) -> list[KVProbe]:
+def make_kv_probes(
+    filler_stream: Sequence[int],
+    words: Sequence[str],
+    encode: Callable[[str], list[int]],
+    n_tokens: int,
+    n_samples: int,
+    n_facts: int = 8,
+    seed: int = 0,
+) -> list[KVProbe]:
     """`n_samples` key–value probes of exactly `n_tokens` context tokens (§5.14 metric 1).
 
     `n_facts` facts "The secret code of <key> is <value>." (distinct keys from `words`; values of
@@ -137,7 +152,7 @@ def make_kv_probes(filler_stream: Sequence[int], words: Sequence[str], encode: C
         query = encode(KV_QUERY.format(key=keys[q]))
         full = encode(KV_QUERY.format(key=keys[q]) + " " + values[q])
         # the value's tokens as they follow the query in running text (tokenizers merge spaces)
-        answer = full[len(query):] if full[:len(query)] == query else encode(" " + values[q])
+        answer = full[len(query) :] if full[: len(query)] == query else encode(" " + values[q])
         room = n_tokens - len(query) - sum(len(f) for f in facts)
         if room < 0:
             raise ValueError(f"n_tokens={n_tokens} is too short for {n_facts} facts and a query")
@@ -172,12 +187,18 @@ def teacher_forced_accuracy(predicted: Sequence[int], answer: Sequence[int]) -> 
 NAMES = ("Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "James", "Karen", "Louis")
 OBJECTS = ("apples", "books", "coins", "stamps", "marbles", "tickets", "shells", "pencils")
 QUESTIONS = {
-    "sum": (" Question: How many {obj} do {a} and {b} have in total? Answer:",
-            " Question: What is the total number of {obj} that {a} and {b} hold together? Answer:"),
-    "difference": (" Question: How many more {obj} does {a} have than {b}? Answer:",
-                   " Question: By how many {obj} does {a} exceed {b}? Answer:"),
-    "comparison": (" Question: Who has more {obj}, {a} or {b}? Answer:",
-                   " Question: Between {a} and {b}, who holds the larger number of {obj}? Answer:"),
+    "sum": (
+        " Question: How many {obj} do {a} and {b} have in total? Answer:",
+        " Question: What is the total number of {obj} that {a} and {b} hold together? Answer:",
+    ),
+    "difference": (
+        " Question: How many more {obj} does {a} have than {b}? Answer:",
+        " Question: By how many {obj} does {a} exceed {b}? Answer:",
+    ),
+    "comparison": (
+        " Question: Who has more {obj}, {a} or {b}? Answer:",
+        " Question: Between {a} and {b}, who holds the larger number of {obj}? Answer:",
+    ),
 }
 
 
@@ -185,6 +206,7 @@ QUESTIONS = {
 class NumericProbe:
     """A numerical-reasoning item (§5.14 metric 3): the same quantities asked twice, with
     paraphrased questions placed at different depths (`context_a`, `context_b`)."""
+
     context_a: list[int]
     context_b: list[int]
     answer: str
@@ -192,8 +214,9 @@ class NumericProbe:
     quantities: dict = field(default_factory=dict)
 
 
-def make_numeric_probes(filler_stream: Sequence[int], encode: Callable[[str], list[int]], n_tokens: int,
-                        n_samples: int, seed: int = 0) -> list[NumericProbe]:
+def make_numeric_probes(
+    filler_stream: Sequence[int], encode: Callable[[str], list[int]], n_tokens: int, n_samples: int, seed: int = 0
+) -> list[NumericProbe]:
     """Templated passages (§5.14 metric 3): 2–4 quantities "<name> has <n> <objects>." introduced
     early, filler from held-out text up to `n_tokens`, then one question (sum, difference or
     comparison of two of them). Variant A puts the quantities at the start, variant B a third of
@@ -261,13 +284,18 @@ def as_list(x) -> list[int]:
     return list(x)
 
 
-def oracle_kv_answer(context: Sequence[int], encode: Callable[[str], list[int]], key: str, answer_len: int,
-                     value_prefix: Optional[Sequence[int]] = None) -> list[int]:
+def oracle_kv_answer(
+    context: Sequence[int],
+    encode: Callable[[str], list[int]],
+    key: str,
+    answer_len: int,
+    value_prefix: Optional[Sequence[int]] = None,
+) -> list[int]:
     """What a perfect-recall model would answer: find the fact "The secret code of <key> is" in
     the context (not the final query) and copy the tokens after it. Used by the oracle test."""
     pattern = encode(KV_QUERY.format(key=key))
     ctx = list(context)
     for i in range(len(ctx) - len(pattern) - answer_len, -1, -1):
-        if ctx[i:i + len(pattern)] == pattern and i + len(pattern) < len(ctx) - 1:
-            return ctx[i + len(pattern): i + len(pattern) + answer_len]
+        if ctx[i : i + len(pattern)] == pattern and i + len(pattern) < len(ctx) - 1:
+            return ctx[i + len(pattern) : i + len(pattern) + answer_len]
     return []

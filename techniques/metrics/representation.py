@@ -6,6 +6,7 @@ Spec: TECHNIQUES.md §3.14 metric 4 (latent drift), §4.14 metric 2 (representat
 §6.14 metric 3 (self-consistency). Hidden states are `[T, d]` per document (one row per token);
 `h^ℓ` is the residual stream at the output of block ℓ, `h^0` the embedding output (§2.1).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -103,13 +104,26 @@ def coherence_report(documents_chunks: Sequence[torch.Tensor], groups: Optional[
         sim = allc @ allc.T
         cross = float(sim[different].mean())
     q = torch.quantile(coh, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
-    return {"coh": float(coh.mean()), "margin": float(coh.mean()) - cross, "cross_doc_cos": cross,
-            "documents": len(docs), "coh_min": float(q[0]), "coh_q25": float(q[1]), "coh_median": float(q[2]),
-            "coh_q75": float(q[3]), "coh_max": float(q[4])}
+    return {
+        "coh": float(coh.mean()),
+        "margin": float(coh.mean()) - cross,
+        "cross_doc_cos": cross,
+        "documents": len(docs),
+        "coh_min": float(q[0]),
+        "coh_q25": float(q[1]),
+        "coh_median": float(q[2]),
+        "coh_q75": float(q[3]),
+        "coh_max": float(q[4]),
+    }
 
 
-def self_consistency(states: torch.Tensor, token_ids: Sequence[int], doc_ids: Sequence[int],
-                     baseline_cos: float, max_pairs_per_token: int = 256) -> dict:
+def self_consistency(
+    states: torch.Tensor,
+    token_ids: Sequence[int],
+    doc_ids: Sequence[int],
+    baseline_cos: float,
+    max_pairs_per_token: int = 256,
+) -> dict:
     """Mean cosine between the contextual states of the same (rare) token in different documents,
     minus the mean cosine of random token pairs `baseline_cos` (§6.14 metric 3). The pair cosines
     are averaged per token first (at most `max_pairs_per_token` pairs each, in a fixed order), then
@@ -121,7 +135,7 @@ def self_consistency(states: torch.Tensor, token_ids: Sequence[int], doc_ids: Se
         by_token[int(tok)].append(row)
     per_token = []
     for rows in by_token.values():
-        pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:] if doc_ids[a] != doc_ids[b]]
+        pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1 :] if doc_ids[a] != doc_ids[b]]
         if not pairs:
             continue
         pairs = pairs[:max_pairs_per_token]

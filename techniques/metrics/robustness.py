@@ -7,6 +7,7 @@ mean NLL(continuation | clean context)` and the agreement of clean and perturbed
 predictions on the continuation. Embedding space: `e'_t = e_t + ε_t · g_t / ‖g_t‖₂` with
 `g_t = ∇_{e_t} NLL` and `ε_t = 0.01·‖e_t‖₂`; report the drop in next-token top-1 accuracy.
 """
+
 from __future__ import annotations
 
 import random
@@ -21,15 +22,16 @@ def nearest_neighbours(table: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     u = F.normalize(table.double(), dim=-1)
     out = torch.empty(u.shape[0], dtype=torch.long)
     for start in range(0, u.shape[0], chunk):
-        sim = u[start:start + chunk] @ u.T
+        sim = u[start : start + chunk] @ u.T
         local = torch.arange(sim.shape[0])
         sim[local, start + local] = -float("inf")
-        out[start:start + chunk] = sim.argmax(1)
+        out[start : start + chunk] = sim.argmax(1)
     return out
 
 
-def substitute_tokens(context: Sequence[int], neighbours: torch.Tensor, fraction: float = 0.05,
-                      seed: int = 0, protect: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+def substitute_tokens(
+    context: Sequence[int], neighbours: torch.Tensor, fraction: float = 0.05, seed: int = 0, protect: Sequence[int] = ()
+) -> tuple[list[int], list[int]]:
     """Replace `round(fraction · len)` (at least one) context tokens, at positions drawn with a
     generator seeded `seed`, by their nearest-embedding neighbour. Positions listed in `protect`
     (e.g. a leading EOS) are never chosen. Returns (perturbed context, changed positions)."""
@@ -45,8 +47,10 @@ def substitute_tokens(context: Sequence[int], neighbours: torch.Tensor, fraction
 
 def delta_nll(nll_clean: torch.Tensor, nll_perturbed: torch.Tensor) -> float:
     """`mean NLL(perturbed) − mean NLL(clean)` over the same continuation tokens."""
-    return float(torch.as_tensor(nll_perturbed, dtype=torch.float64).mean()
-                 - torch.as_tensor(nll_clean, dtype=torch.float64).mean())
+    return float(
+        torch.as_tensor(nll_perturbed, dtype=torch.float64).mean()
+        - torch.as_tensor(nll_clean, dtype=torch.float64).mean()
+    )
 
 
 def top1_agreement(pred_clean: torch.Tensor, pred_perturbed: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ The "before" forwards are the implementations these files had before the perform
    before and after code swapped in alternately in this one process, and prints the paired median
    ratio after/before, plus per-component ratios (attention, SwiGLU, RMSNorm forward+backward).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,10 +100,16 @@ def numerics(shape, swap) -> list[str]:
                 got[which] = (loss.detach().float(), {n: p.grad.float().clone() for n, p in module.named_parameters()})
             swap.use("after")
             loss_diff = (got["before"][0] - got["after"][0]).abs().item()
-            rel = max(((got["before"][1][n] - got["after"][1][n]).abs().max()
-                       / (got["before"][1][n].abs().max() + 1e-30)).item() for n in got["before"][1])
-            lines.append(f"| {str(dtype).replace('torch.', '')} | {shape.heads} q / {kv} kv heads | "
-                         f"{loss_diff:.3g} | {rel:.3g} |")
+            rel = max(
+                (
+                    (got["before"][1][n] - got["after"][1][n]).abs().max() / (got["before"][1][n].abs().max() + 1e-30)
+                ).item()
+                for n in got["before"][1]
+            )
+            lines.append(
+                f"| {str(dtype).replace('torch.', '')} | {shape.heads} q / {kv} kv heads | "
+                f"{loss_diff:.3g} | {rel:.3g} |"
+            )
     return lines
 
 
@@ -151,13 +158,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--quiet-wait", type=float, default=0.0,
-                        help="wait up to this long for an idle machine per round")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=0.0, help="wait up to this long for an idle machine per round"
+    )
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29632"), RANK="0",
-                      WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29632"), RANK="0", WORLD_SIZE="1"
+    )
     import torch.distributed as dist
 
     from loom.launch import bench
@@ -192,13 +201,19 @@ def main() -> None:
     quiet_pairs = [p for p, q in zip(pairs, quiet) if q]
     quiet_ratio = f"{statistics.median(a / b for a, b in quiet_pairs):.3f}" if quiet_pairs else "–"
     parts = component_times(shape, swap, args.rounds)
-    print(f"\n| measured | before | after | after / before, paired median of {args.rounds} rounds | "
-          f"same, quiet rounds only |\n|---|---|---|---|---|")
-    print(f"| training step (median) | {statistics.median(times['before']) * 1000:.0f} ms | "
-          f"{statistics.median(times['after']) * 1000:.0f} ms | {step_ratio:.3f} | "
-          f"{quiet_ratio} ({len(quiet_pairs)}) |")
-    print(f"| training step (best) | {min(times['before']) * 1000:.0f} ms | {min(times['after']) * 1000:.0f} ms | "
-          f"{min(times['after']) / min(times['before']):.3f} (best ÷ best) | |")
+    print(
+        f"\n| measured | before | after | after / before, paired median of {args.rounds} rounds | "
+        f"same, quiet rounds only |\n|---|---|---|---|---|"
+    )
+    print(
+        f"| training step (median) | {statistics.median(times['before']) * 1000:.0f} ms | "
+        f"{statistics.median(times['after']) * 1000:.0f} ms | {step_ratio:.3f} | "
+        f"{quiet_ratio} ({len(quiet_pairs)}) |"
+    )
+    print(
+        f"| training step (best) | {min(times['before']) * 1000:.0f} ms | {min(times['after']) * 1000:.0f} ms | "
+        f"{min(times['after']) / min(times['before']):.3f} (best ÷ best) | |"
+    )
     for name, ratio in parts.items():
         print(f"| {name} forward+backward | | | {ratio:.3f} | |")
 

@@ -4,6 +4,7 @@
 
 Prints a markdown table. Wall times on a shared machine are noisy; the load average is printed too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def bench_tokenizer_training(corpus: Path, prefix: Path, vocab_size: int, model_
 
 def bench_preprocess(corpus: Path, model: Path, out: Path, seq_length: int, workers: int) -> tuple[int, float]:
     start = time.perf_counter()
-    manifests = preprocess(corpus, model, out, seq_length=seq_length, samples_per_shard=256,
-                           num_workers=workers, progress=False)
+    manifests = preprocess(
+        corpus, model, out, seq_length=seq_length, samples_per_shard=256, num_workers=workers, progress=False
+    )
     seconds = time.perf_counter() - start
     m = load_manifest(manifests["train"])
     return m.num_tokens + m.dropped_tokens, seconds
@@ -67,20 +69,36 @@ def main() -> None:
         rows = []
         model, seconds = bench_tokenizer_training(corpus, work / "tok" / args.corpus, args.vocab_size, args.model_type)
         mb = corpus.stat().st_size / 1e6
-        rows.append((f"train SentencePiece {args.model_type} {Tokenizer(model).vocab_size}",
-                     f"{seconds:.1f} s", f"{mb / seconds:.1f} MB/s of JSONL"))
+        rows.append(
+            (
+                f"train SentencePiece {args.model_type} {Tokenizer(model).vocab_size}",
+                f"{seconds:.1f} s",
+                f"{mb / seconds:.1f} MB/s of JSONL",
+            )
+        )
         for workers in (1, 2):
             tokens, seconds = bench_preprocess(corpus, model, work / f"shards{workers}", args.seq_length, workers)
-            rows.append((f"preprocess (tokenize + pack + write), {workers} process{'es' if workers > 1 else ''}",
-                         f"{seconds:.1f} s", f"{tokens / seconds / 1e6:.2f} M tok/s ({tokens / 1e6:.2f} M tokens)"))
+            rows.append(
+                (
+                    f"preprocess (tokenize + pack + write), {workers} process{'es' if workers > 1 else ''}",
+                    f"{seconds:.1f} s",
+                    f"{tokens / seconds / 1e6:.2f} M tok/s ({tokens / 1e6:.2f} M tokens)",
+                )
+            )
         for workers in (0, 1, 2):
             tokens, seconds, first = bench_loader(work / "shards1", args.micro_batch_size, workers, args.loader_batches)
-            rows.append((f"loader, num_workers={workers}, {args.loader_batches} x [{args.micro_batch_size}, "
-                         f"{args.seq_length + 1}]", f"{seconds:.1f} s",
-                         f"{tokens / seconds / 1e6:.2f} M tok/s (first batch {first:.2f} s)"))
+            rows.append(
+                (
+                    f"loader, num_workers={workers}, {args.loader_batches} x [{args.micro_batch_size}, "
+                    f"{args.seq_length + 1}]",
+                    f"{seconds:.1f} s",
+                    f"{tokens / seconds / 1e6:.2f} M tok/s (first batch {first:.2f} s)",
+                )
+            )
 
-    print(f"\ncorpus `{args.corpus}` ({mb:.1f} MB JSONL), {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"\ncorpus `{args.corpus}` ({mb:.1f} MB JSONL), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n"
+    )
     print("| step | time | throughput |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

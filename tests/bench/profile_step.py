@@ -10,6 +10,7 @@ rounds and divided by the steps, so a noisy spell on a shared machine spreads ov
 This is how the hot spots fixed in model/attention.py, model/mlp.py, model/rope.py and
 model/norm.py were found (see docs/performance.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,17 +29,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--models", default="loom,hf,megatron",
-                        help="comma list of loom, hf, megatron, loom+lcm, loom+scr, loom+cmr, loom+sca, loom+hcma, "
-                             "'loom+all five'")
+    parser.add_argument(
+        "--models",
+        default="loom,hf,megatron",
+        help="comma list of loom, hf, megatron, loom+lcm, loom+scr, loom+cmr, loom+sca, loom+hcma, 'loom+all five'",
+    )
     parser.add_argument("--by-shape", action="store_true")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29631"), RANK="0",
-                      WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29631"), RANK="0", WORLD_SIZE="1"
+    )
     import torch
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
@@ -72,10 +76,13 @@ def main() -> None:
     print("| op | " + " | ".join(f"{n} ms/step" for n in names) + " |")
     print("|---|" + "---|" * len(names))
     ranked = sorted(per_op, key=lambda k: -max(per_op[k].values()))
-    for key in ranked[:args.top]:
+    for key in ranked[: args.top]:
         print(f"| `{key[:110]}` | " + " | ".join(f"{per_op[key].get(n, 0.0):.1f}" for n in names) + " |")
-    print("| **step (profiled, median)** | " + " | ".join(
-        f"{sorted(steps[n])[len(steps[n]) // 2] * 1000:.0f}" for n in names) + " |")
+    print(
+        "| **step (profiled, median)** | "
+        + " | ".join(f"{sorted(steps[n])[len(steps[n]) // 2] * 1000:.0f}" for n in names)
+        + " |"
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Config loading, overrides and one clear error per problem."""
+
 import subprocess
 import sys
 
 import pytest
 
-from loom.launch.config import ConfigError, RunConfig, load_config
 from loom.launch.commands.config_docs import field_docs, iter_fields, render_markdown
+from loom.launch.config import ConfigError, RunConfig, load_config
 
 TINY = "configs/tiny.yaml"
 
@@ -17,8 +18,7 @@ def _problems(*overrides, world_size=None, path=TINY):
 
 
 def test_yaml_and_overrides_merge():
-    cfg = load_config(TINY, ["optim.lr=0.01", "parallel.tensor=2", "techniques.lcm.enabled=true"],
-                      check_files=False)
+    cfg = load_config(TINY, ["optim.lr=0.01", "parallel.tensor=2", "techniques.lcm.enabled=true"], check_files=False)
     assert cfg.optim.lr == 0.01 and cfg.parallel.tensor == 2 and cfg.techniques.lcm.enabled
     assert cfg.model.hidden_size == 64  # from the YAML
 
@@ -38,17 +38,20 @@ def test_wrong_type():
     assert "'model.hidden_size'" in problem and "int" in problem
 
 
-@pytest.mark.parametrize("overrides,world,needle", [
-    (["parallel.tensor=2", "parallel.pipeline=2"], 6, "world size 6 is not divisible"),
-    (["parallel.tensor=3", "model.num_kv_heads=null"], None, "num_heads 4 is not divisible by parallel.tensor 3"),
-    (["parallel.pipeline=3"], None, "num_layers 4 is not divisible by parallel.pipeline 3"),
-    (["parallel.zero_stage=3", "parallel.pipeline=2"], None, "ZeRO-3 with parallel.pipeline > 1"),
-    (["parallel.zero_stage=3", "train.compile=true"], None, "train.compile needs zero_stage 0, 1 or 2"),
-    (["model.hidden_size=0"], None, "model.hidden_size must be positive"),
-    (["train.micro_batch_size=-1"], None, "train.micro_batch_size must be positive"),
-    (["parallel.zero_stage=5"], None, "zero_stage must be 0, 1, 2 or 3"),
-    (["train.precision=fp16"], None, "fp16 is not supported"),
-])
+@pytest.mark.parametrize(
+    "overrides,world,needle",
+    [
+        (["parallel.tensor=2", "parallel.pipeline=2"], 6, "world size 6 is not divisible"),
+        (["parallel.tensor=3", "model.num_kv_heads=null"], None, "num_heads 4 is not divisible by parallel.tensor 3"),
+        (["parallel.pipeline=3"], None, "num_layers 4 is not divisible by parallel.pipeline 3"),
+        (["parallel.zero_stage=3", "parallel.pipeline=2"], None, "ZeRO-3 with parallel.pipeline > 1"),
+        (["parallel.zero_stage=3", "train.compile=true"], None, "train.compile needs zero_stage 0, 1 or 2"),
+        (["model.hidden_size=0"], None, "model.hidden_size must be positive"),
+        (["train.micro_batch_size=-1"], None, "train.micro_batch_size must be positive"),
+        (["parallel.zero_stage=5"], None, "zero_stage must be 0, 1, 2 or 3"),
+        (["train.precision=fp16"], None, "fp16 is not supported"),
+    ],
+)
 def test_each_bad_config_has_its_own_message(overrides, world, needle):
     problems = _problems(*overrides, world_size=world)
     assert any(needle in p for p in problems), problems
@@ -56,8 +59,15 @@ def test_each_bad_config_has_its_own_message(overrides, world, needle):
 
 def test_missing_files_are_reported():
     with pytest.raises(ConfigError) as info:
-        load_config(TINY, ["checkpoint.resume=/nonexistent/ckpt", "deepspeed_json=/nope.json",
-                           "data.train_data=/no/shards", "data.tokenizer=/no/tok.model"])
+        load_config(
+            TINY,
+            [
+                "checkpoint.resume=/nonexistent/ckpt",
+                "deepspeed_json=/nope.json",
+                "data.train_data=/no/shards",
+                "data.tokenizer=/no/tok.model",
+            ],
+        )
     text = "\n".join(info.value.problems)
     for path in ("/nonexistent/ckpt", "/nope.json", "/no/shards", "/no/tok.model"):
         assert path in text

@@ -1,5 +1,6 @@
 """Helpers of the conversion tests: Loom's own logits and losses on consolidated weights, and
 small training runs in forked gloo ranks that save real checkpoints (`launch.checkpoint.save`)."""
+
 from __future__ import annotations
 
 import copy
@@ -12,11 +13,23 @@ MICRO_BATCH = 2
 SEQ = 16
 # the tiny CLI model (vocab 2048 matches the shakespeare tokenizer) with 4 key/value heads, so TP=4 works
 HARNESS_OVERRIDES = ["model.num_kv_heads=4", f"model.seq_length={SEQ}"]
-TECHNIQUES = ["techniques.lcm.enabled=true", "techniques.lcm.K=4", "techniques.scr.enabled=true",
-              "techniques.scr.rank=8", "techniques.cmr.enabled=true", "techniques.cmr.rank=8",
-              "techniques.sca.enabled=true", "techniques.sca.rank=8", "techniques.sca.window=8",
-              "techniques.hcma.enabled=true", "techniques.hcma.K1=4", "techniques.hcma.K2=8",
-              "techniques.hcma.proj_dim=16", "techniques.hcma.knn=4", "techniques.hcma.refresh_every=2"]
+TECHNIQUES = [
+    "techniques.lcm.enabled=true",
+    "techniques.lcm.K=4",
+    "techniques.scr.enabled=true",
+    "techniques.scr.rank=8",
+    "techniques.cmr.enabled=true",
+    "techniques.cmr.rank=8",
+    "techniques.sca.enabled=true",
+    "techniques.sca.rank=8",
+    "techniques.sca.window=8",
+    "techniques.hcma.enabled=true",
+    "techniques.hcma.K1=4",
+    "techniques.hcma.K2=8",
+    "techniques.hcma.proj_dim=16",
+    "techniques.hcma.knn=4",
+    "techniques.hcma.refresh_every=2",
+]
 
 
 def sample_tokens(batch: int = 2, length: int = 40, vocab: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -69,15 +82,28 @@ def run_config(overrides: list[str]):
     return load_config(TINY, overrides, check_files=False)
 
 
-def layout_run_fn(rank, world_size, overrides: list[str], tp: int, pp: int, zero: int, batches: list,
-                  start: str | None = None, save_dir: str | None = None, tokenizer: str | None = None,
-                  train_steps: int = 0, then_steps: int = 0, seed: int = 0, precision: str = "fp32") -> dict:
+def layout_run_fn(
+    rank,
+    world_size,
+    overrides: list[str],
+    tp: int,
+    pp: int,
+    zero: int,
+    batches: list,
+    start: str | None = None,
+    save_dir: str | None = None,
+    tokenizer: str | None = None,
+    train_steps: int = 0,
+    then_steps: int = 0,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> dict:
     """At TP×PP (DP = world / (TP×PP)): optionally load a start point, train `train_steps`, save a
     checkpoint, measure the loss on batches[0], then train `then_steps` more. Returns the eval loss,
     the losses of the `then` steps and the full weights afterwards (rank 0 of each result)."""
     from loom.launch.checkpoint import store as checkpoint
-    from loom.launch.config import to_dict
     from loom.launch.checkpoint.start_point import load_start_point
+    from loom.launch.config import to_dict
     from loom.launch.train.train_module import TrainModule
     from loom.model.parallel.config import ParallelConfig
     from loom.model.parallel.consolidate import full_state_dict
@@ -85,11 +111,20 @@ def layout_run_fn(rank, world_size, overrides: list[str], tp: int, pp: int, zero
     from tests.parallel.common import OPTIM
 
     layout = _init(rank, tp, pp)
-    cfg = run_config(overrides + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.zero_stage={zero}",
-                                  "parallel.microbatches=1", f"train.micro_batch_size={MICRO_BATCH}"])
+    cfg = run_config(
+        overrides
+        + [
+            f"parallel.tensor={tp}",
+            f"parallel.pipeline={pp}",
+            f"parallel.zero_stage={zero}",
+            "parallel.microbatches=1",
+            f"train.micro_batch_size={MICRO_BATCH}",
+        ]
+    )
     parallel = ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=1)
-    sharded = parallelize(cfg.model, cfg.techniques, layout, parallel, copy.copy(OPTIM), MICRO_BATCH, seed,
-                          precision=precision)
+    sharded = parallelize(
+        cfg.model, cfg.techniques, layout, parallel, copy.copy(OPTIM), MICRO_BATCH, seed, precision=precision
+    )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     step = 0
     if start is not None:
@@ -107,9 +142,12 @@ def layout_run_fn(rank, world_size, overrides: list[str], tp: int, pp: int, zero
     for _ in range(train_steps):
         one_step()
     if save_dir is not None:
-        meta = {"state": {"step": step, "consumed_tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0},
-                "world_size": world_size, "config": to_dict(cfg),
-                "layout": {"tp": tp, "pp": pp, "dp": layout.dp, "zero": zero}}
+        meta = {
+            "state": {"step": step, "consumed_tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0},
+            "world_size": world_size,
+            "config": to_dict(cfg),
+            "layout": {"tp": tp, "pp": pp, "dp": layout.dp, "zero": zero},
+        }
         checkpoint.save(sharded.engine, save_dir, step, {}, meta, tokenizer, keep_last=1)
     eval_loss = module.evaluate([batches[0]])["eval/loss"]
     then = [one_step() for _ in range(then_steps)]

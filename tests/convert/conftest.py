@@ -1,5 +1,6 @@
 """Checkpoints shared by the conversion tests, written once per session by the real CLI (torchrun)
 or, where the CLI cannot reach a layout on this machine, by forked gloo ranks + `checkpoint.save`."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,12 @@ def _cli_checkpoint(tmp_path_factory, name: str, nproc: int, extra: list[str]) -
 @pytest.fixture(scope="session")
 def ckpt_tp2_pp2(tmp_path_factory) -> str:
     """TP=2 × PP=2, ZeRO-1, tied embeddings (the last stage's copy is dropped on export)."""
-    return _cli_checkpoint(tmp_path_factory, "tp2pp2", 4, ["parallel.tensor=2", "parallel.pipeline=2",
-                                                           "parallel.zero_stage=1", "model.tie_embeddings=true"])
+    return _cli_checkpoint(
+        tmp_path_factory,
+        "tp2pp2",
+        4,
+        ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1", "model.tie_embeddings=true"],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +46,18 @@ def _harness_checkpoint(tmp_path_factory, name, tokenizer, world, tp, pp, zero) 
     from tests.harness import run_distributed
 
     run = tmp_path_factory.mktemp(name)
-    out = run_distributed(layout_run_fn, world, HARNESS_OVERRIDES, tp, pp, zero, fixed_batches(4),
-                          save_dir=str(run), tokenizer=tokenizer, train_steps=2)
+    out = run_distributed(
+        layout_run_fn,
+        world,
+        HARNESS_OVERRIDES,
+        tp,
+        pp,
+        zero,
+        fixed_batches(4),
+        save_dir=str(run),
+        tokenizer=tokenizer,
+        train_steps=2,
+    )
     return str(run / "checkpoints" / "step_00000002"), out[0]["weights"]
 
 

@@ -1,17 +1,24 @@
 """`loom convert align-embeddings`: HCMA offline mode applied to a trained checkpoint."""
+
 import subprocess
 import sys
 
 import torch
 
-from loom.launch.checkpoint.consolidated import read_consolidated, load
+from loom.launch.checkpoint.consolidated import load, read_consolidated
 from tests.e2e.runner import REPO, test_env
 
 
 def test_align_embeddings_moves_directions_keeps_norms_and_the_rest(ckpt_tp2_pp2, tmp_path):
     out = tmp_path / "aligned"
-    proc = subprocess.run([sys.executable, "-m", "loom.launch.cli", "convert", "align-embeddings", ckpt_tp2_pp2, str(out)],
-                          cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "loom.launch.cli", "convert", "align-embeddings", ckpt_tp2_pp2, str(out)],
+        cwd=REPO,
+        env=test_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     before, after = load(ckpt_tp2_pp2), read_consolidated(out)
     old, new = before.weights["embedding.weight"], after.weights["embedding.weight"]

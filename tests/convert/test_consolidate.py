@@ -1,4 +1,5 @@
 """`loom convert consolidate`: full fp32 weights from any layout, exactly the live model's."""
+
 from __future__ import annotations
 
 import json
@@ -46,13 +47,25 @@ def test_bf16_checkpoints_consolidate_their_fp32_masters(tmp_path, tokenizer_mod
     from tests.convert.common import HARNESS_OVERRIDES, fixed_batches, layout_run_fn
     from tests.harness import run_distributed
 
-    live = run_distributed(layout_run_fn, 2, HARNESS_OVERRIDES, 1, 1, 1, fixed_batches(4), save_dir=str(tmp_path),
-                           tokenizer=tokenizer_model, train_steps=2, precision="bf16")[0]
+    live = run_distributed(
+        layout_run_fn,
+        2,
+        HARNESS_OVERRIDES,
+        1,
+        1,
+        1,
+        fixed_batches(4),
+        save_dir=str(tmp_path),
+        tokenizer=tokenizer_model,
+        train_steps=2,
+        precision="bf16",
+    )[0]
     data = load(tmp_path / "checkpoints" / "step_00000002", optimizer=True)
     assert data.optimizer is not None and data.optimizer_step == 2.0
     for name, master in live["masters"].items():
         got = data.weights[name]
         want = master[: got.shape[0]] if name in ("embedding.weight", "output_layer.weight") else master
         assert torch.equal(got, want), name  # the fp32 master, not the bf16 working copy
-    assert not torch.equal(data.weights["layers.0.attention.qkv.weight"],
-                           live["weights"]["layers.0.attention.qkv.weight"])
+    assert not torch.equal(
+        data.weights["layers.0.attention.qkv.weight"], live["weights"]["layers.0.attention.qkv.weight"]
+    )

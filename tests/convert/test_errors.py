@@ -1,4 +1,5 @@
 """Bad input gives one `error:` line and exit code 2, never a library traceback."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,8 @@ import shutil
 
 import pytest
 
-from loom.launch.cli import main
 from loom.launch.checkpoint.consolidated import ConvertError
+from loom.launch.cli import main
 from tests.e2e.runner import run_loom
 
 
@@ -64,8 +65,11 @@ def small_tokenizer(tmp_path_factory) -> str:
 
 
 def test_mismatched_tokenizers(capsys, tmp_path, ckpt_tp2_pp2, small_tokenizer):
-    _fails(capsys, ["convert", "to-hf", ckpt_tp2_pp2, str(tmp_path / "o"), "--tokenizer", small_tokenizer],
-           "mismatched tokenizer")
+    _fails(
+        capsys,
+        ["convert", "to-hf", ckpt_tp2_pp2, str(tmp_path / "o"), "--tokenizer", small_tokenizer],
+        "mismatched tokenizer",
+    )
     hf = tmp_path / "hf"
     assert main(["convert", "to-hf", ckpt_tp2_pp2, str(hf)]) == 0
     shutil.copyfile(small_tokenizer, hf / "tokenizer.model")

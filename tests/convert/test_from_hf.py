@@ -1,5 +1,6 @@
 """`loom convert from-hf`: a Llama HF folder → a Loom start point that loads at any layout (with
 techniques switched on, identity at init) and exports back to the very same HF weights."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from loom.launch.checkpoint.consolidated import Consolidated, read_consolidated, write_consolidated
-from loom.launch.convert.hf_import import from_hf
 from loom.launch.convert.hf_export import to_hf
+from loom.launch.convert.hf_import import from_hf
 
 QUIET = {"log": lambda *_: None}
 
@@ -30,8 +31,9 @@ def _load_at_tp2_fn(rank, world_size, start: str):
     tech = data.techniques
     tech.lcm.enabled, tech.scr.enabled, tech.cmr.enabled = True, True, True
     tech.scr.rank, tech.cmr.rank = 8, 8
-    sharded = parallelize(data.model, tech, layout, ParallelConfig(tensor=2, zero_stage=1), copy.copy(OPTIM), 2, 0,
-                          precision="fp32")
+    sharded = parallelize(
+        data.model, tech, layout, ParallelConfig(tensor=2, zero_stage=1), copy.copy(OPTIM), 2, 0, precision="fp32"
+    )
     meta = load_start_point(sharded, start, data.model, tokenizer_sha256=data.tokenizer_sha256(), log=None)
     from omegaconf import OmegaConf
 
@@ -57,8 +59,10 @@ def test_from_hf_load_to_hf_is_the_identity(ckpt_tp2_pp2, tmp_path):
     data = read_consolidated(start)
     back = tmp_path / "back"
     back.mkdir()
-    write_consolidated(Consolidated(weights=weights, run_config={**data.run_config, "techniques": tech},
-                                    tokenizer=data.tokenizer), back)
+    write_consolidated(
+        Consolidated(weights=weights, run_config={**data.run_config, "techniques": tech}, tokenizer=data.tokenizer),
+        back,
+    )
     hf2 = tmp_path / "hf2"
     to_hf(back, hf2, **QUIET)  # LCM/SCR/CMR are the identity, so it is a plain Llama again
     a, b = load_file(str(hf / "model.safetensors")), load_file(str(hf2 / "model.safetensors"))

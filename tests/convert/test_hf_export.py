@@ -1,5 +1,6 @@
 """`loom convert to-hf`: the exported model computes Loom's logits, generates, and its tokenizer
 encodes like Loom's; LCM/SCR/CMR models export with Loom's own modeling code."""
+
 from __future__ import annotations
 
 import json
@@ -12,16 +13,21 @@ from loom.launch.convert.hf_export import active_techniques, remote_code_techniq
 from tests.convert.common import loom_logits_fn, sample_tokens
 from tests.harness import run_distributed
 
-TEXTS = ["To be, or not to be, that is the question:", "Hello world", "x = 12345 + 0.5e-3",
-         "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;",
-         "naïve café — 東京 😀"]
+TEXTS = [
+    "To be, or not to be, that is the question:",
+    "Hello world",
+    "x = 12345 + 0.5e-3",
+    "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;",
+    "naïve café — 東京 😀",
+]
 
 
 def _load_hf(folder, remote_code=False):
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=remote_code,
-                                                       dtype=torch.float32, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(folder), trust_remote_code=remote_code, dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return model.eval()
 
@@ -66,8 +72,11 @@ def test_exported_tokenizer_encodes_like_loom(ckpt_tp2_pp2, tmp_path):
         assert hf_tok.encode(text, add_special_tokens=False) == ids, text
         assert hf_tok.encode(text) == [loom_tok.bos_id] + ids, text  # the exported tokenizer adds BOS
         assert hf_tok.decode(ids) == loom_tok.decode(ids)
-    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (loom_tok.bos_id, loom_tok.eos_id,
-                                                                               loom_tok.pad_id)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (
+        loom_tok.bos_id,
+        loom_tok.eos_id,
+        loom_tok.pad_id,
+    )
     assert "adds no BOS" in (out / "README.md").read_text()
 
 

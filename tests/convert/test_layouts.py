@@ -1,5 +1,6 @@
 """Resume at another layout: TP2×PP2 → TP1×PP1 → TP4 through `reshard` start points keeps the loss
 on a fixed batch and continues Adam's state, so the next step equals the uninterrupted run's."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,13 +17,35 @@ QUIET = {"log": lambda *_: None}
 def test_reshard_chain_keeps_loss_and_optimizer_state(tmp_path, tokenizer_model):
     batches = fixed_batches(4)
     # TP2 × PP2, ZeRO-1: 2 steps, checkpoint, loss on a fixed batch, then step 3 uninterrupted
-    ref = run_distributed(layout_run_fn, 4, HARNESS_OVERRIDES, 2, 2, 1, batches, save_dir=str(tmp_path / "a"),
-                          tokenizer=tokenizer_model, train_steps=2, then_steps=1)[0]
+    ref = run_distributed(
+        layout_run_fn,
+        4,
+        HARNESS_OVERRIDES,
+        2,
+        2,
+        1,
+        batches,
+        save_dir=str(tmp_path / "a"),
+        tokenizer=tokenizer_model,
+        train_steps=2,
+        then_steps=1,
+    )[0]
     reshard(tmp_path / "a" / "checkpoints" / "step_00000002", tmp_path / "to_tp1", tensor=1, pipeline=1, **QUIET)
 
     # TP1 × PP1, ZeRO-0: load, checkpoint right away (step 2), then step 3
-    one = run_distributed(layout_run_fn, 1, HARNESS_OVERRIDES, 1, 1, 0, batches, start=str(tmp_path / "to_tp1"),
-                          save_dir=str(tmp_path / "b"), tokenizer=tokenizer_model, then_steps=1)[0]
+    one = run_distributed(
+        layout_run_fn,
+        1,
+        HARNESS_OVERRIDES,
+        1,
+        1,
+        0,
+        batches,
+        start=str(tmp_path / "to_tp1"),
+        save_dir=str(tmp_path / "b"),
+        tokenizer=tokenizer_model,
+        then_steps=1,
+    )[0]
     assert one["step"] == 3
     assert one["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6, abs=1e-6)
     assert one["then"][0] == pytest.approx(ref["then"][0], rel=1e-6, abs=1e-6)
@@ -30,16 +53,27 @@ def test_reshard_chain_keeps_loss_and_optimizer_state(tmp_path, tokenizer_model)
 
     # TP4, ZeRO-2, from the TP1 ZeRO-0 checkpoint
     reshard(tmp_path / "b" / "checkpoints" / "step_00000002", tmp_path / "to_tp4", tensor=4, zero=2, **QUIET)
-    four = run_distributed(layout_run_fn, 4, HARNESS_OVERRIDES, 4, 1, 2, batches, start=str(tmp_path / "to_tp4"),
-                           then_steps=1)[0]
+    four = run_distributed(
+        layout_run_fn, 4, HARNESS_OVERRIDES, 4, 1, 2, batches, start=str(tmp_path / "to_tp4"), then_steps=1
+    )[0]
     assert four["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6, abs=1e-6)
     assert four["then"][0] == pytest.approx(ref["then"][0], rel=1e-6, abs=1e-6)
     assert_weights_close(ref["weights"], four["weights"], 2048, what="TP4 after step 3")
 
     # DP2, ZeRO-2 (each rank writes only its partition of the masters and moments): save right away,
     # and the checkpoint consolidates back to exactly the start point
-    dp2 = run_distributed(layout_run_fn, 2, HARNESS_OVERRIDES, 1, 1, 2, batches, start=str(tmp_path / "to_tp1"),
-                          save_dir=str(tmp_path / "c"), tokenizer=tokenizer_model)[0]
+    dp2 = run_distributed(
+        layout_run_fn,
+        2,
+        HARNESS_OVERRIDES,
+        1,
+        1,
+        2,
+        batches,
+        start=str(tmp_path / "to_tp1"),
+        save_dir=str(tmp_path / "c"),
+        tokenizer=tokenizer_model,
+    )[0]
     assert dp2["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6, abs=1e-6)
     start, saved = load(tmp_path / "to_tp1", optimizer=True), load(tmp_path / "c", optimizer=True)
     assert saved.source["layout"]["dp"] == 2 and saved.optimizer_step == start.optimizer_step == 2.0

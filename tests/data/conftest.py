@@ -1,4 +1,5 @@
 """Tiny generated corpus, tokenizer and shard set shared by the data tests (built once per session)."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,10 @@ import pytest
 from loom.data.shards import preprocess
 from loom.data.tokenizer import train_tokenizer
 
-WORDS = ("the a shard token model train epoch rank worker seed sample batch loader stream "
-         "resume state pool data text corpus kernel driver memory page cache lock queue").split()
+WORDS = (
+    "the a shard token model train epoch rank worker seed sample batch loader stream "
+    "resume state pool data text corpus kernel driver memory page cache lock queue"
+).split()
 
 
 def make_documents(count: int, seed: int = 0) -> list[str]:

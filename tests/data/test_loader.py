@@ -1,4 +1,5 @@
 """Streaming loader: exact resume, exactly-once epochs, infinite ranks, URL schemes, layout checks."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,18 @@ def key(row: torch.Tensor) -> bytes:
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
 def test_resume_yields_exactly_the_uninterrupted_batches(small_shards, dp_size, num_workers):
     for rank in range(dp_size):
+
         def build():
-            return build_train_loader(small_shards, micro_batch_size=6, dp_rank=rank, dp_size=dp_size,
-                                      num_workers=num_workers, seed=11, shards_per_pool=2)
+            return build_train_loader(
+                small_shards,
+                micro_batch_size=6,
+                dp_rank=rank,
+                dp_size=dp_size,
+                num_workers=num_workers,
+                seed=11,
+                shards_per_pool=2,
+            )
+
         reference = build()
         full = take(reference, 60)  # > 1 epoch for every layout
         reference.close()
@@ -59,11 +69,14 @@ def test_every_sample_is_seen_exactly_once_per_epoch(small_shards, dp_size, num_
     workers = max(1, num_workers)
     seen: Counter = Counter()
     for rank in range(dp_size):
-        loader = build_train_loader(small_shards, micro_batch_size=1, dp_rank=rank, dp_size=dp_size,
-                                    num_workers=num_workers, seed=5)
+        loader = build_train_loader(
+            small_shards, micro_batch_size=1, dp_rank=rank, dp_size=dp_size, num_workers=num_workers, seed=5
+        )
         streams = dp_size * workers
-        counts = [sum(manifest.shards[i].nsamples for i in loader.dataset.stream_shards(0, rank * workers + w, streams))
-                  for w in range(workers)]
+        counts = [
+            sum(manifest.shards[i].nsamples for i in loader.dataset.stream_shards(0, rank * workers + w, streams))
+            for w in range(workers)
+        ]
         per_worker: list[list[torch.Tensor]] = [[] for _ in range(workers)]
         step = 0
         while any(len(per_worker[w]) < counts[w] for w in range(workers)):
@@ -71,7 +84,7 @@ def test_every_sample_is_seen_exactly_once_per_epoch(small_shards, dp_size, num_
             step += 1
         loader.close()
         for w in range(workers):
-            seen.update(key(row) for row in per_worker[w][:counts[w]])
+            seen.update(key(row) for row in per_worker[w][: counts[w]])
     assert seen == all_samples(small_shards)
 
 
@@ -129,7 +142,7 @@ def test_eval_batches_are_one_deterministic_pass_split_evenly_by_rank(small_shar
     assert len({len(b) for b in per_rank}) == 1  # same batch count on every rank: collectives stay in step
     assert [[x.shape for x in b] for b in per_rank][0] == [x.shape for x in per_rank[1]]
     joined = torch.cat([torch.cat(b) for b in per_rank])
-    assert torch.equal(joined, single[:len(joined)]) and len(joined) == m.num_samples // 3 * 3
+    assert torch.equal(joined, single[: len(joined)]) and len(joined) == m.num_samples // 3 * 3
     capped = list(eval_batches(small_shards, micro_batch_size=8, dp_rank=1, dp_size=3, max_batches=2))
     assert len(capped) == 2 and torch.equal(torch.cat(capped), torch.cat(per_rank[1])[:16])
 
@@ -148,13 +161,20 @@ def test_resume_in_a_fresh_process(small_shards, tmp_path):
     take(first, 12)
     (tmp_path / "state.json").write_text(json.dumps(first.state_dict()))
     first.close()
-    code = ("import json, sys, torch; from loom.data.loader import build_train_loader; "
-            "loader = build_train_loader(sys.argv[1], micro_batch_size=4, num_workers=2, seed=9); "
-            "loader.load_state_dict(json.load(open(sys.argv[2]))); "
-            "torch.save([next(loader) for _ in range(18)], sys.argv[3]); loader.close()")
+    code = (
+        "import json, sys, torch; from loom.data.loader import build_train_loader; "
+        "loader = build_train_loader(sys.argv[1], micro_batch_size=4, num_workers=2, seed=9); "
+        "loader.load_state_dict(json.load(open(sys.argv[2]))); "
+        "torch.save([next(loader) for _ in range(18)], sys.argv[3]); loader.close()"
+    )
     repo = str(__import__("pathlib").Path(__file__).resolve().parents[2])
-    done = subprocess.run([sys.executable, "-c", code, str(small_shards), str(tmp_path / "state.json"),
-                           str(tmp_path / "tail.pt")], cwd=repo, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(small_shards), str(tmp_path / "state.json"), str(tmp_path / "tail.pt")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     tail = torch.load(tmp_path / "tail.pt")
     assert all(torch.equal(a, b) for a, b in zip(full[12:], tail)) and len(tail) == 18
@@ -164,8 +184,9 @@ def _rank_stream(rank, world_size, shard_dir, steps_after_epoch):
     """In a real gloo process group: one epoch of this rank's samples, then lock-step training steps."""
     import torch.distributed as dist
 
-    loader = build_train_loader(shard_dir, micro_batch_size=1, dp_rank=rank, dp_size=world_size,
-                                num_workers=0, seed=21)  # harness ranks are daemonic: no workers
+    loader = build_train_loader(
+        shard_dir, micro_batch_size=1, dp_rank=rank, dp_size=world_size, num_workers=0, seed=21
+    )  # harness ranks are daemonic: no workers
     m = load_manifest(shard_dir)
     count = sum(m.shards[i].nsamples for i in loader.dataset.stream_shards(0, rank, world_size))
     epoch = [key(next(loader)[0]) for _ in range(count)]

@@ -1,4 +1,5 @@
 """Corrupt shards under both policies, incompatible shard sets, and refused resumes."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ def damaged_copy(src, dst, how: str):
         path.write_bytes(bytes(data[: len(data) // 4 + 100]))  # mid-member: tar end padding is half the file
     elif how == "random bytes":
         middle = len(data) // 2
-        data[middle:middle + 700] = bytes((i * 37 + 11) % 256 for i in range(700))
+        data[middle : middle + 700] = bytes((i * 37 + 11) % 256 for i in range(700))
         path.write_bytes(bytes(data))
     elif how == "missing":
         path.unlink()
@@ -40,12 +41,12 @@ def all_samples_without(shard_dir, name) -> Counter:
     from loom.data.shard_reader import read_shard
 
     m = load_manifest(shard_dir)
-    return Counter(row.tobytes() for s in m.shards if s.name != name
-                   for row in read_shard(str(shard_dir / s.name), s, m))
+    return Counter(
+        row.tobytes() for s in m.shards if s.name != name for row in read_shard(str(shard_dir / s.name), s, m)
+    )
 
 
-@pytest.mark.parametrize("how,num_workers", [("truncated", 0), ("random bytes", 0), ("truncated", 2),
-                                             ("missing", 0)])
+@pytest.mark.parametrize("how,num_workers", [("truncated", 0), ("random bytes", 0), ("truncated", 2), ("missing", 0)])
 def test_corrupt_shard_fails_the_run_naming_the_shard(tmp_path, small_shards, how, num_workers):
     folder, name, _ = damaged_copy(small_shards, tmp_path / "s", how)
     loader = build_train_loader(folder, micro_batch_size=4, num_workers=num_workers, on_corrupt="fail")
@@ -72,7 +73,7 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path, small_shards, how, num_w
         while any(len(per_worker[w]) < counts[w] for w in range(workers)):
             per_worker[step % workers].append(key(next(loader)[0]))
             step += 1
-    seen = Counter(k for w in range(workers) for k in per_worker[w][:counts[w]])
+    seen = Counter(k for w in range(workers) for k in per_worker[w][: counts[w]])
     assert seen == good and not set(seen) & set(lost)
     assert loader.corrupt_shards_skipped == 1
     assert [s["corrupt_shards"] for s in loader.stream_states() if s["corrupt_shards"]] == [[name]]
@@ -127,12 +128,23 @@ def test_resume_into_a_different_layout_is_refused(small_shards, tmp_path, corpu
     take(loader, 5)
     state = loader.state_dict()
     loader.close()
-    for change, match in [(dict(num_workers=1), "num_workers changed"), (dict(dp_size=2), "dp_size changed"),
-                          (dict(seed=2), "seed changed"), (dict(micro_batch_size=8), "micro_batch_size changed")]:
+    for change, match in [
+        (dict(num_workers=1), "num_workers changed"),
+        (dict(dp_size=2), "dp_size changed"),
+        (dict(seed=2), "seed changed"),
+        (dict(micro_batch_size=8), "micro_batch_size changed"),
+    ]:
         kwargs = dict(micro_batch_size=4, num_workers=2, seed=1) | change
         with pytest.raises(ValueError, match=match):
             build_train_loader(small_shards, **kwargs).load_state_dict(state)
-    preprocess(corpus_file, tokenizer_model, tmp_path / "other", seq_length=15, samples_per_shard=10,
-               num_workers=1, progress=False)
+    preprocess(
+        corpus_file,
+        tokenizer_model,
+        tmp_path / "other",
+        seq_length=15,
+        samples_per_shard=10,
+        num_workers=1,
+        progress=False,
+    )
     with pytest.raises(ValueError, match="the shard set"):
         build_train_loader(tmp_path / "other", 4, num_workers=2, seed=1).load_state_dict(state)

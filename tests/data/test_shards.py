@@ -1,4 +1,5 @@
 """Packing text into shards: exact token stream, byte-identical output, manifest, validation split."""
+
 from __future__ import annotations
 
 import tarfile
@@ -38,32 +39,43 @@ def test_round_trip_text_to_tokens_to_shards_and_back(shard_dir, tokenizer_model
     tok = Tokenizer(tokenizer_model)
     stream = _stream(tok, documents)
     got = [t for batch in eval_batches(shard_dir, micro_batch_size=7) for t in batch.flatten().tolist()]
-    assert got == stream[:len(got)] and len(got) == load_manifest(shard_dir).num_tokens
+    assert got == stream[: len(got)] and len(got) == load_manifest(shard_dir).num_tokens
     ends = [i for i, t in enumerate(got) if t == tok.eos_id]  # EOS marks every document boundary
     starts = [0] + [e + 1 for e in ends[:-1]]
-    assert [tok.decode(got[s:e]) for s, e in zip(starts, ends)] == documents[:len(ends)]
+    assert [tok.decode(got[s:e]) for s, e in zip(starts, ends)] == documents[: len(ends)]
     assert len(ends) >= len(documents) - 2
 
 
 def test_same_input_gives_byte_identical_shards_for_any_worker_count(tmp_path, corpus_file, tokenizer_model):
-    preprocess(corpus_file, tokenizer_model, tmp_path / "a", seq_length=15, samples_per_shard=20, num_workers=1,
-               progress=False)
-    preprocess(corpus_file, tokenizer_model, tmp_path / "b", seq_length=15, samples_per_shard=20, num_workers=2,
-               progress=False)
+    preprocess(
+        corpus_file, tokenizer_model, tmp_path / "a", seq_length=15, samples_per_shard=20, num_workers=1, progress=False
+    )
+    preprocess(
+        corpus_file, tokenizer_model, tmp_path / "b", seq_length=15, samples_per_shard=20, num_workers=2, progress=False
+    )
     files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files_a == sorted(p.name for p in (tmp_path / "b").iterdir())
     for name in files_a:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     # a re-run into the same folder replaces the old set instead of leaving stale shards behind
-    preprocess(corpus_file, tokenizer_model, tmp_path / "a", seq_length=31, samples_per_shard=40, num_workers=1,
-               progress=False)
+    preprocess(
+        corpus_file, tokenizer_model, tmp_path / "a", seq_length=31, samples_per_shard=40, num_workers=1, progress=False
+    )
     m = load_manifest(tmp_path / "a")
     assert sorted(p.name for p in (tmp_path / "a").glob("shard-*.tar")) == [s.name for s in m.shards]
 
 
 def test_validation_split_is_deterministic_by_document_hash(tmp_path, corpus_file, tokenizer_model, documents):
-    out = preprocess(corpus_file, tokenizer_model, tmp_path / "s", seq_length=7, samples_per_shard=50,
-                     num_workers=2, val_percent=25, progress=False)
+    out = preprocess(
+        corpus_file,
+        tokenizer_model,
+        tmp_path / "s",
+        seq_length=7,
+        samples_per_shard=50,
+        num_workers=2,
+        val_percent=25,
+        progress=False,
+    )
     assert set(out) == {"train", "val"}
     train, val = load_manifest(out["train"]), load_manifest(out["val"])
     is_val = [in_validation_split(d, 25) for d in documents]
@@ -74,7 +86,7 @@ def test_validation_split_is_deterministic_by_document_hash(tmp_path, corpus_fil
     tok = Tokenizer(tokenizer_model)
     val_stream = _stream(tok, [d for d, v in zip(documents, is_val) if v])
     got = [t for b in eval_batches(tmp_path / "s", micro_batch_size=4) for t in b.flatten().tolist()]
-    assert got == val_stream[:len(got)]  # a folder with train/ and val/ resolves to val/ for eval
+    assert got == val_stream[: len(got)]  # a folder with train/ and val/ resolves to val/ for eval
 
 
 def test_token_dtype_grows_with_the_vocabulary():

@@ -1,4 +1,5 @@
 """SentencePiece training flags and the Tokenizer wrapper."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
 """Run the real `loom` CLI the way users do (torchrun for several processes) and read back what it
 wrote (TensorBoard event files, checkpoints)."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,16 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 def loom_command(args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "loom.launch.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "loom.launch.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "loom.launch.cli",
+        *args,
+    ]
 
 
 def test_env(extra: dict | None = None) -> dict:
@@ -26,13 +35,16 @@ def test_env(extra: dict | None = None) -> dict:
     return env
 
 
-def run_loom(args: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 600,
-             check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(loom_command(args, nproc), cwd=REPO, env=test_env(env), capture_output=True, text=True,
-                          timeout=timeout)
+def run_loom(
+    args: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        loom_command(args, nproc), cwd=REPO, env=test_env(env), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"loom {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"loom {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

@@ -1,9 +1,9 @@
 """`loom train` end to end: exact resume, atomic checkpoints, SIGTERM, NaN skipping, TensorBoard."""
+
 import math
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -16,8 +16,14 @@ QUIET = ["train.log_every=1", "train.eval_every=0"]
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline,zero", [(1, 1), (1, 2), (2, 1), (2, 2)])
 def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, pipeline, zero):
-    common = [f"parallel.pipeline={pipeline}", f"parallel.zero_stage={zero}", "train.max_steps=6",
-              "checkpoint.every=3", "data.num_workers=1", *QUIET]
+    common = [
+        f"parallel.pipeline={pipeline}",
+        f"parallel.zero_stage={zero}",
+        "train.max_steps=6",
+        "checkpoint.every=3",
+        "data.num_workers=1",
+        *QUIET,
+    ]
     first = tmp_path / "uninterrupted"
     run_loom(["train", TINY, f"output_dir={first}", *common], nproc=2)
     resumed = tmp_path / "resumed"
@@ -31,20 +37,39 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path, pipeline, zer
         assert got[step] == want[step], f"step {step}: resumed {got[step]!r} != uninterrupted {want[step]!r}"
 
 
-ALL_FIVE = ["techniques.lcm.enabled=true", "techniques.lcm.K=4", "techniques.scr.enabled=true",
-            "techniques.scr.rank=8", "techniques.cmr.enabled=true", "techniques.cmr.rank=8",
-            "techniques.sca.enabled=true", "techniques.sca.rank=8", "techniques.sca.window=16",
-            "techniques.sca.warmup_steps=2", "techniques.sca.buffer_sync_every=2", "techniques.hcma.enabled=true",
-            "techniques.hcma.K1=8", "techniques.hcma.K2=32", "techniques.hcma.proj_dim=16",
-            "techniques.hcma.refresh_every=2", "techniques.hcma.lambda_hcma=0.01"]
+ALL_FIVE = [
+    "techniques.lcm.enabled=true",
+    "techniques.lcm.K=4",
+    "techniques.scr.enabled=true",
+    "techniques.scr.rank=8",
+    "techniques.cmr.enabled=true",
+    "techniques.cmr.rank=8",
+    "techniques.sca.enabled=true",
+    "techniques.sca.rank=8",
+    "techniques.sca.window=16",
+    "techniques.sca.warmup_steps=2",
+    "techniques.sca.buffer_sync_every=2",
+    "techniques.hcma.enabled=true",
+    "techniques.hcma.K1=8",
+    "techniques.hcma.K2=32",
+    "techniques.hcma.proj_dim=16",
+    "techniques.hcma.refresh_every=2",
+    "techniques.hcma.lambda_hcma=0.01",
+]
 
 
 @pytest.mark.slow
 def test_all_five_techniques_resume_exactly(tmp_path):
     """SCA's statistics (model buffers) and HCMA's refresh state travel with checkpoints: a resumed
     run with every technique on reproduces the uninterrupted losses, across pipeline stages."""
-    common = ["parallel.pipeline=2", "parallel.zero_stage=1", "train.max_steps=6", "checkpoint.every=3",
-              *ALL_FIVE, *QUIET]
+    common = [
+        "parallel.pipeline=2",
+        "parallel.zero_stage=1",
+        "train.max_steps=6",
+        "checkpoint.every=3",
+        *ALL_FIVE,
+        *QUIET,
+    ]
     first = tmp_path / "uninterrupted"
     run_loom(["train", TINY, f"output_dir={first}", *common], nproc=2)
     resumed = tmp_path / "resumed"
@@ -72,12 +97,34 @@ def test_all_five_techniques_train_stably_on_real_text(tmp_path):
 @pytest.mark.slow
 def test_monitoring_scalars_and_partial_checkpoints(tmp_path):
     run = tmp_path / "run"
-    out = run_loom(["train", TINY, f"output_dir={run}", "train.max_steps=4", "checkpoint.every=2",
-                    "train.eval_every=2", "train.log_every=1"], nproc=1)
+    out = run_loom(
+        [
+            "train",
+            TINY,
+            f"output_dir={run}",
+            "train.max_steps=4",
+            "checkpoint.every=2",
+            "train.eval_every=2",
+            "train.log_every=1",
+        ],
+        nproc=1,
+    )
     scalars = read_scalars(run / "tensorboard")
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "throughput/tokens_per_s", "throughput/tflops_per_rank",
-                "throughput/mfu", "time/step_s", "time/data_wait_fraction", "memory/rss_gb",
-                "train/consumed_tokens", "train/skipped_steps", "eval/loss", "eval/perplexity"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "throughput/tokens_per_s",
+        "throughput/tflops_per_rank",
+        "throughput/mfu",
+        "time/step_s",
+        "time/data_wait_fraction",
+        "memory/rss_gb",
+        "train/consumed_tokens",
+        "train/skipped_steps",
+        "eval/loss",
+        "eval/perplexity",
+    ):
         assert tag in scalars, f"{tag} missing from TensorBoard; have {sorted(scalars)}"
         assert all(math.isfinite(v) for v in scalars[tag].values()), tag
     # tiny.yaml: micro_batch_size 4 × microbatches 2 × seq_length 64 per step
@@ -105,8 +152,14 @@ def test_monitoring_scalars_and_partial_checkpoints(tmp_path):
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = ["train", TINY, f"output_dir={run}", "train.max_steps=100000", "checkpoint.every=0", *QUIET]
-    proc = subprocess.Popen(loom_command(args, nproc=2), cwd=REPO, env=test_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        loom_command(args, nproc=2),
+        cwd=REPO,
+        env=test_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -119,16 +172,29 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     assert "checkpoint saved" in text, text[-3000:]
     folder = find_resumable(run)
     assert folder is not None
-    out = run_loom(["train", TINY, f"output_dir={run}", "train.max_steps=" + str(int(folder.name[5:]) + 1),
-                    *QUIET, "--resume", "auto"], nproc=2)
+    out = run_loom(
+        [
+            "train",
+            TINY,
+            f"output_dir={run}",
+            "train.max_steps=" + str(int(folder.name[5:]) + 1),
+            *QUIET,
+            "--resume",
+            "auto",
+        ],
+        nproc=2,
+    )
     assert f"resumed from {folder}" in out.stdout
 
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     run = tmp_path / "run"
-    out = run_loom(["train", TINY, f"output_dir={run}", "train.max_steps=10", "train.max_consecutive_nonfinite=3",
-                    *QUIET], env={"LOOM_FAULT_NAN_STEPS": "2,4,5,6"}, check=False)
+    out = run_loom(
+        ["train", TINY, f"output_dir={run}", "train.max_steps=10", "train.max_consecutive_nonfinite=3", *QUIET],
+        env={"LOOM_FAULT_NAN_STEPS": "2,4,5,6"},
+        check=False,
+    )
     assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
     skipped = read_scalars(run / "tensorboard")["train/skipped_steps"]
     assert skipped[2] == 0 and skipped[3] == 1 and skipped[7] == 4

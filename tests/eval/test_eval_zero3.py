@@ -3,6 +3,7 @@
 Two checkpoints are trained the same way (same seed, batches and steps, DP=2) except for the ZeRO
 stage: ZeRO-1 (full module weights per model-parallel rank) and ZeRO-3. They hold the same network
 up to float rounding, so `loom eval` must report the same held-out loss on both."""
+
 import json
 import random
 from pathlib import Path
@@ -15,8 +16,10 @@ from tests.harness import run_distributed
 
 VOCAB = 360  # trains in a second on the generated text; not a multiple of 128, so the vocabulary is padded
 OVERRIDES = HARNESS_OVERRIDES + [f"model.vocab_size={VOCAB}"]
-WORDS = ("the king and queen of a small town walked over green hills to see ships sail on cold grey water while "
-         "children sang old songs about bread wine stone fire rain wind night day gold silver iron glass").split()
+WORDS = (
+    "the king and queen of a small town walked over green hills to see ships sail on cold grey water while "
+    "children sang old songs about bread wine stone fire rain wind night day gold silver iron glass"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +30,10 @@ def heldout_text_and_tokenizer(tmp_path_factory) -> tuple[str, str]:
     rng = random.Random(0)
     paragraphs = []
     for _ in range(60):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
-                     for _ in range(rng.randint(2, 5))]
+        sentences = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + "."
+            for _ in range(rng.randint(2, 5))
+        ]
         paragraphs.append(" ".join(sentences))
     text = folder / "heldout.txt"
     text.write_text("\n\n".join(paragraphs) + "\n")
@@ -36,8 +41,18 @@ def heldout_text_and_tokenizer(tmp_path_factory) -> tuple[str, str]:
 
 
 def _train_and_save(run: Path, zero: int, tokenizer: str) -> tuple[Path, dict]:
-    out = run_distributed(layout_run_fn, 2, OVERRIDES, 1, 1, zero, fixed_batches(4, vocab=VOCAB),
-                          save_dir=str(run), tokenizer=tokenizer, train_steps=2)[0]
+    out = run_distributed(
+        layout_run_fn,
+        2,
+        OVERRIDES,
+        1,
+        1,
+        zero,
+        fixed_batches(4, vocab=VOCAB),
+        save_dir=str(run),
+        tokenizer=tokenizer,
+        train_steps=2,
+    )[0]
     return run / "checkpoints" / "step_00000002", out["weights"]
 
 
@@ -49,8 +64,22 @@ def _loaded_weights(rank, world, folder: str) -> dict:
 
 
 def _heldout_nll(ckpt: Path, text: str, out: Path) -> float:
-    run_loom(["eval", str(ckpt), "--data", text, "--train-data", text, "--metrics", "loss", "--out", str(out),
-              "--tb", str(out.parent / f"tb_{out.stem}")])
+    run_loom(
+        [
+            "eval",
+            str(ckpt),
+            "--data",
+            text,
+            "--train-data",
+            text,
+            "--metrics",
+            "loss",
+            "--out",
+            str(out),
+            "--tb",
+            str(out.parent / f"tb_{out.stem}"),
+        ]
+    )
     result = json.loads(out.read_text())
     assert result["step"] == 2
     return result["metrics"]["loss/heldout_nll"]

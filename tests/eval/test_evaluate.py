@@ -1,4 +1,5 @@
 """`launch/evaluate.py` pieces on a real stage (single rank), and `loom eval` end to end."""
+
 import json
 import math
 
@@ -19,8 +20,9 @@ def _tiny_stage():
     from loom.techniques.config import TechniquesConfig
 
     layout = init_parallel_groups(ParallelConfig())
-    cfg = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
-                      seq_length=12)
+    cfg = ModelConfig(
+        vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64, seq_length=12
+    )
     return build_stage(cfg, TechniquesConfig(), layout, seed=3, device=torch.device("cpu"))
 
 
@@ -66,15 +68,35 @@ def test_document_splitting_keeps_a_cut_tail():
 
 
 # ------------------------------------------------------------------------------------ end to end
-SMALL = ["max_docs=4", "doc_segments=8", "kv_lengths=200", "kv_samples=4", "num_samples=3", "multiturn_ks=2,4",
-         "gen_prompts=4", "gen_tokens=8", "heldout_samples=16", "robust_rows=4", "ahd_rows=2"]
+SMALL = [
+    "max_docs=4",
+    "doc_segments=8",
+    "kv_lengths=200",
+    "kv_samples=4",
+    "num_samples=3",
+    "multiturn_ks=2,4",
+    "gen_prompts=4",
+    "gen_tokens=8",
+    "heldout_samples=16",
+    "robust_rows=4",
+    "ahd_rows=2",
+]
 
 
 @pytest.mark.slow
 def test_loom_eval_writes_every_metric_and_tensorboard_scalars(tmp_path):
     run = tmp_path / "run"
-    run_loom(["train", TINY, f"output_dir={run}", "train.max_steps=2", "train.log_every=1", "train.eval_every=0",
-              "checkpoint.every=0"])
+    run_loom(
+        [
+            "train",
+            TINY,
+            f"output_dir={run}",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "checkpoint.every=0",
+        ]
+    )
     out = tmp_path / "eval.json"
     proc = run_loom(["eval", str(run), "--out", str(out), "--set", *SMALL])
     assert "eval:" in proc.stdout
@@ -83,16 +105,44 @@ def test_loom_eval_writes_every_metric_and_tensorboard_scalars(tmp_path):
     metrics = result["metrics"]
     families = {k.split("/")[0] for k in metrics}
     assert families == set(evaluate.FAMILIES), set(evaluate.FAMILIES) - families
-    for key in ("loss/heldout_nll", "ppl_f/ppl_f", "ppl_f/ppl_cv", "entropy/hbar_mean", "entropy/hbar_var",
-                "generation/ev", "generation/li", "generation/rep4", "generation/distinct2", "drift/latent_drift",
-                "repvar/layer4", "ahd/layer1", "ahd/dispersion_layer1", "persistence/gain_1x",
-                "kv_recall/N200/exact_match", "kv_recall/N200/teacher_forced", "rare_recall/all/top1",
-                "numerical/N500/accuracy", "numerical/N500/consistency", "multiturn/k2/gain", "coherence/last/coh",
-                "coherence/sca_layer/coh", "collapse/erank_layer4", "collapse/anisotropy_layer4",
-                "rare_words/nll_rare", "retrieval/logit/all/top1", "retrieval/cosine/all/top10",
-                "robustness/token_delta_nll", "robustness/token_top1_agreement", "robustness/fgsm_drop",
-                "geometry/silhouette_fine", "geometry/knn10_overlap", "geometry/low_density_fraction",
-                "smoothness/grad_norm_cv", "overhead/inference_ms_per_token", "overhead/train_tokens_per_s"):
+    for key in (
+        "loss/heldout_nll",
+        "ppl_f/ppl_f",
+        "ppl_f/ppl_cv",
+        "entropy/hbar_mean",
+        "entropy/hbar_var",
+        "generation/ev",
+        "generation/li",
+        "generation/rep4",
+        "generation/distinct2",
+        "drift/latent_drift",
+        "repvar/layer4",
+        "ahd/layer1",
+        "ahd/dispersion_layer1",
+        "persistence/gain_1x",
+        "kv_recall/N200/exact_match",
+        "kv_recall/N200/teacher_forced",
+        "rare_recall/all/top1",
+        "numerical/N500/accuracy",
+        "numerical/N500/consistency",
+        "multiturn/k2/gain",
+        "coherence/last/coh",
+        "coherence/sca_layer/coh",
+        "collapse/erank_layer4",
+        "collapse/anisotropy_layer4",
+        "rare_words/nll_rare",
+        "retrieval/logit/all/top1",
+        "retrieval/cosine/all/top10",
+        "robustness/token_delta_nll",
+        "robustness/token_top1_agreement",
+        "robustness/fgsm_drop",
+        "geometry/silhouette_fine",
+        "geometry/knn10_overlap",
+        "geometry/low_density_fraction",
+        "smoothness/grad_norm_cv",
+        "overhead/inference_ms_per_token",
+        "overhead/train_tokens_per_s",
+    ):
         assert key in metrics and metrics[key] is not None and math.isfinite(metrics[key]), key
     assert metrics["loss/perplexity"] == pytest.approx(math.exp(metrics["loss/heldout_nll"]), rel=1e-6)
     scalars = read_scalars(run / "tensorboard")
@@ -109,11 +159,24 @@ def test_eval_agrees_across_tensor_pipeline_and_data_parallel_layouts(tmp_path):
     runs = {}
     for tp, pp in ((1, 1), (2, 1), (1, 2)):
         runs[(tp, pp)] = tmp_path / f"t{tp}p{pp}"
-        run_loom(["train", TINY, f"output_dir={runs[(tp, pp)]}", f"parallel.tensor={tp}", f"parallel.pipeline={pp}",
-                  *common], nproc=tp * pp)
+        run_loom(
+            [
+                "train",
+                TINY,
+                f"output_dir={runs[(tp, pp)]}",
+                f"parallel.tensor={tp}",
+                f"parallel.pipeline={pp}",
+                *common,
+            ],
+            nproc=tp * pp,
+        )
     results = {}
-    for name, (run, nproc) in {"single": (runs[(1, 1)], 1), "dp2": (runs[(1, 1)], 2), "tp2": (runs[(2, 1)], 2),
-                               "pp2": (runs[(1, 2)], 2)}.items():
+    for name, (run, nproc) in {
+        "single": (runs[(1, 1)], 1),
+        "dp2": (runs[(1, 1)], 2),
+        "tp2": (runs[(2, 1)], 2),
+        "pp2": (runs[(1, 2)], 2),
+    }.items():
         out = tmp_path / f"{name}.json"
         run_loom(["eval", str(run), "--out", str(out), "--set", *SMALL], nproc=nproc)
         results[name] = json.loads(out.read_text())["metrics"]

@@ -1,4 +1,5 @@
 """Every metric of techniques/metrics on a constructed case with a known answer."""
+
 import math
 
 import numpy as np
@@ -6,8 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loom.techniques.metrics import (attention, entropy, geometry, lexical, optimization, perplexity, recall,
-                                representation, robustness)
+from loom.techniques.metrics import (
+    attention,
+    entropy,
+    geometry,
+    lexical,
+    optimization,
+    perplexity,
+    recall,
+    representation,
+    robustness,
+)
 from tests.harness import run_distributed
 
 
@@ -33,7 +43,7 @@ def test_window_plan_scores_every_position_once():
         seen = np.zeros(n, dtype=int)
         for start, keep in perplexity.plan_windows(n, w, s):
             assert 0 <= start and start + w <= n
-            seen[start + keep:start + w] += 1
+            seen[start + keep : start + w] += 1
             if start > 0:
                 assert keep >= w - s  # every scored position has at least w - s earlier positions
         assert (seen == 1).all(), (n, w, s)
@@ -75,9 +85,10 @@ def test_token_stats_single_rank():
 
 def _sharded_stats(rank, world, z, y, scale):
     local = z.shape[-1] // world
-    shard = z[..., rank * local:(rank + 1) * local]
-    out = entropy.vocab_parallel_token_stats(shard, y, rank * local, torch.distributed.group.WORLD,
-                                             column_scale=scale[rank * local:(rank + 1) * local])
+    shard = z[..., rank * local : (rank + 1) * local]
+    out = entropy.vocab_parallel_token_stats(
+        shard, y, rank * local, torch.distributed.group.WORLD, column_scale=scale[rank * local : (rank + 1) * local]
+    )
     return {k: v.clone() for k, v in out.items()}
 
 
@@ -231,8 +242,20 @@ def toy_encode(text):
 
 
 def test_frequency_buckets():
-    assert recall.bucket_index([0, 10, 11, 50, 51, 100, 101, 500, 501, 1000, 1001, 10**6]).tolist() == \
-        [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert recall.bucket_index([0, 10, 11, 50, 51, 100, 101, 500, 501, 1000, 1001, 10**6]).tolist() == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+        5,
+        5,
+    ]
 
 
 def test_accuracy_by_bucket():
@@ -285,8 +308,8 @@ def test_silhouette_of_separated_clusters_is_one():
     assert geometry.silhouette_cosine(x, labels) == pytest.approx(1.0)
     # hand-computed case: points at 0°, 90° (cluster 0) and 180° (cluster 1), cosine distances
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    s0 = (2.0 - 1.0) / 2.0   # a = d(0°,90°) = 1, b = d(0°,180°) = 2
-    s1 = (1.0 - 1.0) / 1.0   # a = 1, b = d(90°,180°) = 1
+    s0 = (2.0 - 1.0) / 2.0  # a = d(0°,90°) = 1, b = d(0°,180°) = 2
+    s1 = (1.0 - 1.0) / 1.0  # a = 1, b = d(90°,180°) = 1
     assert geometry.silhouette_cosine(x, torch.tensor([0, 0, 1]), chunk=2) == pytest.approx((s0 + s1 + 0.0) / 3)
 
 
@@ -330,8 +353,11 @@ def test_fgsm_l2_step_has_the_specified_size():
     out = robustness.fgsm_l2(e, g, 0.01)
     assert torch.allclose(out[0], torch.tensor([3.0, 4.0 + 0.05]))  # ε = 0.01·‖e‖ = 0.05 along g
     assert torch.equal(out[1], e[1])  # zero gradient: unchanged
-    assert robustness.accuracy_drop(torch.tensor([1, 1, 0, 1]), torch.tensor([1, 0, 0, 0])) == \
-        {"acc_clean": 0.75, "acc_adversarial": 0.25, "drop": 0.5}
+    assert robustness.accuracy_drop(torch.tensor([1, 1, 0, 1]), torch.tensor([1, 0, 0, 0])) == {
+        "acc_clean": 0.75,
+        "acc_adversarial": 0.25,
+        "drop": 0.5,
+    }
 
 
 # --------------------------------------------------------------------------------- optimization

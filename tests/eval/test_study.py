@@ -1,14 +1,14 @@
 """`loom study`: config handling, statistics and the report (fast, on synthetic results), and a
 minuscule study end to end (slow)."""
+
 import json
 import math
 
 import pytest
 
-from loom.launch.study import plan as study
-
-from loom.launch.study import report as study_report
 from loom.launch.config import ConfigError
+from loom.launch.study import plan as study
+from loom.launch.study import report as study_report
 from tests.e2e.runner import TINY, run_loom
 
 
@@ -28,12 +28,18 @@ def test_study_config_needs_enough_seeds_and_a_baseline(tmp_path):
 
 
 def test_every_arm_gets_the_same_seeds_data_and_run_settings(tmp_path):
-    cfg = study.load_study_config(_write(tmp_path / "s.yaml", f"""
+    cfg = study.load_study_config(
+        _write(
+            tmp_path / "s.yaml",
+            f"""
 base_config: {TINY}
-output_dir: {tmp_path / 'out'}
+output_dir: {tmp_path / "out"}
 run: {{train: {{max_steps: 7}}, model: {{hidden_size: 32}}}}
 technique_settings: [techniques.lcm.K=4]
-"""), [])
+""",
+        ),
+        [],
+    )
     specs = study.plan_runs(cfg)
     assert len(specs) == 7 * 3
     for spec in specs:
@@ -69,17 +75,27 @@ def test_paired_test_matches_seeds():
 
 
 def test_report_from_synthetic_results(tmp_path):
-    cfg = study.load_study_config(_write(tmp_path / "s.yaml", f"""
+    cfg = study.load_study_config(
+        _write(
+            tmp_path / "s.yaml",
+            f"""
 base_config: {TINY}
-output_dir: {tmp_path / 'out'}
+output_dir: {tmp_path / "out"}
 only: [lcm]
-"""), [])
+""",
+        ),
+        [],
+    )
     for spec in study.plan_runs(cfg):
         spec.folder.mkdir(parents=True)
         shift = 1.0 if spec.arm == "lcm" else 0.0
-        metrics = {"loss/heldout_nll": 5.0 + shift + 0.01 * spec.seed, "ppl_f/ppl_f": 0.2 + 0.001 * spec.seed,
-                   "kv_recall/N500/teacher_forced": 0.1 * spec.seed, "retrieval/logit/0-10/top10": 0.05,
-                   "generation/sentence_len_std": None}
+        metrics = {
+            "loss/heldout_nll": 5.0 + shift + 0.01 * spec.seed,
+            "ppl_f/ppl_f": 0.2 + 0.001 * spec.seed,
+            "kv_recall/N500/teacher_forced": 0.1 * spec.seed,
+            "retrieval/logit/0-10/top10": 0.05,
+            "generation/sentence_len_std": None,
+        }
         (spec.folder / "eval.json").write_text(json.dumps({"step": 3, "metrics": metrics, "notes": ["a note"]}))
     report = study_report.write_report(cfg, "loom study s.yaml", "name: study\n")
     text = report.read_text()
@@ -94,7 +110,9 @@ def test_loom_study_end_to_end_on_a_minuscule_config(tmp_path):
     """Baseline + two techniques × 2 seeds (min_seeds lowered for the test), 3 steps each: every run
     is trained and evaluated, report.md and the PNGs are written, and a second call skips it all."""
     out = tmp_path / "study"
-    config = _write(tmp_path / "mini.yaml", f"""
+    config = _write(
+        tmp_path / "mini.yaml",
+        f"""
 name: mini
 output_dir: {out}
 base_config: {TINY}
@@ -108,7 +126,8 @@ seeds: [1, 2]
 min_seeds: 2
 eval_settings: [max_docs=2, doc_segments=4, kv_lengths=200, kv_samples=2, num_samples=3, multiturn_ks=2,
                 gen_prompts=2, gen_tokens=8, heldout_samples=8, robust_rows=2, ahd_rows=2, persistence_multiples=1]
-""")
+""",
+    )
     proc = run_loom(["study", config], timeout=1800)
     assert "report:" in proc.stdout
     for arm in ("baseline", "lcm", "sca"):

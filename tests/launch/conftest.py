@@ -4,6 +4,7 @@ Every launcher test runs the project's own scripts (launch/slurm, launch/deepspe
 subprocesses. Processes are started in their own session and stopped by process-group id; clusters and
 network namespaces are torn down by fixtures, also when a test fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,11 @@ def require_netns() -> None:
             pytest.skip(f"{tool} not found (iproute2 / util-linux)")
     probe = f"loomprobe{os.getpid()}"
     try:
-        steps = [["ip", "netns", "add", probe],
-                 ["ip", "-n", probe, "link", "add", "br0", "type", "bridge"],
-                 ["ip", "-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]]
+        steps = [
+            ["ip", "netns", "add", probe],
+            ["ip", "-n", probe, "link", "add", "br0", "type", "bridge"],
+            ["ip", "-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+        ]
         for cmd in steps:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
             if res.returncode != 0:
@@ -70,15 +73,22 @@ class Proc:
     def __init__(self, cmd: list[str], log: Path, env: dict | None = None, cwd: Path = REPO, kill_only: bool = False):
         self.cmd, self.log, self.kill_only = [str(c) for c in cmd], log, kill_only
         self._out = open(log, "w")
-        self.popen = subprocess.Popen(self.cmd, cwd=cwd, env=env or job_env(), stdout=self._out,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.popen = subprocess.Popen(
+            self.cmd,
+            cwd=cwd,
+            env=env or job_env(),
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def wait(self, timeout: float) -> int:
         try:
             return self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise AssertionError(f"timed out after {timeout} s: {' '.join(self.cmd)}\n{self.text()[-4000:]}")
+            raise AssertionError(f"timed out after {timeout} s: {' '.join(self.cmd)}\n{self.text()[-4000:]}") from None
         finally:
             if not self._out.closed:
                 self._out.flush()

@@ -1,5 +1,6 @@
 """launch/env.py under a plain `srun python -m loom.launch.cli train`: rank from SLURM_*, the first node as
 MASTER_ADDR (through scontrol's NodeAddr when the node name does not resolve), a port per job and restart."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,14 @@ def fake_scontrol(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_srun_ranks_find_the_first_node_through_scontrol(fake_scontrol):
-    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4321",
-           "SLURM_RESTART_COUNT": "2", "SLURM_JOB_NODELIST": "node[1-2]"}
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "4321",
+        "SLURM_RESTART_COUNT": "2",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+    }
     denv = read_dist_env(env)
     assert (denv.rank, denv.world_size, denv.local_rank, denv.launcher) == (3, 4, 1, "srun")
     assert denv.master_addr == "10.1.2.3"  # "node1" does not resolve here: NodeAddr from scontrol
@@ -39,8 +46,20 @@ def test_srun_ranks_find_the_first_node_through_scontrol(fake_scontrol):
 
 @pytest.mark.slow
 def test_torchrun_variables_win_over_slurm_ones():
-    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400",
-           "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    env = {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29400",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+    }
     denv = read_dist_env(env)
-    assert (denv.rank, denv.world_size, denv.master_addr, denv.master_port, denv.launcher) == \
-        (1, 2, "10.0.0.1", 29400, "torchrun")
+    assert (denv.rank, denv.world_size, denv.master_addr, denv.master_port, denv.launcher) == (
+        1,
+        2,
+        "10.0.0.1",
+        29400,
+        "torchrun",
+    )

@@ -5,6 +5,7 @@ one host: the per-step losses must be identical.
 The module starts the one-host reference and the jobs of all selected tests together (they share the
 simulated hosts and use different ports), then each test waits for its job and checks it.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,18 @@ import subprocess
 
 import pytest
 
-from tests.launch.conftest import (CLUSTER, PYTHON, QUICK, REPO, TINY, Proc, free_port, job_env, loss_curve,
-                                   require_netns)
+from tests.launch.conftest import (
+    CLUSTER,
+    PYTHON,
+    QUICK,
+    REPO,
+    TINY,
+    Proc,
+    free_port,
+    job_env,
+    loss_curve,
+    require_netns,
+)
 
 NETNS = CLUSTER / "netns_hosts.sh"
 STEPS = 4
@@ -29,8 +40,9 @@ class Hosts:
         self.env = job_env({"LOOM_NETNS_DIR": str(state_dir), "LOOM_NETNS_PREFIX": f"lt{os.getpid()}"})
 
     def script(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(NETNS), *args], env=self.env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [str(NETNS), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
 
     def on(self, host: int, *cmd) -> list[str]:
         """The command line that runs cmd on simulated host `host` (hostname nodeI, address 10.99.0.I)."""
@@ -71,23 +83,61 @@ def launched(request, tmp_path_factory):
             res = hosts.script("ssh-up", timeout=300)  # an sshd per host (+ openssh-server/pdsh if missing)
             if res.returncode != 0:
                 tools = all(shutil.which(t) for t in ("pdsh", "ssh", "/usr/sbin/sshd"))
-                (state.failed if tools or shutil.which("apt-get") else state.skip)[DEEPSPEED] = \
+                (state.failed if tools or shutil.which("apt-get") else state.skip)[DEEPSPEED] = (
                     f"netns_hosts.sh ssh-up failed:\n{res.stdout[-1500:]}\n{res.stderr[-1500:]}"
+                )
         # the reference: the same 2-rank job under torchrun on one host (the root namespace)
         state.runs["reference"] = out / "one_host"
-        state.procs["reference"] = [Proc([PYTHON, "-m", "torch.distributed.run", "--standalone",
-                                          "--nproc-per-node=2", "-m", "loom.launch.cli", "train", TINY,
-                                          f"output_dir={out / 'one_host'}", *ARGS], out / "one_host.log")]
+        state.procs["reference"] = [
+            Proc(
+                [
+                    PYTHON,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc-per-node=2",
+                    "-m",
+                    "loom.launch.cli",
+                    "train",
+                    TINY,
+                    f"output_dir={out / 'one_host'}",
+                    *ARGS,
+                ],
+                out / "one_host.log",
+            )
+        ]
         if TORCHRUN in selected:
             # one torchrun per host, c10d rendezvous hosted by node1; gloo must use the simulated LAN
             run = state.runs[TORCHRUN] = out / "torchrun"
             env = dict(hosts.env, GLOO_SOCKET_IFNAME="eth0")
-            rdzv = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=node1:29400",
-                    f"--rdzv-id=loom-{os.getpid()}", "--max-restarts=0"]
+            rdzv = [
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                "--rdzv-endpoint=node1:29400",
+                f"--rdzv-id=loom-{os.getpid()}",
+                "--max-restarts=0",
+            ]
             state.procs[TORCHRUN] = [
-                Proc(hosts.on(i, PYTHON, "-m", "torch.distributed.run", *rdzv, "-m", "loom.launch.cli", "train", TINY,
-                              f"output_dir={run}", *ARGS), out / f"torchrun-node{i}.log", env=env)
-                for i in (1, 2)]
+                Proc(
+                    hosts.on(
+                        i,
+                        PYTHON,
+                        "-m",
+                        "torch.distributed.run",
+                        *rdzv,
+                        "-m",
+                        "loom.launch.cli",
+                        "train",
+                        TINY,
+                        f"output_dir={run}",
+                        *ARGS,
+                    ),
+                    out / f"torchrun-node{i}.log",
+                    env=env,
+                )
+                for i in (1, 2)
+            ]
         if DEEPSPEED in selected and DEEPSPEED not in state.skip and DEEPSPEED not in state.failed:
             # the DeepSpeed runner on node1 starts both hosts' launchers through pdsh -> ssh
             run = state.runs[DEEPSPEED] = out / "deepspeed"
@@ -95,8 +145,13 @@ def launched(request, tmp_path_factory):
             hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
             env = dict(hosts.env, HOSTFILE=str(hostfile), GLOO_SOCKET_IFNAME="eth0", MASTER_PORT=str(free_port()))
             state.procs[DEEPSPEED] = [
-                Proc(hosts.on(1, REPO / "launch" / "deepspeed" / "run_deepspeed.sh", TINY, f"output_dir={run}", *ARGS),
-                     out / "deepspeed.log", env=env, kill_only=True)]
+                Proc(
+                    hosts.on(1, REPO / "launch" / "deepspeed" / "run_deepspeed.sh", TINY, f"output_dir={run}", *ARGS),
+                    out / "deepspeed.log",
+                    env=env,
+                    kill_only=True,
+                )
+            ]
         yield state
     finally:
         for procs in state.procs.values():

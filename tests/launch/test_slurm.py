@@ -5,13 +5,15 @@ Every job asks for 2 whole nodes. To keep the wall time down the module submits 
 tests at once to a 6-node cluster, so they run side by side; each test then waits for its own job and
 checks what it did. The time-limit signal is sent by a watcher thread as soon as the job has trained 2 steps.
 """
+
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
 import threading
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,8 @@ import pytest
 from tests.launch.conftest import CLUSTER, QUICK, REPO, TINY, job_env, loss_curve, require_root, wait_for
 
 LOCAL_SLURM = CLUSTER / "local_slurm.sh"
-NODES = 6            # 3 concurrent jobs x 2 nodes (the nodes share this machine's CPUs)
-PREEMPT_STEPS = 40   # long enough that the signal lands well before the end
+NODES = 6  # 3 concurrent jobs x 2 nodes (the nodes share this machine's CPUs)
+PREEMPT_STEPS = 40  # long enough that the signal lands well before the end
 
 
 class LocalSlurm:
@@ -28,12 +30,19 @@ class LocalSlurm:
         self.base = base
         (base / "jobtmp").mkdir()
         # TMPDIR travels into the jobs: the per-node files they write (DeepSpeed hostfiles) stay under tmp
-        self.env = job_env({"LOOM_SLURM_DIR": str(base), "LOOM_SLURM_NODES": str(NODES),
-                            "SLURM_CONF": str(base / "etc" / "slurm.conf"), "TMPDIR": str(base / "jobtmp")})
+        self.env = job_env(
+            {
+                "LOOM_SLURM_DIR": str(base),
+                "LOOM_SLURM_NODES": str(NODES),
+                "SLURM_CONF": str(base / "etc" / "slurm.conf"),
+                "TMPDIR": str(base / "jobtmp"),
+            }
+        )
 
     def script(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(LOCAL_SLURM), *args], env=self.env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [str(LOCAL_SLURM), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
 
     def logs(self) -> str:
         parts = []
@@ -43,8 +52,14 @@ class LocalSlurm:
 
     def sbatch(self, script: str, *args: str, out_dir: Path) -> int:
         # --output only moves the job log out of the repository; the script itself is used unchanged
-        res = subprocess.run(["sbatch", "--parsable", f"--output={out_dir}/%x-%j.out", script, *args],
-                             env=self.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            ["sbatch", "--parsable", f"--output={out_dir}/%x-%j.out", script, *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode == 0, f"sbatch failed: {res.stderr}\n{self.logs()}"
         return int(res.stdout.strip().split(";")[0])
 
@@ -54,8 +69,9 @@ class LocalSlurm:
         return res.stderr + self.show(job)
 
     def show(self, job: int) -> str:
-        return subprocess.run(["scontrol", "show", "job", "-o", str(job)], env=self.env, capture_output=True,
-                              text=True, timeout=30).stdout
+        return subprocess.run(
+            ["scontrol", "show", "job", "-o", str(job)], env=self.env, capture_output=True, text=True, timeout=30
+        ).stdout
 
     def signal_batch_shell(self, job: int, sig: str) -> None:
         """What Slurm does at `--signal=B:USR1@N` before the time limit: signal only the batch shell."""
@@ -105,10 +121,14 @@ def _submit(slurm: LocalSlurm, job: Job) -> None:
         args = [f"train.max_steps={job.max_steps}", *QUICK]
     job.id = slurm.sbatch(job.script, TINY, f"output_dir={job.run}", *args, out_dir=job.out)
     if job.preempt:
+
         def send_signal_after_step_2():
             try:
-                wait_for(lambda: job.done.is_set() or re.search(r"^step 2/", job.log(), re.M), 400,
-                         f"step 2 in job {job.id}'s log")
+                wait_for(
+                    lambda: job.done.is_set() or re.search(r"^step 2/", job.log(), re.M),
+                    400,
+                    f"step 2 in job {job.id}'s log",
+                )
                 if not job.done.is_set():
                     slurm.signal_batch_shell(job.id, "USR1")
             except BaseException as exc:  # reported by the test

@@ -1,5 +1,6 @@
 """Shared pieces of the parallel-equivalence tests: a tiny model, fixed batches, and the
 single-process reference (plain PyTorch AdamW + clip_grad_norm_, no DeepSpeed)."""
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,17 @@ EOS = 3
 
 
 def tiny_model(**overrides) -> ModelConfig:
-    base = dict(vocab_size=500, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=4, ffn_hidden_size=96,
-                seq_length=SEQ, eos_id=EOS, pad_vocab_to_multiple_of=128)
+    base = dict(
+        vocab_size=500,
+        hidden_size=64,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=4,
+        ffn_hidden_size=96,
+        seq_length=SEQ,
+        eos_id=EOS,
+        pad_vocab_to_multiple_of=128,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -73,8 +83,16 @@ def init_layout(rank: int, tp: int, pp: int):
     return init_parallel_groups(ParallelConfig(tensor=tp, pipeline=pp))
 
 
-def reference_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, batches_per_step: list, steps: int,
-                    optim: OptimizerSettings = OPTIM, seed: int = 0) -> Trace:
+def reference_trace(
+    rank,
+    world_size,
+    cfg: ModelConfig,
+    tech: TechniquesConfig,
+    batches_per_step: list,
+    steps: int,
+    optim: OptimizerSettings = OPTIM,
+    seed: int = 0,
+) -> Trace:
     """One process, TP=PP=DP=1: the oracle every layout must reproduce."""
     from loom.model.parallel.consolidate import full_state_dict
     from loom.model.parallel.parallelize import build_stage
@@ -104,12 +122,23 @@ def reference_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, 
     return trace
 
 
-def layout_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, batches_per_step: list, steps: int,
-                 tp: int, pp: int, zero_stages: list, optim: OptimizerSettings = OPTIM, seed: int = 0,
-                 compile: bool = False) -> dict:
+def layout_trace(
+    rank,
+    world_size,
+    cfg: ModelConfig,
+    tech: TechniquesConfig,
+    batches_per_step: list,
+    steps: int,
+    tp: int,
+    pp: int,
+    zero_stages: list,
+    optim: OptimizerSettings = OPTIM,
+    seed: int = 0,
+    compile: bool = False,
+) -> dict:
     """Train the same steps at TP×PP×DP on this group, once per ZeRO stage; {stage: Trace}."""
-    from loom.model.parallel.consolidate import full_state_dict
     from loom.launch.train.technique_upkeep import upkeep
+    from loom.model.parallel.consolidate import full_state_dict
     from loom.model.parallel.parallelize import parallelize
 
     layout = init_layout(rank, tp, pp)
@@ -117,13 +146,14 @@ def layout_trace(rank, world_size, cfg: ModelConfig, tech: TechniquesConfig, bat
     for zero in zero_stages:
         nmb = len(batches_per_step[0]) // layout.dp
         parallel = ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=nmb)
-        sharded = parallelize(cfg, tech, layout, parallel, copy.copy(optim), MICRO_BATCH, seed, precision="fp32",
-                              compile=compile)
+        sharded = parallelize(
+            cfg, tech, layout, parallel, copy.copy(optim), MICRO_BATCH, seed, precision="fp32", compile=compile
+        )
         specs = sharded.module.carry_specs(MICRO_BATCH, SEQ, torch.float32)
         trace = Trace()
         for step in range(steps):
             batches = batches_per_step[step % len(batches_per_step)]
-            mine = batches[layout.dp_rank * nmb:(layout.dp_rank + 1) * nmb]
+            mine = batches[layout.dp_rank * nmb : (layout.dp_rank + 1) * nmb]
             upkeep(sharded, layout, step)
             result = sharded.train_step(mine, step, specs)
             trace.losses.append(result.loss)

@@ -1,18 +1,25 @@
 """Every TP×PP×DP layout (world ≤ 4) and ZeRO stage reproduces the single-process model:
 per-step loss, global grad norm (with clipping active) and the updated weights."""
+
 import pytest
 
-from tests.harness import run_distributed
-from tests.parallel.common import (assert_traces_match, fixed_batches, layout_trace, reference_trace,
-                                   tiny_model)
 from loom.techniques.config import TechniquesConfig
+from tests.harness import run_distributed
+from tests.parallel.common import assert_traces_match, fixed_batches, layout_trace, reference_trace, tiny_model
 
 STEPS = 3
 GLOBAL_MICROBATCHES = 4  # per step, split over DP ranks
 
 LAYOUTS = [  # (tp, pp, dp)
-    (1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2),
-    (4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2),
+    (1, 1, 1),
+    (2, 1, 1),
+    (1, 2, 1),
+    (1, 1, 2),
+    (4, 1, 1),
+    (1, 4, 1),
+    (2, 2, 1),
+    (2, 1, 2),
+    (1, 2, 2),
 ]
 
 

@@ -1,15 +1,25 @@
 """Model options under parallelism: tied embeddings across pipeline stages, grouped-query
 attention split over TP, activation checkpointing, bf16, and a short run that learns at TP2×PP2."""
+
 import dataclasses
 
 import pytest
 import torch
 
 from loom.model.parallel.config import ParallelConfig
-from tests.harness import run_distributed
-from tests.parallel.common import (MICRO_BATCH, OPTIM, SEQ, assert_traces_match, fixed_batches, init_layout,
-                                   layout_trace, reference_trace, tiny_model)
 from loom.techniques.config import TechniquesConfig
+from tests.harness import run_distributed
+from tests.parallel.common import (
+    MICRO_BATCH,
+    OPTIM,
+    SEQ,
+    assert_traces_match,
+    fixed_batches,
+    init_layout,
+    layout_trace,
+    reference_trace,
+    tiny_model,
+)
 
 STEPS = 3
 
@@ -44,9 +54,16 @@ def _train_tp2pp2(rank, world_size, steps, precision):
 
     layout = init_layout(rank, 2, 2)
     cfg = tiny_model()
-    sharded = parallelize(cfg, TechniquesConfig(), layout, ParallelConfig(tensor=2, pipeline=2, zero_stage=1,
-                                                                          microbatches=4),
-                          dataclasses.replace(OPTIM, grad_clip=1.0), MICRO_BATCH, seed=0, precision=precision)
+    sharded = parallelize(
+        cfg,
+        TechniquesConfig(),
+        layout,
+        ParallelConfig(tensor=2, pipeline=2, zero_stage=1, microbatches=4),
+        dataclasses.replace(OPTIM, grad_clip=1.0),
+        MICRO_BATCH,
+        seed=0,
+        precision=precision,
+    )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     specs = sharded.module.carry_specs(MICRO_BATCH, SEQ, dtype)
     batches = fixed_batches(4, cfg.vocab_size, seed=3)  # one fixed batch: the model must memorise it
@@ -90,6 +107,7 @@ def test_compiled_blocks_match_eager_reference(tmp_path):
     cfg, tech = tiny_model(), TechniquesConfig()
     steps = [fixed_batches(4, cfg.vocab_size, seed=s) for s in range(2)]
     ref = run_distributed(reference_trace, 1, cfg, tech, steps, STEPS)[0]
-    for rank_traces in run_distributed(_compiled_trace, 2, cfg, tech, steps, STEPS, 2, 1, [1], str(tmp_path),
-                                       timeout=600):
+    for rank_traces in run_distributed(
+        _compiled_trace, 2, cfg, tech, steps, STEPS, 2, 1, [1], str(tmp_path), timeout=600
+    ):
         assert_traces_match(ref, rank_traces[1], what="compiled blocks tp2 zero1")

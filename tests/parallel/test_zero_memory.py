@@ -1,13 +1,14 @@
 """ZeRO really shards on this machine: per-rank tensor bytes, not RSS (which hides it at this size)."""
+
 import os
 
 import pytest
 import torch
 
 from loom.model.parallel.config import ParallelConfig
+from loom.techniques.config import TechniquesConfig
 from tests.harness import run_distributed
 from tests.parallel.common import MICRO_BATCH, OPTIM, fixed_batches, init_layout, tiny_model
-from loom.techniques.config import TechniquesConfig
 
 
 def _numel(tensors) -> int:
@@ -22,8 +23,16 @@ def _held_per_rank(rank, world_size):
     batch = fixed_batches(1, cfg.vocab_size)[0]
     out = {}
     for zero in (0, 1, 2, 3):
-        sharded = parallelize(cfg, TechniquesConfig(), layout, ParallelConfig(zero_stage=zero, microbatches=2),
-                              OPTIM, MICRO_BATCH, seed=0, precision="fp32")
+        sharded = parallelize(
+            cfg,
+            TechniquesConfig(),
+            layout,
+            ParallelConfig(zero_stage=zero, microbatches=2),
+            OPTIM,
+            MICRO_BATCH,
+            seed=0,
+            precision="fp32",
+        )
         engine = sharded.engine
         params = list(engine.module.parameters())
         full = sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in params)
@@ -59,10 +68,19 @@ def _zero_run_without_jit(rank, world_size, ext_dir):
     layout = init_layout(rank, 1, 1)
     cfg = tiny_model()
     for zero in (1, 2, 3):
-        sharded = parallelize(cfg, TechniquesConfig(), layout, ParallelConfig(zero_stage=zero), OPTIM, MICRO_BATCH,
-                              seed=0, precision="fp32")
-        sharded.train_step(fixed_batches(1, cfg.vocab_size), 0, sharded.module.carry_specs(MICRO_BATCH, 16,
-                                                                                             torch.float32))
+        sharded = parallelize(
+            cfg,
+            TechniquesConfig(),
+            layout,
+            ParallelConfig(zero_stage=zero),
+            OPTIM,
+            MICRO_BATCH,
+            seed=0,
+            precision="fp32",
+        )
+        sharded.train_step(
+            fixed_batches(1, cfg.vocab_size), 0, sharded.module.carry_specs(MICRO_BATCH, 16, torch.float32)
+        )
         sharded.engine.destroy()
     return sorted(os.listdir(ext_dir))
 

@@ -1,5 +1,6 @@
 """Bad input ends with one clear line and a non-zero exit — never a raw traceback from inside a
 library, never a half-written output directory."""
+
 import json
 import os
 import subprocess
@@ -9,13 +10,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loom.launch.config import ConfigError, RunConfig, load_config
 from loom.launch.commands.config_docs import iter_fields
+from loom.launch.config import ConfigError, RunConfig, load_config
 from tests.e2e.runner import REPO, TINY, test_env
 
 KEYS = [path for path, _, _, _, is_section in iter_fields(RunConfig) if not is_section]
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                   st.text(max_size=12), st.lists(st.integers(-5, 50), max_size=4))
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.integers(-5, 50), max_size=4),
+)
 KEYISH = st.one_of(st.sampled_from(KEYS), st.text(alphabet="abcdefghijklmnopqrstuvwxyz._", min_size=1, max_size=20))
 
 
@@ -43,8 +50,14 @@ def test_random_bytes_as_a_config_file(tmp_path_factory, blob):
 
 
 def _loom(*args, cwd=REPO, env=None):
-    return subprocess.run([sys.executable, "-m", "loom.launch.cli", *args], cwd=cwd, env=test_env(env),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "loom.launch.cli", *args],
+        cwd=cwd,
+        env=test_env(env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 CASES = [
@@ -54,10 +67,14 @@ CASES = [
     ("bad override", ["train", TINY, "optim.lr"]),
     ("unknown key", ["train", TINY, "optim.lrr=3"]),
     ("missing shards", ["train", TINY, "data.train_data=/no/such/manifest.json"]),
-    ("missing tokenizer input", ["tokenizer", "train", "--input", "/no/such/*.txt", "--vocab-size", "500",
-                                 "--out", "{tmp}/tok"]),
-    ("unknown corpus", ["preprocess", "--corpus", "wikitext", "--tokenizer", "{tmp}/t.model", "--out", "{tmp}/s",
-                        "--seq-length", "8"]),
+    (
+        "missing tokenizer input",
+        ["tokenizer", "train", "--input", "/no/such/*.txt", "--vocab-size", "500", "--out", "{tmp}/tok"],
+    ),
+    (
+        "unknown corpus",
+        ["preprocess", "--corpus", "wikitext", "--tokenizer", "{tmp}/t.model", "--out", "{tmp}/s", "--seq-length", "8"],
+    ),
     ("unreadable checkpoint", ["train", TINY, "output_dir={tmp}/run", "checkpoint.resume={tmp}"]),
 ]
 

@@ -2,6 +2,7 @@
 write) or the whole job at seeded random points; `--resume auto` must continue to exactly the
 uninterrupted run's loss trajectory. One run per layout is killed five times in a row (each
 restart resumes, then dies again later), which costs six launches instead of ten."""
+
 import os
 import random
 import signal
@@ -12,8 +13,14 @@ import pytest
 from tests.e2e.runner import REPO, TINY, loom_command, read_scalars, run_loom, test_env
 
 STEPS = 7
-COMMON = [f"train.max_steps={STEPS}", "checkpoint.every=1", "checkpoint.keep_last=2", "train.log_every=1",
-          "train.eval_every=0", "data.num_workers=0"]
+COMMON = [
+    f"train.max_steps={STEPS}",
+    "checkpoint.every=1",
+    "checkpoint.keep_last=2",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "data.num_workers=0",
+]
 LAYOUTS = {"dp2": [], "pp2": ["parallel.pipeline=2"], "tp2": ["parallel.tensor=2"]}
 
 
@@ -23,13 +30,22 @@ def _kill_points(layout: str) -> list[tuple]:
     rng = random.Random(f"loom-{layout}")
     kinds = [("rank", "save"), ("rank", "step"), ("rank", rng.choice(["step", "save"])), ("job", None), ("job", None)]
     rng.shuffle(kinds)
-    return [(kind, rng.randrange(2) if kind == "rank" else None, step, phase)
-            for (kind, phase), step in zip(kinds, range(2, STEPS))]
+    return [
+        (kind, rng.randrange(2) if kind == "rank" else None, step, phase)
+        for (kind, phase), step in zip(kinds, range(2, STEPS))
+    ]
 
 
 def _kill_whole_job_after(args: list[str], step: int) -> None:
-    proc = subprocess.Popen(loom_command(args, nproc=2), cwd=REPO, env=test_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        loom_command(args, nproc=2),
+        cwd=REPO,
+        env=test_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         for line in proc.stdout:
             if line.startswith(f"step {step}/"):

@@ -1,6 +1,6 @@
 """A hung peer, a full disk, two runs on one directory, a corrupted newest checkpoint."""
+
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -27,10 +27,24 @@ def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
 
 @pytest.mark.slow
 def test_hung_peer_fails_within_the_timeout_and_is_named(tmp_path):
-    args = ["train", TINY, f"output_dir={tmp_path / 'run'}", "train.max_steps=100000", "checkpoint.every=0",
-            "parallel.timeout_s=15", *QUIET]
-    proc = subprocess.Popen(loom_command(args, nproc=2), cwd=REPO, env=test_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    args = [
+        "train",
+        TINY,
+        f"output_dir={tmp_path / 'run'}",
+        "train.max_steps=100000",
+        "checkpoint.every=0",
+        "parallel.timeout_s=15",
+        *QUIET,
+    ]
+    proc = subprocess.Popen(
+        loom_command(args, nproc=2),
+        cwd=REPO,
+        env=test_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("step 3/"):
@@ -50,8 +64,12 @@ def test_hung_peer_fails_within_the_timeout_and_is_named(tmp_path):
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.slow
@@ -62,8 +80,18 @@ def test_full_disk_during_save_keeps_the_last_good_checkpoint(tmp_path, policy, 
     if os.geteuid() != 0 or not _mount_tmpfs(ckpts, "10m"):  # one tiny checkpoint is ~7.2 MB
         pytest.skip("needs root to mount a small tmpfs")
     try:
-        out = run_loom(["train", TINY, f"output_dir={run}", "train.max_steps=4", "checkpoint.every=2",
-                        f"checkpoint.on_save_error={policy}", *QUIET], check=False)
+        out = run_loom(
+            [
+                "train",
+                TINY,
+                f"output_dir={run}",
+                "train.max_steps=4",
+                "checkpoint.every=2",
+                f"checkpoint.on_save_error={policy}",
+                *QUIET,
+            ],
+            check=False,
+        )
         assert out.returncode == code, out.stdout[-2000:] + out.stderr[-2000:]
         assert "checkpoint save failed" in out.stdout
         good = find_resumable(run)
@@ -78,9 +106,14 @@ def test_full_disk_during_save_keeps_the_last_good_checkpoint(tmp_path, policy, 
 @pytest.mark.slow
 def test_second_run_on_the_same_directory_refuses(tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen(loom_command(["train", TINY, f"output_dir={run}", "train.max_steps=100000",
-                                           "checkpoint.every=0", *QUIET]),
-                             cwd=REPO, env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        loom_command(["train", TINY, f"output_dir={run}", "train.max_steps=100000", "checkpoint.every=0", *QUIET]),
+        cwd=REPO,
+        env=test_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in first.stdout:
             if line.startswith("step 1/"):

@@ -1,4 +1,5 @@
 """A small packed batch shared by the technique tests (Megatron layout, several documents)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,9 +2,11 @@
 
 This is the one place the sketch code lives; nothing outside tests/ imports it.
 """
+
 # Reference sketches for the five techniques specified in TECHNIQUES.md.
 # Layout follows Megatron: hidden states are [s, b, d]. Not production code.
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -81,7 +83,7 @@ class SCR(nn.Module):
         nn.init.zeros_(self.rel.weight)
         nn.init.zeros_(self.rel.bias)
         self.down = nn.Linear(d, r, bias=False)
-        nn.init.normal_(self.down.weight, std=d ** -0.5)
+        nn.init.normal_(self.down.weight, std=d**-0.5)
         self.up = nn.Linear(r, d, bias=False)
         nn.init.zeros_(self.up.weight)
         self.gamma = gamma
@@ -103,7 +105,7 @@ class LayerCapture(nn.Module):
         super().__init__()
         self.norm = RMSNorm(d)
         self.proj = nn.Linear(d, r, bias=False)
-        nn.init.normal_(self.proj.weight, std=d ** -0.5)
+        nn.init.normal_(self.proj.weight, std=d**-0.5)
         self.gate = nn.Linear(d, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
@@ -118,11 +120,11 @@ class Reweave(nn.Module):
         super().__init__()
         self.norm = RMSNorm(d)
         self.q = nn.Linear(d, r, bias=False)
-        nn.init.normal_(self.q.weight, std=d ** -0.5)
+        nn.init.normal_(self.q.weight, std=d**-0.5)
         self.layer_bias = nn.Parameter(torch.zeros(n_src))
         self.out = nn.Linear(r, d, bias=False)
         nn.init.zeros_(self.out.weight)
-        self.scale = r ** -0.5
+        self.scale = r**-0.5
 
     def forward(self, h, bank):  # bank [s,b,n_src,r]
         q = self.q(self.norm(h)).float()
@@ -140,7 +142,7 @@ class SCAHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(d)
         self.proj = nn.Linear(d, r, bias=False)
-        nn.init.normal_(self.proj.weight, std=d ** -0.5)
+        nn.init.normal_(self.proj.weight, std=d**-0.5)
         self.register_buffer("mu", torch.zeros(V, r))
         self.register_buffer("var", torch.full((V, r), 1.0 / r))
         self.register_buffer("cnt", torch.zeros(V))
@@ -167,7 +169,7 @@ class SCAHead(nn.Module):
         dd = doc[: n * self.W].reshape(n, self.W, b).permute(2, 0, 1).reshape(b * n, self.W)
         ok = (dd == dd[:, :1]).all(1)  # chunk inside one document
         a = F.normalize(zz[:, : self.W // 2].mean(1), dim=-1)[ok]
-        p = F.normalize(zz[:, self.W // 2:].mean(1), dim=-1)[ok]
+        p = F.normalize(zz[:, self.W // 2 :].mean(1), dim=-1)[ok]
         cd = dd[ok, 0] + 1000003 * torch.arange(b, device=h.device).repeat_interleave(n)[ok]
         logits = a @ p.T / self.tau
         same_doc = (cd[:, None] == cd[None, :]) & ~torch.eye(len(cd), dtype=torch.bool, device=h.device)
@@ -236,7 +238,7 @@ class HCMA:
 
     def loss(self):
         E = F.normalize(self.emb.weight.float(), dim=-1)
-        l = 0.0
+        total = 0.0
         for w, a, C in zip(self.w, self.assign, self.cent):
-            l = l + w * ((E - C[a]).pow(2).sum(-1) * self.pi).mean()
-        return l + self.lam_anchor * (E - self.anchor).pow(2).sum(-1).mean()
+            total = total + w * ((E - C[a]).pow(2).sum(-1) * self.pi).mean()
+        return total + self.lam_anchor * (E - self.anchor).pow(2).sum(-1).mean()

@@ -14,7 +14,7 @@ def test_forward_is_identity_and_backward_adds_scaled_aux_grad():
     w = torch.randn(3, requires_grad=True)
     h = torch.randn(4, 3, requires_grad=True)
     hidden = h * 2.0
-    aux = (w ** 2).sum()
+    aux = (w**2).sum()
     out = attach_aux_loss(hidden, aux)
     assert torch.equal(out, hidden)
     set_aux_loss_scale(0.25)  # read at backward time, like Megatron's MoEAuxLossAutoScaler

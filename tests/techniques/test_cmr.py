@@ -108,7 +108,7 @@ def test_reconstruction_loss_is_attached(batch):
     probe.zero_grad()
     with torch.no_grad():
         q = probe.query(torch.nn.functional.rms_norm(batch.h, (D,), probe.norm.weight, 1e-6))
-        logits = torch.einsum("sbr,sbnr->sbn", q, bank) * R ** -0.5 + probe.slot_bias
+        logits = torch.einsum("sbr,sbnr->sbn", q, bank) * R**-0.5 + probe.slot_bias
         logits[..., 2] = float("-inf")
         rebuilt = torch.einsum("sbn,sbnr->sbr", logits.softmax(-1), bank)
     decoded = torch.einsum("sbr,nqr->sbnq", rebuilt, probe.rec_maps)
@@ -124,6 +124,7 @@ def test_metrics(batch):
     reweave(batch.h, _bank(batch.h, captures), [0, 1])
     assert captures[0].metrics()["gate_mean"] == 0.5
     m = reweave.metrics()
-    assert m["attn_weight_slot2"] == 0 and torch.isclose(m["attn_weight_slot0"] + m["attn_weight_slot1"],
-                                                         torch.tensor(1.0))
+    assert m["attn_weight_slot2"] == 0 and torch.isclose(
+        m["attn_weight_slot0"] + m["attn_weight_slot1"], torch.tensor(1.0)
+    )
     assert 0 < m["attn_entropy"] <= torch.log(torch.tensor(2.0)) + 1e-6

@@ -4,41 +4,95 @@ import inspect
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from loom.techniques import config as C
-from loom.techniques.config import (CMRConfig, HCMAConfig, LCMConfig, SCAConfig, SCRConfig, TechniquesConfig,
-                               parse_relevance_noise, resolve_layers)
+from loom.techniques.config import (
+    CMRConfig,
+    HCMAConfig,
+    LCMConfig,
+    SCAConfig,
+    SCRConfig,
+    TechniquesConfig,
+    parse_relevance_noise,
+    resolve_layers,
+)
 
 
 def test_spec_defaults():
     cfg = TechniquesConfig()
     assert not any(getattr(cfg, n).enabled for n in ("lcm", "scr", "cmr", "sca", "hcma"))
-    assert (cfg.lcm.layers, cfg.lcm.K, cfg.lcm.beta, cfg.lcm.a_max, cfg.lcm.n_iter, cfg.lcm.gate,
-            cfg.lcm.placement, cfg.lcm.aux_smooth_weight) == ("all", 16, 0.8, 0.5, 1, True, "post_mlp", 0.0)
-    assert (cfg.scr.layers, cfg.scr.rank, cfg.scr.gamma, cfg.scr.decay, cfg.scr.relevance_noise,
-            cfg.scr.placement) == ("every_k:2", 64, 0.5, 1.0, "none", "post_attn")
-    assert (cfg.cmr.rank, cfg.cmr.include_embedding, cfg.cmr.rec_loss_weight, cfg.cmr.cross_position.window,
-            cfg.cmr.cross_position.topk, cfg.cmr.stage_local) == (128, True, 0.0, 0, 0, False)
-    assert (cfg.sca.rank, cfg.sca.lambda_field, cfg.sca.lambda_coh, cfg.sca.lambda_vc, cfg.sca.ema_beta,
-            cfg.sca.window, cfg.sca.tau, cfg.sca.buffer_sync_every, cfg.sca.warmup_steps) == (
-        128, 0.02, 0.02, 0.01, 0.99, 64, 0.1, 100, 1000)
+    assert (
+        cfg.lcm.layers,
+        cfg.lcm.K,
+        cfg.lcm.beta,
+        cfg.lcm.a_max,
+        cfg.lcm.n_iter,
+        cfg.lcm.gate,
+        cfg.lcm.placement,
+        cfg.lcm.aux_smooth_weight,
+    ) == ("all", 16, 0.8, 0.5, 1, True, "post_mlp", 0.0)
+    assert (cfg.scr.layers, cfg.scr.rank, cfg.scr.gamma, cfg.scr.decay, cfg.scr.relevance_noise, cfg.scr.placement) == (
+        "every_k:2",
+        64,
+        0.5,
+        1.0,
+        "none",
+        "post_attn",
+    )
+    assert (
+        cfg.cmr.rank,
+        cfg.cmr.include_embedding,
+        cfg.cmr.rec_loss_weight,
+        cfg.cmr.cross_position.window,
+        cfg.cmr.cross_position.topk,
+        cfg.cmr.stage_local,
+    ) == (128, True, 0.0, 0, 0, False)
+    assert (
+        cfg.sca.rank,
+        cfg.sca.lambda_field,
+        cfg.sca.lambda_coh,
+        cfg.sca.lambda_vc,
+        cfg.sca.ema_beta,
+        cfg.sca.window,
+        cfg.sca.tau,
+        cfg.sca.buffer_sync_every,
+        cfg.sca.warmup_steps,
+    ) == (128, 0.02, 0.02, 0.01, 0.99, 64, 0.1, 100, 1000)
     h = cfg.hcma
-    assert (h.mode, h.refresh_every, h.K1, h.K2, h.proj_dim, h.knn, h.gamma, h.pi_max, h.w, h.lambda_anchor,
-            h.lambda_hcma, h.offline.eta, h.offline.iters, h.apply_to_output_embedding,
-            h.apply_to_hidden_layer) == ("regularizer", 500, 64, 1024, 256, 16, 0.5, 4.0, [0.5, 1.0], 1.0,
-                                         1e-3, 0.1, 10, "tied", None)
+    assert (
+        h.mode,
+        h.refresh_every,
+        h.K1,
+        h.K2,
+        h.proj_dim,
+        h.knn,
+        h.gamma,
+        h.pi_max,
+        h.w,
+        h.lambda_anchor,
+        h.lambda_hcma,
+        h.offline.eta,
+        h.offline.iters,
+        h.apply_to_output_embedding,
+        h.apply_to_hidden_layer,
+    ) == ("regularizer", 500, 64, 1024, 256, 16, 0.5, 4.0, [0.5, 1.0], 1.0, 1e-3, 0.1, 10, "tied", None)
 
 
 def test_omegaconf_structured_round_trip():
     base = OmegaConf.structured(TechniquesConfig)
-    override = OmegaConf.create({"lcm": {"enabled": True, "layers": "every_k:3"},
-                                 "cmr": {"source_layers": [2, 4], "cross_position": {"window": 0}},
-                                 "hcma": {"w": [1.0, 2.0], "offline": {"iters": 3}}})
+    override = OmegaConf.create(
+        {
+            "lcm": {"enabled": True, "layers": "every_k:3"},
+            "cmr": {"source_layers": [2, 4], "cross_position": {"window": 0}},
+            "hcma": {"w": [1.0, 2.0], "offline": {"iters": 3}},
+        }
+    )
     merged = OmegaConf.merge(base, override)
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, TechniquesConfig) and isinstance(cfg.hcma.offline, C.HCMAOfflineConfig)
     assert cfg.lcm.layers == "every_k:3" and cfg.cmr.source_layers == [2, 4] and cfg.hcma.w == [1.0, 2.0]
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         OmegaConf.merge(base, {"lcm": {"K": "many"}})
 
 
@@ -51,26 +105,46 @@ def test_every_field_has_an_attribute_docstring():
             for i, item in enumerate(body):
                 if isinstance(item, ast.AnnAssign):
                     nxt = body[i + 1] if i + 1 < len(body) else None
-                    if not (isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                            and isinstance(nxt.value.value, str)):
+                    if not (
+                        isinstance(nxt, ast.Expr)
+                        and isinstance(nxt.value, ast.Constant)
+                        and isinstance(nxt.value.value, str)
+                    ):
                         missing.append(f"{node.name}.{item.target.id}")
     assert not missing
     for cls in (LCMConfig, SCRConfig, CMRConfig, SCAConfig, HCMAConfig, TechniquesConfig):
         assert dataclasses.is_dataclass(cls)
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("all", [0, 1, 2, 3, 4, 5]), ("every_k:2", [1, 3, 5]), ("every_k=3", [2, 5]), ("every_k:1", list(range(6))),
-    ("every_k:7", []), ("0,3,5", [0, 3, 5]), ("5, 0", [0, 5]), ("2", [2]),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("all", [0, 1, 2, 3, 4, 5]),
+        ("every_k:2", [1, 3, 5]),
+        ("every_k=3", [2, 5]),
+        ("every_k:1", list(range(6))),
+        ("every_k:7", []),
+        ("0,3,5", [0, 3, 5]),
+        ("5, 0", [0, 5]),
+        ("2", [2]),
+    ],
+)
 def test_resolve_layers(spec, expected):
     assert resolve_layers(spec, 6) == expected
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("0,6", "outside 0..5"), ("-1", "outside"), ("1,1", "repeats"), ("every_k:0", "every_k"),
-    ("every_k:x", "every_k"), ("some", "comma list"), ("", "empty"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("0,6", "outside 0..5"),
+        ("-1", "outside"),
+        ("1,1", "repeats"),
+        ("every_k:0", "every_k"),
+        ("every_k:x", "every_k"),
+        ("some", "comma list"),
+        ("", "empty"),
+    ],
+)
 def test_resolve_layers_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         resolve_layers(spec, 6)
@@ -107,8 +181,10 @@ def test_validate_reports_problems():
     problems = bad_cmr.validate(4)
     assert any("not implemented" in p for p in problems) and any("outside 1..4" in p for p in problems)
     assert any("rank" in p for p in problems)
-    assert any("no source before it" in p for p in CMRConfig(include_embedding=False, source_layers=[3],
-                                                             target_layers=[2, 4]).validate(4))
+    assert any(
+        "no source before it" in p
+        for p in CMRConfig(include_embedding=False, source_layers=[3], target_layers=[2, 4]).validate(4)
+    )
     assert any("outside 1..4" in p for p in SCAConfig(layers=[0]).validate(4))
     assert any("multiple of K1" in p for p in HCMAConfig(K1=3, K2=10).validate(4))
     assert any("not implemented" in p for p in HCMAConfig(apply_to_hidden_layer=2).validate(4))

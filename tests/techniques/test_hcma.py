@@ -124,11 +124,11 @@ ROWS_PER_RANK = 52  # 101 real rows padded to 104 for TP=2: rank 1 holds 49 real
 
 def _tp_worker(rank, world_size, table):
     padded = torch.cat([table, torch.zeros(world_size * ROWS_PER_RANK - V, D)])
-    local = padded[rank * ROWS_PER_RANK:(rank + 1) * ROWS_PER_RANK].clone()
+    local = padded[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK].clone()
     real = min(ROWS_PER_RANK, V - rank * ROWS_PER_RANK)
     hcma = HCMA(_cfg(chunk_rows=16), D)
     hcma.refresh(local, rank * ROWS_PER_RANK, real, tp_group=dist.group.WORLD)
-    weight = _moved(padded)[rank * ROWS_PER_RANK:(rank + 1) * ROWS_PER_RANK].clone().requires_grad_()
+    weight = _moved(padded)[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK].clone().requires_grad_()
     loss = hcma.loss(weight)
     loss.backward()
     state = hcma.state_dict()

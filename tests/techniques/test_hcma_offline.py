@@ -1,14 +1,15 @@
 """HCMA offline mode inside a ZeRO run: the aligned table must reach DeepSpeed's fp32 master
 weights (else the next optimizer step silently reverts it) and a tied output copy on the last stage."""
+
 import dataclasses
 
 import pytest
 import torch
 
 from loom.model.parallel.config import ParallelConfig
+from loom.techniques.config import TechniquesConfig
 from tests.harness import run_distributed
 from tests.parallel.common import MICRO_BATCH, OPTIM, SEQ, all_techniques, fixed_batches, init_layout, tiny_model
-from loom.techniques.config import TechniquesConfig
 
 
 def _offline_alignment_survives_a_step(rank, world_size, tp, pp, zero):
@@ -21,8 +22,16 @@ def _offline_alignment_survives_a_step(rank, world_size, tp, pp, zero):
     tech = TechniquesConfig()
     tech.hcma = all_techniques(mode="offline").hcma
     cfg = tiny_model(tie_embeddings=pp > 1)
-    sharded = parallelize(cfg, tech, layout, ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=2),
-                          dataclasses.replace(OPTIM, lr=0.0, weight_decay=0.0), MICRO_BATCH, seed=0, precision="fp32")
+    sharded = parallelize(
+        cfg,
+        tech,
+        layout,
+        ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=2),
+        dataclasses.replace(OPTIM, lr=0.0, weight_decay=0.0),
+        MICRO_BATCH,
+        seed=0,
+        precision="fp32",
+    )
     module = sharded.module
     weight = module.embedding.weight if module.is_first else module.output_layer.weight
     before = weight.detach().clone()
@@ -31,8 +40,13 @@ def _offline_alignment_survives_a_step(rank, world_size, tp, pp, zero):
     master = safe_get_full_fp32_param(weight)
     sharded.train_step(fixed_batches(2, cfg.vocab_size), 0, module.carry_specs(MICRO_BATCH, SEQ, torch.float32))
     after = weight.detach().clone()
-    return dict(changed=float((aligned - before).abs().max()), master_err=float((master - aligned).abs().max()),
-                reverted=float((after - aligned).abs().max()), first=module.is_first, aligned=aligned)
+    return dict(
+        changed=float((aligned - before).abs().max()),
+        master_err=float((master - aligned).abs().max()),
+        reverted=float((after - aligned).abs().max()),
+        first=module.is_first,
+        aligned=aligned,
+    )
 
 
 @pytest.mark.distributed

@@ -1,5 +1,6 @@
 """The techniques inside the parallel model: exact identity at init at every TP/PP layout,
 gradient flow at init, and equivalence of TP/PP layouts with all five on."""
+
 import dataclasses
 
 import pytest
@@ -7,8 +8,17 @@ import torch
 
 from loom.techniques.config import TechniquesConfig
 from tests.harness import run_distributed
-from tests.parallel.common import (MICRO_BATCH, SEQ, all_techniques, assert_traces_match, fixed_batches,
-                                   init_layout, layout_trace, reference_trace, tiny_model)
+from tests.parallel.common import (
+    MICRO_BATCH,
+    SEQ,
+    all_techniques,
+    assert_traces_match,
+    fixed_batches,
+    init_layout,
+    layout_trace,
+    reference_trace,
+    tiny_model,
+)
 
 ONE_EACH = ["lcm", "scr", "cmr", "sca", "hcma"]
 
@@ -23,7 +33,6 @@ def _stage_outputs(rank, world_size, tp, pp, tech_by_name: dict, dtype):
     """Loss and (last-stage) logits of the baseline and of each technique variant, same weights."""
     from megatron.core import parallel_state as ps
 
-    from loom.launch.train.technique_upkeep import upkeep
     from loom.model.parallel.parallelize import build_stage
     from loom.model.parallel.pipeline import forward_only
 
@@ -34,9 +43,14 @@ def _stage_outputs(rank, world_size, tp, pp, tech_by_name: dict, dtype):
     for name, tech in {"baseline": TechniquesConfig(), **tech_by_name}.items():
         module = build_stage(cfg, tech, layout, seed=0, dtype=dtype)
         if module.hcma is not None:  # refresh so the regulariser is live, not vacuously absent
-            module.hcma.refresh(module.embedding.weight.detach(), layout.tp_rank * module.embedding.weight.shape[0],
-                                min(module.embedding.weight.shape[0], cfg.vocab_size - layout.tp_rank *
-                                    module.embedding.weight.shape[0]), ps.get_tensor_model_parallel_group())
+            module.hcma.refresh(
+                module.embedding.weight.detach(),
+                layout.tp_rank * module.embedding.weight.shape[0],
+                min(
+                    module.embedding.weight.shape[0], cfg.vocab_size - layout.tp_rank * module.embedding.weight.shape[0]
+                ),
+                ps.get_tensor_model_parallel_group(),
+            )
         captured = {}
 
         def fwd(mb, received, module=module):
@@ -90,9 +104,11 @@ def _grads_at_init(rank, world_size):
         module.zero_grad()
         module(batch).backward()
     base = {n for n, _ in build_stage(cfg, TechniquesConfig(), layout, seed=0).named_parameters()}
-    return {n: (p.grad is not None, float(p.grad.abs().sum()) if p.grad is not None else 0.0)
-            for n, p in module.named_parameters() if n not in base}, {
-        n: float(p.grad.abs().sum()) for n, p in module.named_parameters() if n == "embedding.weight"}
+    return {
+        n: (p.grad is not None, float(p.grad.abs().sum()) if p.grad is not None else 0.0)
+        for n, p in module.named_parameters()
+        if n not in base
+    }, {n: float(p.grad.abs().sum()) for n, p in module.named_parameters() if n == "embedding.weight"}
 
 
 @pytest.mark.distributed

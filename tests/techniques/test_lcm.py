@@ -38,8 +38,11 @@ def test_anchor_matches_sketch(batch, K, beta):
     for block in (5, 64, 1000):
         assert torch.allclose(causal_anchor(batch.h, batch.pos, taps, block), expected, atol=1e-6)
     short = slice(0, 7)  # a sequence shorter than K: one block, no previous rows
-    assert torch.allclose(causal_anchor(batch.h[short], batch.pos[short], taps),
-                          ref.causal_anchor(batch.h[short], batch.pos[short], taps), atol=1e-6)
+    assert torch.allclose(
+        causal_anchor(batch.h[short], batch.pos[short], taps),
+        ref.causal_anchor(batch.h[short], batch.pos[short], taps),
+        atol=1e-6,
+    )
 
 
 def test_forward_matches_sketch(batch):

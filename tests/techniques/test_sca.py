@@ -33,8 +33,9 @@ def test_matches_sketch_over_several_micro_batches(batch):
         l_field, l_vc, l_coh = sketch(h2, tokens, batch.doc)
         expected = cfg.lambda_field * l_field + cfg.lambda_coh * l_coh + cfg.lambda_vc * l_vc
         m = ours.metrics()
-        assert torch.allclose(torch.stack([m["l_field"], m["l_vc"], m["l_coh"]]),
-                              torch.stack([l_field, l_vc, l_coh]).detach(), atol=1e-5)
+        assert torch.allclose(
+            torch.stack([m["l_field"], m["l_vc"], m["l_coh"]]), torch.stack([l_field, l_vc, l_coh]).detach(), atol=1e-5
+        )
         assert torch.isclose(total, expected, atol=1e-6)
         total.backward()
         expected.backward()

@@ -3,6 +3,7 @@
 `configuration_loom.py` and `modeling_loom.py` are self-contained (torch + transformers only): they
 re-implement Loom's network with LCM, SCR and CMR so that an export runs without the loom package.
 """
+
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

@@ -2,6 +2,7 @@
 
 Written by `loom convert to-hf --remote-code`. Self-contained: needs only `transformers`.
 """
+
 from transformers import PretrainedConfig
 
 
@@ -18,10 +19,27 @@ class LoomConfig(PretrainedConfig):
     model_type = "loom"
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    def __init__(self, vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=None, head_dim=None, max_position_embeddings=2048,
-                 rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, techniques=None,
-                 document_eos_id=3, bos_token_id=2, eos_token_id=3, pad_token_id=0, use_cache=False, **kwargs):
+    def __init__(
+        self,
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=None,
+        head_dim=None,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        techniques=None,
+        document_eos_id=3,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+        use_cache=False,
+        **kwargs,
+    ):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -35,5 +53,10 @@ class LoomConfig(PretrainedConfig):
         self.techniques = techniques or {}
         self.document_eos_id = document_eos_id
         self.use_cache = use_cache
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )

@@ -11,6 +11,7 @@ Limitations: no KV cache (`generate` re-runs the prefix each step: pass `use_cac
 default here); no padding inside a batch (an `attention_mask` with zeros is refused), because LCM
 and SCR read packed-document positions from the token ids.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -186,7 +187,7 @@ def segmented_cumsum(x, start, decay: float = 1.0, block: int = 64):
     local_doc = starts.view(n_blocks, C, b).long().cumsum(1)
     y = _scan_blocks(xb, local_doc, decay)
     if n_blocks > 1:
-        ends = segmented_cumsum(y[:, -1], local_doc[:, -1] > 0, decay ** C, block)
+        ends = segmented_cumsum(y[:, -1], local_doc[:, -1] > 0, decay**C, block)
         carry = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])
         reach = decay ** torch.arange(1, C + 1, device=x.device, dtype=x.dtype)
         open_doc = (local_doc == 0).to(x.dtype) * reach[:, None]
@@ -205,8 +206,9 @@ class SCR(nn.Module):
 
     def forward(self, h, start, rho_prev=None):
         u = F.rms_norm(h.float(), self.norm.normalized_shape, self.norm.weight.float(), self.norm.eps).to(h.dtype)
-        relevance = torch.sigmoid(F.linear(u.float(), self.relevance.weight.float(),
-                                           self.relevance.bias.float()).squeeze(-1))
+        relevance = torch.sigmoid(
+            F.linear(u.float(), self.relevance.weight.float(), self.relevance.bias.float()).squeeze(-1)
+        )
         if rho_prev is None or self.gamma == 0:
             rho = relevance
         else:
@@ -245,7 +247,7 @@ class Reweave(nn.Module):
         mask[list(readable)] = True
         bank_f = bank.float()
         query = self.query(_rms_norm_fp32(self.norm, h)).float()
-        logits = torch.einsum("sbr,sbnr->sbn", query, bank_f) * self.rank ** -0.5 + self.slot_bias.float()
+        logits = torch.einsum("sbr,sbnr->sbn", query, bank_f) * self.rank**-0.5 + self.slot_bias.float()
         weights = logits.masked_fill(~mask, float("-inf")).softmax(-1)
         rebuilt = torch.einsum("sbn,sbnr->sbr", weights, bank_f)
         return h + self.out(rebuilt.to(h.dtype))
@@ -338,27 +340,42 @@ class LoomForCausalLM(LoomPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.output_layer
 
-    def forward(self, input_ids: torch.LongTensor = None, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.LongTensor] = None, use_cache: Optional[bool] = None,
-                past_key_values=None, return_dict: Optional[bool] = None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.LongTensor = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        past_key_values=None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ):
         if input_ids is None:
             raise ValueError("LoomForCausalLM needs input_ids")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("LoomForCausalLM does not support padding (attention_mask with zeros): LCM and "
-                             "SCR read document positions from the ids; run sequences one at a time")
+            raise ValueError(
+                "LoomForCausalLM does not support padding (attention_mask with zeros): LCM and "
+                "SCR read document positions from the ids; run sequences one at a time"
+            )
         tokens = input_ids.t()  # [s, b]
         pos, start, _ = document_metadata(tokens, self.config.document_eos_id)
         h = self.embedding(tokens)
         cos, sin = rope_tables(tokens.shape[0], self.config.head_dim, self.config.rope_theta, h.device, h.dtype)
         bank: list = [None] * self.n_slots
-        template = torch.zeros(tokens.shape[0], tokens.shape[1], max(self.bank_rank, 1), dtype=h.dtype,
-                               device=h.device)
+        template = torch.zeros(tokens.shape[0], tokens.shape[1], max(self.bank_rank, 1), dtype=h.dtype, device=h.device)
 
         def bank_tensor():
             return torch.stack([template if t is None else t for t in bank], dim=2)
 
-        ctx = {"pos": pos, "start": start, "cos": cos, "sin": sin, "rho": None, "bank": bank,
-               "bank_tensor": bank_tensor}
+        ctx = {
+            "pos": pos,
+            "start": start,
+            "cos": cos,
+            "sin": sin,
+            "rho": None,
+            "bank": bank,
+            "bank_tensor": bank_tensor,
+        }
         h = residual_point(self, h, ctx)
         resets = set(((self.config.techniques or {}).get("cmr") or {}).get("reset_bank_at") or [])
         for index, block in enumerate(self.layers):
@@ -370,8 +387,9 @@ class LoomForCausalLM(LoomPreTrainedModel, GenerationMixin):
         logits = F.linear(h, weight).transpose(0, 1).contiguous()  # [b, s, V]
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
