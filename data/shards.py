@@ -23,7 +23,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from loom.data.corpora import iter_documents
+from loom.data.corpora import expand_inputs, iter_documents
 from loom.data.manifest import Manifest, ShardInfo
 from loom.data.tokenizer import Tokenizer
 
@@ -156,10 +156,11 @@ def preprocess(
         raise ValueError(f"seq_length ({seq_length}) and samples_per_shard ({samples_per_shard}) must be positive")
     if not 0.0 <= val_percent < 100.0:
         raise ValueError(f"val_percent must be in [0, 100), got {val_percent}")
+    paths = expand_inputs(inputs)  # missing inputs are reported before the tokenizer is loaded
     tokenizer = Tokenizer(tokenizer_model)
     out = Path(out_dir)
     splits = {"train": out / "train", "val": out / "val"} if val_percent > 0 else {"train": out}
-    documents = iter_documents(inputs)
+    documents = iter_documents(paths)
     first = next(documents, None)
     if first is None:
         raise ValueError(f"no documents found in {inputs!s}: nothing to preprocess")

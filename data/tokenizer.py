@@ -108,7 +108,12 @@ class Tokenizer:
         self.path = Path(model_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model {str(self.path)!r} does not exist")
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except RuntimeError as exc:  # sentencepiece: "INTERNAL: could not parse ModelProto from ..."
+            raise ValueError(
+                f"tokenizer model {str(self.path)!r} is not a SentencePiece model ({str(exc).strip()})"
+            ) from None
 
     @property
     def vocab_size(self) -> int:

@@ -84,9 +84,18 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
+    from loom.data.corpora import expand_inputs, get_corpus
     from loom.data.manifest import load_manifest
     from loom.data.shards import preprocess
+    from loom.data.tokenizer import Tokenizer
 
+    # cheap checks first, each one `error:` line: the inputs exist (or the corpus is a built-in one), then the
+    # tokenizer is a SentencePiece model, before any corpus download or tokenizing starts
+    if args.corpus:
+        get_corpus(args.corpus)
+    else:
+        expand_inputs(args.input)
+    Tokenizer(args.tokenizer)
     start = time.perf_counter()
     manifests = preprocess(
         _inputs(args),

@@ -109,6 +109,45 @@ def test_bad_input_raises_one_line_errors(tmp_path, tokenizer_model):
         run(["preprocess", "--tokenizer", "x", "--out", "y", "--seq-length", "8"])
 
 
+def _preprocess_args(inputs: str, tokenizer: str, out: str) -> list[str]:
+    return ["preprocess", "--input", inputs, "--tokenizer", tokenizer, "--out", out, "--seq-length", "8", "--quiet"]
+
+
+def test_a_tokenizer_that_is_not_a_sentencepiece_model(tmp_path, corpus_file):
+    not_a_model = tmp_path / "tokenizer.model"
+    not_a_model.write_text("this is a README, not a SentencePiece model\n")
+    with pytest.raises(ValueError, match=r"is not a SentencePiece model \(.*could not parse"):
+        run(_preprocess_args(str(corpus_file), str(not_a_model), str(tmp_path / "o")))
+    # the inputs are checked first: a missing input is reported, not the bad tokenizer
+    with pytest.raises(FileNotFoundError, match="missing.jsonl' does not exist"):
+        run(_preprocess_args(str(tmp_path / "missing.jsonl"), str(not_a_model), str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError, match="tokenizer model .* does not exist"):
+        run(_preprocess_args(str(corpus_file), str(tmp_path / "absent.model"), str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()
+
+
+def test_preprocess_errors_are_one_line_in_a_fresh_process(tmp_path, corpus_file):
+    not_a_model = tmp_path / "tokenizer.model"
+    not_a_model.write_text("not a model\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loom.launch.cli",
+            *_preprocess_args(str(corpus_file), str(not_a_model), str(tmp_path / "o")),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: tokenizer model"), done.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_data_list_in_a_fresh_process(tmp_path):
     code = (
         "import argparse, sys; from loom.launch.commands.data import add_commands; p = argparse.ArgumentParser(); "
