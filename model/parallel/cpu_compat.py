@@ -1,9 +1,13 @@
 """CPU shim for megatron-core 0.16.x and DeepSpeed 0.19.x; every patch is inert when CUDA exists.
 
-megatron-core hard-codes CUDA in a few places that Loom reaches on CPU (scratch buffers on
-`torch.cuda.current_device()`, `torch.cuda.synchronize()`, the CUDA RNG tracker). DeepSpeed on the
-CPU accelerator JIT-builds an inference-only shared-memory op (2-4 minutes, `-march=native`) at
-its first `init_distributed`. See shared/reference/megatron_core_cpu.md and deepspeed_cpu.md.
+What running both on a CPU-only machine showed:
+- megatron-core hard-codes CUDA in a few places that Loom reaches on CPU: scratch buffers are placed on
+  `torch.cuda.current_device()`, some paths call `torch.cuda.synchronize()`, and tensor-parallel weight
+  initialisation forks the CUDA RNG tracker. Here the device lookup returns the CPU, synchronising is a
+  no-op, and the tracker is replaced by one with the same semantics on the CPU default generator.
+- DeepSpeed on its CPU accelerator JIT-builds a shared-memory all-reduce op (2-4 minutes of C++ with
+  `-march=native`) at its first `init_distributed`. The op serves AutoTP inference only, which training
+  never calls, so the build is skipped (tests/parallel/test_zero_memory.py checks that no JIT build runs).
 Loom's own code paths never branch on CPU vs GPU outside this file.
 """
 
