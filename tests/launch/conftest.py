@@ -26,17 +26,89 @@ CLUSTER = REPO / "launch" / "cluster"
 QUICK = ["train.eval_every=0", "checkpoint.every=2", "train.log_every=1"]
 
 
+# the Debian package of every tool a launcher test needs
+PACKAGES = {
+    "ip": "iproute2",
+    "ss": "iproute2",
+    "nsenter": "util-linux",
+    "unshare": "util-linux",
+    "slurmctld": "slurmctld",
+    "slurmd": "slurmd",
+    "sbatch": "slurm-client",
+    "scontrol": "slurm-client",
+    "munged": "munge",
+    "mungekey": "munge",
+    "/usr/sbin/sshd": "openssh-server",
+    "ssh": "openssh-client",
+    "pdsh": "pdsh",
+}
+NETNS_TOOLS = ("ip", "nsenter", "unshare")
+SLURM_TOOLS = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey", "ss")
+SSH_TOOLS = ("/usr/sbin/sshd", "ssh", "pdsh")
+
+
+def in_ci() -> bool:
+    """CI=true (or 1/yes): a launcher test whose tool or privilege is missing fails instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip outside CI; in CI a missing prerequisite is a failure, never a silent skip."""
+    if in_ci():
+        pytest.fail(f"CI=true: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def _found(tool: str) -> bool:
+    return os.access(tool, os.X_OK) if os.path.isabs(tool) else shutil.which(tool) is not None
+
+
+def apt_install(packages: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    update = subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, text=True, timeout=600)
+    if update.returncode != 0:
+        return update
+    return subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def require_tools(*tools: str, installed_by_script: bool = False) -> None:
+    """Every tool must be on this machine. In CI (as root, with apt-get) missing ones are installed, and
+    what is still missing fails the test; outside CI the test is skipped with the tools and packages named.
+    `installed_by_script`: the project script the test runs apt-installs them itself (local_slurm.sh up,
+    netns_hosts.sh ssh-up), so with root and apt-get there is nothing to do here."""
+    missing = [t for t in tools if not _found(t)]
+    if not missing:
+        return
+    can_apt = os.geteuid() == 0 and shutil.which("apt-get") is not None
+    if installed_by_script and can_apt:
+        return
+    detail = ""
+    if in_ci() and can_apt:
+        packages = sorted({PACKAGES[t] for t in missing})
+        res = apt_install(packages)
+        missing = [t for t in tools if not _found(t)]
+        if not missing:
+            return
+        detail = f"; apt-get install {' '.join(packages)} exited {res.returncode}: {res.stderr.strip()[-500:]}"
+    named = ", ".join(f"{t} (Debian package {PACKAGES[t]})" for t in missing)
+    unavailable(f"missing {named}{detail}")
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root (Slurm daemons, network namespaces)")
+        unavailable("needs root (Slurm daemons, network namespaces, apt-get)")
 
 
 def require_netns() -> None:
     """Root, iproute2, util-linux and a kernel with network namespaces, veth and bridges."""
     require_root()
-    for tool in ("ip", "nsenter", "unshare"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not found (iproute2 / util-linux)")
+    require_tools(*NETNS_TOOLS)
     probe = f"loomprobe{os.getpid()}"
     try:
         steps = [
@@ -47,7 +119,7 @@ def require_netns() -> None:
         for cmd in steps:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
             if res.returncode != 0:
-                pytest.skip(f"network namespaces unusable here: {' '.join(cmd)}: {res.stderr.strip()}")
+                unavailable(f"network namespaces unusable here: {' '.join(cmd)}: {res.stderr.strip()}")
     finally:
         subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=30)
 

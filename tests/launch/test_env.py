@@ -28,7 +28,6 @@ def fake_scontrol(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
 
 
-@pytest.mark.slow
 def test_srun_ranks_find_the_first_node_through_scontrol(fake_scontrol):
     env = {
         "SLURM_PROCID": "3",
@@ -44,7 +43,6 @@ def test_srun_ranks_find_the_first_node_through_scontrol(fake_scontrol):
     assert denv.master_port == 20000 + 321 * 10 + 2  # as launch/slurm/*.sbatch derive theirs
 
 
-@pytest.mark.slow
 def test_torchrun_variables_win_over_slurm_ones():
     env = {
         "RANK": "1",

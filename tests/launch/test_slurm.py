@@ -9,7 +9,6 @@ checks what it did. The time-limit signal is sent by a watcher thread as soon as
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -18,7 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch.conftest import CLUSTER, QUICK, REPO, TINY, job_env, loss_curve, require_root, wait_for
+from tests.launch.conftest import (
+    CLUSTER,
+    QUICK,
+    REPO,
+    SLURM_TOOLS,
+    TINY,
+    job_env,
+    loss_curve,
+    require_root,
+    require_tools,
+    wait_for,
+)
 
 LOCAL_SLURM = CLUSTER / "local_slurm.sh"
 NODES = 6  # 3 concurrent jobs x 2 nodes (the nodes share this machine's CPUs)
@@ -81,8 +91,7 @@ class LocalSlurm:
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     require_root()
-    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        pytest.skip("Slurm is not installed and there is no apt-get to install it")
+    require_tools(*SLURM_TOOLS, installed_by_script=True)  # local_slurm.sh up apt-installs Slurm and munge
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
     try:
         res = cluster.script("up", timeout=600)  # installs the Debian packages on first use (~35 s)
