@@ -89,8 +89,9 @@ class CheckpointConfig:
     resume: str = "none"
     """none, auto (the newest complete checkpoint in the run directory), or a checkpoint path."""
     on_save_error: str = "continue"
-    """When a save fails (e.g. a full disk): continue training, or stop (exit code 4); earlier checkpoints stay
-    intact."""
+    """When a save fails (e.g. a full disk): continue training (and try again at the next checkpoint), or stop
+    at once (exit code 4); earlier checkpoints stay intact. Either way a run whose final checkpoint could not
+    be written exits with code 4, not 0."""
 
 
 @dataclass

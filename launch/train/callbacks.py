@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import torch.distributed as dist
 
@@ -11,8 +12,24 @@ from loom.launch.train.tensorboard import MetricsWriter, ProgressBar, memory_sca
 from loom.launch.train.trainer import Callback
 
 
+ETA_WINDOW_STEPS = 50  # the ETA follows the pace of the last this-many steps (evaluations and saves included)
+
+
+def format_duration(seconds: float) -> str:
+    """Compact h/m/s: `45s`, `12m05s`, `3h07m`."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
 class MonitorCallback(Callback):
-    """Scalars to TensorBoard every `log_every` steps, a console line, and a progress bar."""
+    """Scalars to TensorBoard every `log_every` steps, a console line (with elapsed time and an ETA),
+    and a progress bar."""
 
     def __init__(
         self,
@@ -30,12 +47,30 @@ class MonitorCallback(Callback):
         self.device, self.progress_enabled, self.log = device, progress, log
         self.bar: ProgressBar | None = None
         self._window: list[tuple[float, float]] = []
+        self.clock = time.monotonic
+        self._started = 0.0
+        self._step_ends: deque[float] = deque(maxlen=ETA_WINDOW_STEPS + 1)
 
     def on_start(self, trainer) -> None:
         self.bar = ProgressBar(trainer.cfg.train.max_steps, trainer.state.step, self.progress_enabled)
+        self._started = self.clock()
+        self._step_ends.clear()
+        self._step_ends.append(self._started)
+
+    def _timing(self, step: int, max_steps: int) -> str:
+        """`12m05s elapsed · ETA 24m10s`: wall time since this process started training, and the
+        remaining steps at the mean wall time per step over the recent window."""
+        now = self._step_ends[-1]
+        text = f"{format_duration(now - self._started)} elapsed"
+        if step < max_steps and len(self._step_ends) > 1:
+            per_step = (now - self._step_ends[0]) / (len(self._step_ends) - 1)
+            text += f" · ETA {format_duration(per_step * (max_steps - step))}"
+        return text
+
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         self._window.append((metrics["time/step_s"], metrics["time/data_wait_fraction"]))
+        self._step_ends.append(self.clock())
         step = trainer.state.step
         step_time = metrics["time/step_s"]
         tokens_per_s = trainer.tokens_per_step / step_time
@@ -67,7 +102,8 @@ class MonitorCallback(Callback):
             f"step {step}/{trainer.cfg.train.max_steps} · loss {metrics['train/loss']:.4f} · "
             f"lr {metrics['train/lr']:.2e} · grad norm {metrics['train/grad_norm']:.3f} · "
             f"{scalars['throughput/tokens_per_s']:,.0f} tok/s · {tflops:.3f} TFLOP/s/rank · "
-            f"MFU {scalars['throughput/mfu']:.1%} · {trainer.state.consumed_tokens:,} tokens"
+            f"MFU {scalars['throughput/mfu']:.1%} · {trainer.state.consumed_tokens:,} tokens · "
+            f"{self._timing(step, trainer.cfg.train.max_steps)}"
         )
         if self.bar.active:
             self.bar.write(line)
@@ -119,9 +155,10 @@ class CheckpointCallback(Callback):
         self.every, self.save_fn, self.stop_on_error, self.log = every, save_fn, stop_on_error, log
         self._saved_at = -1
 
-    def save(self, trainer) -> None:
+    def save(self, trainer) -> bool:
+        """True once this step's checkpoint is on disk (every rank agrees: saving is collective)."""
         if self._saved_at == trainer.state.step:
-            return
+            return True
         start = time.perf_counter()
         try:
             folder = self.save_fn(trainer)
@@ -129,17 +166,21 @@ class CheckpointCallback(Callback):
             self.log(f"error: {exc}")
             if self.stop_on_error:
                 trainer.request_stop("save_failed")
-            return
+            return False
         self._saved_at = trainer.state.step
         if dist.get_rank() == 0:
             self.log(f"checkpoint saved: {folder} ({time.perf_counter() - start:.1f} s)")
+        return True
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         if self.every and trainer.state.step % self.every == 0:
             self.save(trainer)
 
     def on_stop(self, trainer, reason: str) -> None:
-        self.save(trainer)
+        # whatever the policy, a run whose final checkpoint is missing did not finish cleanly: the
+        # trainer turns a "done" into exit code 4 (a preempted run keeps 75: requeue resumes from the last good one)
+        if not self.save(trainer):
+            trainer.request_stop("save_failed")
 
 
 class SampleCallback(Callback):

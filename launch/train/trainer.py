@@ -101,6 +101,8 @@ class Trainer:
         reason = reason or "done"
         for cb in self.callbacks:
             cb.on_stop(self, reason)
+        if reason == "done" and self._requested == "save_failed":
+            reason = "save_failed"  # all steps ran, but the final checkpoint could not be written
         return {"done": EXIT_DONE, "nonfinite": EXIT_NONFINITE, "save_failed": EXIT_SAVE_FAILED}.get(
             reason, EXIT_REQUEUE
         )
