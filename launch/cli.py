@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 USAGE_ERROR = 2
 
@@ -39,7 +38,8 @@ def _cmd_config_docs(args) -> int:
 def _cmd_train(args) -> int:
     from loom.launch.train.run import train_from_cli
 
-    return train_from_cli(args.config, args.overrides, resume=args.resume)
+    overrides = list(args.overrides) + (["checkpoint.trust_pickles=true"] if args.trust_checkpoint else [])
+    return train_from_cli(args.config, overrides, resume=args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4")
     train.add_argument("--resume", default=None, help="none, auto, or a checkpoint directory")
+    train.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="resume even if the checkpoint's pickles reference classes outside Loom's allowlist "
+        "(loading a pickle can run code: only for checkpoints you trust)",
+    )
     train.set_defaults(func=_cmd_train)
 
     config = sub.add_parser("config", help="inspect configurations")
@@ -72,22 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     from loom.launch.commands import convert as cmd_convert
     from loom.launch.commands import data as cmd_data
     from loom.launch.commands import eval as cmd_eval
+    from loom.launch.commands import study as cmd_study
 
-    for commands in (cmd_data, cmd_convert, cmd_eval, cmd_bench):
+    for commands in (cmd_data, cmd_convert, cmd_eval, cmd_study, cmd_bench):
         commands.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from loom.launch.runtime.logs import setup_logging
+    from loom.launch.runtime.warning_filters import filter_known_warnings
+
+    filter_known_warnings()
+    setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return USAGE_ERROR
     from loom.data.shard_reader import CorruptShardError
-    from loom.launch.checkpoint.store import CheckpointError
+    from loom.launch.checkpoint.errors import CheckpointError
     from loom.launch.config import ConfigError
 
     try:

@@ -92,6 +92,9 @@ class CheckpointConfig:
     """When a save fails (e.g. a full disk): continue training (and try again at the next checkpoint), or stop
     at once (exit code 4); earlier checkpoints stay intact. Either way a run whose final checkpoint could not
     be written exits with code 4, not 0."""
+    trust_pickles: bool = False
+    """Load a checkpoint's pickles even when they reference classes outside Loom's allowlist (a checkpoint
+    written by a newer DeepSpeed, say). Loading a pickle can run code: only for checkpoints you trust."""
 
 
 @dataclass
@@ -263,3 +266,42 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def to_dict(cfg: RunConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+# ------------------------------------------------------------------------------------- saved configs
+def _drop_unknown(tree: Any, cls) -> Any:
+    """Keys of a saved config dict that this (possibly newer or older) schema lacks are dropped."""
+    if not isinstance(tree, dict) or not is_dataclass(cls):
+        return tree
+    known = {f.name: f for f in fields(cls)}
+    out = {}
+    for key, value in tree.items():
+        if key not in known:
+            continue
+        f = known[key]
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        out[key] = _drop_unknown(value, type(default)) if is_dataclass(default) else value
+    return out
+
+
+def _structured_from_saved(cls, saved: dict | None):
+    merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(_drop_unknown(saved or {}, cls)))
+    return OmegaConf.to_object(merged)
+
+
+def config_from_saved(saved: dict) -> RunConfig:
+    """The RunConfig a checkpoint or consolidated folder was written with (its resolved config dict),
+    tolerant of keys a newer or older Loom added or removed. Raises ConfigError on values that no
+    longer fit the schema."""
+    try:
+        return _structured_from_saved(RunConfig, saved)
+    except OmegaConfBaseException as exc:
+        raise ConfigError([f"the saved config cannot be read: {str(exc).splitlines()[0]}"]) from None
+
+
+def model_config_from_saved(saved: dict | None) -> ModelConfig:
+    return ModelConfig(**_drop_unknown(saved or {}, ModelConfig))
+
+
+def techniques_from_saved(saved: dict | None) -> TechniquesConfig:
+    return _structured_from_saved(TechniquesConfig, saved)

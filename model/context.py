@@ -1,8 +1,8 @@
 """Per-micro-batch state threaded through one pipeline stage's blocks.
 
 Document metadata is derived from the token ids on every stage (every stage reads the same
-micro-batch), so no metadata crosses stages. What does cross is `StageCarry`: SCR's relevance
-state ρ and CMR's captured-state bank, alongside the hidden state.
+micro-batch), so no metadata crosses stages. What does cross (`GPTStage.carry_specs`) is SCR's
+relevance state ρ and CMR's captured-state bank, alongside the hidden state.
 """
 
 from __future__ import annotations

@@ -36,26 +36,19 @@ def initial_value(name: str, full_shape: tuple[int, ...], cfg: ModelConfig, seed
     return torch.randn(full_shape, generator=_generator(seed, key)) * std
 
 
-def mark_tensor_parallel(module: nn.Module) -> None:
-    """Tag sharded weights like megatron does when it initialises them itself (Loom initialises
-    them afterwards); DeepSpeed's grad norm and `init_tensor_parallel_weights` read these tags."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-
-    for sub in module.modules():
-        dim = {ColumnParallelLinear: 0, RowParallelLinear: 1, VocabParallelEmbedding: 0}.get(type(sub))
-        weight = getattr(sub, "weight", None)
-        if dim is not None and isinstance(weight, nn.Parameter):
-            set_tensor_model_parallel_attributes(weight, True, dim, 1)
-
-
 @torch.no_grad()
 def init_tensor_parallel_weights(module: nn.Module, cfg: ModelConfig, seed: int, tp_rank: int, tp: int) -> None:
+    """Write every split weight (`model.parallel.tp_rules`) as this rank's slice of its full initial
+    value. ZeRO-3-partitioned parameters are gathered, written and re-partitioned (collective over DP)."""
+    from loom.model.parallel.tp_rules import local_slice
+    from loom.model.parallel.zero_state import gathered_for_write, local_shape
+
     for name, param in module.named_parameters():
         if not getattr(param, "tensor_model_parallel", False):
             continue
-        dim = param.partition_dim
-        full_shape = list(param.shape)
-        full_shape[dim] *= tp
+        shape = local_shape(param)
+        full_shape = list(shape)
+        full_shape[param.partition_dim] *= tp
         full = initial_value(name, tuple(full_shape), cfg, seed)
-        param.copy_(full.chunk(tp, dim=dim)[tp_rank].to(param.dtype))
+        with gathered_for_write(param):
+            param.data.copy_(local_slice(name, full, shape, tp, tp_rank).to(param.dtype))

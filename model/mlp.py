@@ -12,6 +12,7 @@ from torch import nn
 
 from loom.model.attention import _no_init
 from loom.model.config import ModelConfig
+from loom.model.parallel.zero_state import mark_zero3_leaf
 
 
 class SwiGLU(nn.Module):
@@ -37,7 +38,7 @@ class SwiGLU(nn.Module):
 
         # ZeRO-3 gathers parameters per module as its forward starts; forward reads gate_up's weight
         # before calling gate_up, so the whole SwiGLU is one ZeRO-3 unit (DeepSpeed's "leaf module")
-        self._z3_leaf = True
+        mark_zero3_leaf(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Multiply by the weight with its rows regrouped [all gate rows; all up rows] (a small copy,

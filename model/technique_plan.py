@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.techniques.config import TechniquesConfig, resolve_layers
+from loom.techniques.config import TechniquesConfig
+from loom.techniques.selection import resolve_layers
 
 
 @dataclass(frozen=True)

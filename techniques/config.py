@@ -15,82 +15,21 @@ every problem of a config at once. Options the implementation does not support a
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from loom.techniques.selection import (
+    layer_selection_problems,
+    parse_relevance_noise,
+    resolve_layers,
+    state_index_problems,
+)
+
 _PLACEMENTS = ("post_mlp", "post_attn")
-_CONCRETE = re.compile(r"^concrete\(\s*([-+0-9.eE]+)\s*\)$")
 _SP_REFUSAL = (
     "{name} under sequence/context parallelism needs {need}, which is not implemented; "
     "disable {name} or sequence/context parallelism"
 )
-
-
-def resolve_layers(spec: str, num_layers: int) -> list[int]:
-    """Turn a block selection (``"all"``, ``"every_k:k"``, ``"0,3,5"``) into sorted 0-based block indices."""
-    if num_layers <= 0:
-        raise ValueError(f"num_layers must be positive, got {num_layers}")
-    text = str(spec).strip().replace(" ", "")
-    if text == "all":
-        return list(range(num_layers))
-    if text.startswith("every_k"):
-        match = re.fullmatch(r"every_k[:=](\d+)", text)
-        if match is None or int(match.group(1)) < 1:
-            raise ValueError(f"layer selection {spec!r}: expected 'every_k:<k>' with an integer k >= 1")
-        k = int(match.group(1))
-        return list(range(k - 1, num_layers, k))
-    if not text:
-        raise ValueError("layer selection is empty: use 'all', 'every_k:<k>' or a comma list like '0,3,5'")
-    try:
-        layers = [int(item) for item in text.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"layer selection {spec!r}: expected 'all', 'every_k:<k>' or a comma list of block indices like '0,3,5'"
-        ) from None
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"layer selection {spec!r}: block indices {bad} are outside 0..{num_layers - 1}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layer selection {spec!r} repeats a block index")
-    return sorted(layers)
-
-
-def parse_relevance_noise(spec: str) -> Optional[float]:
-    """``"none"`` -> None; ``"concrete(t)"`` -> temperature ``t``; anything else raises ValueError."""
-    text = str(spec).strip().replace(" ", "")
-    if text == "none":
-        return None
-    match = _CONCRETE.fullmatch(text)
-    if match is None:
-        raise ValueError(f"relevance_noise {spec!r}: expected 'none' or 'concrete(<tau>)'")
-    try:
-        tau = float(match.group(1))
-    except ValueError:
-        raise ValueError(f"relevance_noise {spec!r}: temperature is not a number") from None
-    if tau <= 0:
-        raise ValueError(f"relevance_noise {spec!r}: temperature must be > 0")
-    return tau
-
-
-def _layer_selection_problems(spec: str, num_layers: int) -> list[str]:
-    try:
-        layers = resolve_layers(spec, num_layers)
-    except ValueError as exc:
-        return [str(exc)]
-    return [] if layers else [f"layers={spec!r} selects no block out of {num_layers}"]
-
-
-def _state_index_problems(what: str, indices: List[int], lo: int, num_layers: int) -> list[str]:
-    problems = []
-    bad = [i for i in indices if not lo <= i <= num_layers]
-    if bad:
-        problems.append(
-            f"{what} {bad} are outside {lo}..{num_layers} (h^0 = embedding output, h^l = output of block l)"
-        )
-    if len(set(indices)) != len(indices):
-        problems.append(f"{what} {list(indices)} repeat an index")
-    return problems
 
 
 @dataclass
@@ -124,7 +63,7 @@ class LCMConfig:
 
     def validate(self, num_layers: int, *, sequence_parallel: bool = False) -> list[str]:
         """Problems with this config for a model of ``num_layers`` blocks; empty when usable."""
-        problems = _layer_selection_problems(self.layers, num_layers)
+        problems = layer_selection_problems(self.layers, num_layers)
         if self.K < 1:
             problems.append(f"K={self.K} must be >= 1")
         if not 0.0 < self.beta <= 1.0:
@@ -165,13 +104,9 @@ class SCRConfig:
         """0-based indices of the blocks that host SCR."""
         return resolve_layers(self.layers, num_layers)
 
-    def noise_temperature(self) -> Optional[float]:
-        """Temperature of the binary-concrete relevance noise, or None when the noise is off."""
-        return parse_relevance_noise(self.relevance_noise)
-
     def validate(self, num_layers: int, *, sequence_parallel: bool = False) -> list[str]:
         """Problems with this config for a model of ``num_layers`` blocks; empty when usable."""
-        problems = _layer_selection_problems(self.layers, num_layers)
+        problems = layer_selection_problems(self.layers, num_layers)
         if self.rank < 1:
             problems.append(f"rank={self.rank} must be >= 1")
         if not 0.0 <= self.gamma <= 1.0:
@@ -249,11 +184,11 @@ class CMRConfig:
         """Problems with this config for a model of ``num_layers`` blocks; empty when usable."""
         problems = []
         if self.source_layers is not None:
-            problems += _state_index_problems("source_layers", list(self.source_layers), 0, num_layers)
+            problems += state_index_problems("source_layers", list(self.source_layers), 0, num_layers)
             if 0 in self.source_layers and not self.include_embedding:
                 problems.append("source_layers contains 0 (the embedding output) but include_embedding is false")
         if self.target_layers is not None:
-            problems += _state_index_problems("target_layers", list(self.target_layers), 1, num_layers)
+            problems += state_index_problems("target_layers", list(self.target_layers), 1, num_layers)
         sources, targets = self.sources(num_layers), self.targets(num_layers)
         if not sources:
             problems.append("no source layer to capture")
@@ -309,7 +244,7 @@ class SCAConfig:
 
     def validate(self, num_layers: int) -> list[str]:
         """Problems with this config for a model of ``num_layers`` blocks; empty when usable."""
-        problems = _state_index_problems("layers", self.resolved_layers(num_layers), 1, num_layers)
+        problems = state_index_problems("layers", self.resolved_layers(num_layers), 1, num_layers)
         if self.rank < 2:
             problems.append(f"rank={self.rank} must be >= 2 (the correlation penalty needs two dimensions)")
         for name in ("lambda_field", "lambda_coh", "lambda_vc"):

@@ -18,12 +18,9 @@ from torch import nn
 @torch.no_grad()
 def init_(param: nn.Parameter, fill: Callable[[torch.Tensor], object]) -> None:
     """Apply `fill` (an in-place `nn.init` function) to the whole of `param`."""
-    if not hasattr(param, "ds_id"):
-        fill(param)
-        return
-    import deepspeed
+    from loom.model.parallel.zero_state import gathered_for_write
 
-    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+    with gathered_for_write(param):
         fill(param)
 
 

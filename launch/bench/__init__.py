@@ -25,9 +25,9 @@ with SDPA vs megatron-core `GPTModel` with the local spec), technique overhead (
 parallel layouts (1 process vs DP2/TP2/PP2), ZeRO 0-3 per-rank bytes against theory, data path.
 
 Modules: `shapes` (what is measured), `hardware` (the machine's limits and load), `workloads` and
-`trainer` (what a worker runs), `memory` (byte accounting), `workers` (forked process groups),
-`alternate` (rounds and paired ratios), `options`, `sections` (one table each), `report` (markdown)
-and `run` (`run_bench`). `launch.bench` gathers the public names.
+`loom_workload` (what a worker runs), `memory` (byte accounting), `workers` (forked process groups),
+`alternate` (rounds and paired ratios), `options`, `section_*` (one table each, registered in
+`sections`), `report` (markdown) and `run` (`run_bench`). `launch.bench` gathers the public names.
 """
 
 import os

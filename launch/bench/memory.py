@@ -54,46 +54,8 @@ def optimizer_tensors(optimizer) -> list:
     even in fp32 runs)."""
     import torch
 
+    from loom.model.parallel.zero_state import fp32_master_partitions
+
     inner = getattr(optimizer, "optimizer", optimizer)
     out = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0]
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-        out += [t for t in getattr(optimizer, name, None) or [] if torch.is_tensor(t)]
-    return out
-
-
-def zero_grad_buffers(optimizer) -> list:
-    """Gradient storage inside DeepSpeed's ZeRO optimizers (gradient partitions; buckets separately)."""
-    import torch
-
-    out = []
-    for name in ("averaged_gradients", "grads_in_partition", "all_grad_tensors"):
-        value = getattr(optimizer, name, None)
-        if isinstance(value, dict):
-            value = list(value.values())
-        if isinstance(value, (list, tuple)):
-            for v in value:
-                items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
-                out += [t for t in items if torch.is_tensor(t)]
-        elif torch.is_tensor(value):
-            out.append(value)
-    for name in ("_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",):
-        value = getattr(optimizer, name, None)
-        if isinstance(value, dict):
-            out += [t for t in value.values() if torch.is_tensor(t)]
-    return out
-
-
-def zero_buckets(optimizer) -> list:
-    """DeepSpeed's reduce buckets (`reduce_bucket_size` elements per dtype)."""
-    import torch
-
-    out = []
-    buckets = getattr(optimizer, "ipg_buckets", None)
-    if isinstance(buckets, dict):
-        for bucket in buckets.values():
-            buffer = getattr(bucket, "buffer", None)
-            if torch.is_tensor(buffer):  # ZeRO-3: one flat tensor (never iterate over it)
-                out.append(buffer)
-            elif isinstance(buffer, (list, tuple)):
-                out += [t for t in buffer if torch.is_tensor(t)]
-    return out
+    return out + fp32_master_partitions(optimizer)

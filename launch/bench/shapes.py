@@ -62,12 +62,6 @@ def flops_per_token(shape: Shape) -> float:
     return f(model_config(shape), shape.seq)
 
 
-def default_device():
-    import torch
-
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def token_batch(shape: Shape, batch: int, seed: int = 0):
     """[batch, seq+1] ids with a few EOS, so Loom's document metadata sees packed documents."""
     import torch
@@ -75,4 +69,6 @@ def token_batch(shape: Shape, batch: int, seed: int = 0):
     g = torch.Generator().manual_seed(1000 + seed)
     t = torch.randint(4, shape.vocab, (batch, shape.seq + 1), generator=g)
     t[:, shape.seq // 3] = EOS
+    from loom.model.parallel.parallelize import default_device
+
     return t.to(default_device())

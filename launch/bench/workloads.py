@@ -10,7 +10,8 @@ import tempfile
 import time
 from typing import Callable
 
-from loom.launch.bench.shapes import Shape, default_device, model_config, token_batch
+from loom.launch.bench.shapes import Shape, model_config, token_batch
+from loom.model.parallel.parallelize import default_device
 
 
 def init_grid(tp: int = 1, pp: int = 1):

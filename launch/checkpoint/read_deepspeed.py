@@ -1,19 +1,15 @@
-"""Read a Loom checkpoint of any layout offline into one `Consolidated` set of full tensors.
+"""Read a DeepSpeed checkpoint of any layout offline into one `Consolidated` set of full tensors.
 
-A checkpoint (`<run>/checkpoints/step_N/`, see `launch.checkpoint`) holds one DeepSpeed file set per
-model-parallel rank: `ds/state/mp_rank_XX_model_states.pt` (ZeRO 0-2) or
-`ds/state/zero_pp_rank_D_mp_rank_XX_{model,optim}_states.pt` (ZeRO-3), where the model-parallel
-rank is megatron's rank in the TP×PP group, `XX = pp_rank * tp + tp_rank`. This module reads those
-files directly — no process group, no GPU — and merges:
+This is the one place that knows the keys inside DeepSpeed's state files (`layout` knows their
+names). It reads the files of every model-parallel rank directly — no process group, no GPU, every
+pickle through the allowlist of `unpickle` — and merges:
 
 * ZeRO data-parallel partitions: the fp32 master weights (and, on request, Adam's `exp_avg`,
   `exp_avg_sq` and `step`) of ZeRO-1/2 via each partition's `param_slice_mappings`, of ZeRO-3 via
   its per-parameter `ceil(numel / dp)` partitions. ZeRO-0 has no master copy: its module weights
   (the working dtype) and its plain torch AdamW state are used.
-* tensor-parallel shards along each weight's partition dimension: column-parallel weights
-  (`attention.qkv`, `mlp.gate_up`) and the vocab-parallel `embedding` / `output_layer` along
-  dim 0, row-parallel ones (`attention.proj`, `mlp.down`) along dim 1; everything else is
-  replicated and taken from TP rank 0.
+* tensor-parallel shards along each weight's split dimension (`model.parallel.tp_rules`);
+  everything else is replicated and taken from TP rank 0.
 * pipeline stages: stage modules already use global names (`layers.7.…`), so stages just union.
 """
 
@@ -21,31 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import re
 from pathlib import Path
 
 import torch
 
-from loom.launch.checkpoint.consolidated import (
-    OPTIMIZER_KEYS,
-    TOKENIZER_FILE,
-    VOCAB_WEIGHTS,
-    Consolidated,
-    ConvertError,
-    expected_shapes,
-    model_config_from_dict,
-    partition_dim,
-)
-
-
-def _quiet_torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # pickling/format errors of a damaged file the manifest did not catch
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ConvertError(f"cannot read {path}: {type(exc).__name__}: {first}") from None
+from loom.launch.checkpoint.consolidated import OPTIMIZER_KEYS, Consolidated
+from loom.launch.checkpoint.errors import ConvertError
+from loom.launch.checkpoint.layout import TOKENIZER, deepspeed_dir, model_states_file, optim_states_files
+from loom.launch.checkpoint.meta import read_meta, saved_layout
+from loom.launch.checkpoint.unpickle import load_deepspeed_file
+from loom.launch.config import model_config_from_saved
+from loom.model.parallel.tp_rules import is_vocab_weight, partition_dim
+from loom.model.state_dict_adapter import expected_shapes
 
 
 def _deepspeed_ready() -> None:
@@ -59,23 +44,22 @@ def _deepspeed_ready() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 
 
-def read_checkpoint(folder: Path, optimizer: bool = False, log=None) -> Consolidated:
+def read_checkpoint(folder: Path, optimizer: bool = False, trust_pickles: bool = False) -> Consolidated:
     """Merge the DeepSpeed files of a (verified) Loom checkpoint folder."""
-    meta_path = folder / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        raise ConvertError(f"{meta_path} is missing or unreadable") from None
-    if "config" not in meta or "layout" not in meta:
-        raise ConvertError(f"{meta_path} has no 'config'/'layout': not written by `loom train`")
-    layout = meta["layout"]
-    tp, pp, dp, zero = (int(layout[k]) for k in ("tp", "pp", "dp", "zero"))
+    meta = read_meta(folder)
+    if "config" not in meta:
+        raise ConvertError(f"{folder / 'meta.json'} has no 'config': not written by `loom train`")
+    layout = saved_layout(meta)
+    tp, pp, dp, zero = (layout[k] for k in ("tp", "pp", "dp", "zero"))
     run_config = meta["config"]
-    cfg = model_config_from_dict(run_config.get("model", {}))
-    ds_dir = folder / "ds" / "state"
+    cfg = model_config_from_saved(run_config.get("model"))
+    ds_dir = deepspeed_dir(folder)
     if not ds_dir.is_dir():
         raise ConvertError(f"{folder} has no ds/state/ folder (DeepSpeed engine state)")
     _deepspeed_ready()
+
+    def load_file(path: Path):
+        return load_deepspeed_file(path, trust_pickles)
 
     per_stage: list[list[dict]] = [[{} for _ in range(tp)] for _ in range(pp)]
     per_stage_opt: list[list[dict]] = [[{} for _ in range(tp)] for _ in range(pp)]
@@ -83,7 +67,7 @@ def read_checkpoint(folder: Path, optimizer: bool = False, log=None) -> Consolid
     notes: list[str] = []
     for mp_rank in range(tp * pp):
         pp_rank, tp_rank = divmod(mp_rank, tp)
-        weights, opt, step, note = _read_model_parallel_rank(ds_dir, mp_rank, dp, zero, optimizer)
+        weights, opt, step, note = _read_model_parallel_rank(ds_dir, mp_rank, dp, zero, optimizer, load_file)
         per_stage[pp_rank][tp_rank] = weights
         per_stage_opt[pp_rank][tp_rank] = opt
         if step is not None:
@@ -111,7 +95,7 @@ def read_checkpoint(folder: Path, optimizer: bool = False, log=None) -> Consolid
             f"embedding has {merged['embedding.weight'].shape[0]} rows < model.vocab_size {cfg.vocab_size}"
         )
     _check_core_shapes(merged, cfg, str(folder))
-    tokenizer = folder / TOKENIZER_FILE
+    tokenizer = folder / TOKENIZER
     return Consolidated(
         weights=merged,
         run_config=run_config,
@@ -144,15 +128,12 @@ def _is_trainable_name(name: str) -> bool:
     return not re.search(r"\.sca\.(mu|var|cnt)$", name)
 
 
-def _read_model_parallel_rank(ds_dir: Path, mp: int, dp: int, zero: int, optimizer: bool):
+def _read_model_parallel_rank(ds_dir: Path, mp: int, dp: int, zero: int, optimizer: bool, load_file):
     """(weights, {"exp_avg": …, "exp_avg_sq": …}, step, note) of one TP×PP rank, DP merged."""
-    if zero == 3:
-        model_file = ds_dir / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
-    else:
-        model_file = ds_dir / f"mp_rank_{mp:02d}_model_states.pt"
+    model_file = model_states_file(ds_dir, mp, zero)
     if not model_file.is_file():
         raise ConvertError(f"{model_file.name} is missing from {ds_dir} (layout says ZeRO-{zero})")
-    states = _quiet_torch_load(model_file)
+    states = load_file(model_file)
     module = states["module"]
     buffer_names = set(states.get("buffer_names") or [])
     buffers = {
@@ -162,13 +143,11 @@ def _read_model_parallel_rank(ds_dir: Path, mp: int, dp: int, zero: int, optimiz
     }
     if zero == 0:
         return _read_zero0(states, module, buffers, optimizer)
-    optim_files = [ds_dir / f"zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt" for d in range(dp)]
-    if not optim_files[0].is_file():  # bf16 ZeRO-1/2 runs name them bf16_zero_pp_rank_…
-        optim_files = [f.with_name("bf16_" + f.name) for f in optim_files]
+    optim_files = optim_states_files(ds_dir, mp, dp)
     absent = [f.name.replace("bf16_", "") for f in optim_files if not f.is_file()]
     if absent:
         raise ConvertError(f"{absent[0]} is missing from {ds_dir} (layout says DP {dp}, ZeRO-{zero})")
-    shards = [_quiet_torch_load(f)["optimizer_state_dict"] for f in optim_files]
+    shards = [load_file(f)["optimizer_state_dict"] for f in optim_files]
     shapes = states.get("param_shapes")
     if not shapes:
         raise ConvertError(f"{model_file.name} has no parameter shapes (not a ZeRO checkpoint?)")
@@ -322,8 +301,8 @@ def _merge_layout(per_stage: list[list[dict]], cfg, tp: int, pp: int, check_tied
             if name in merged and name != "output_layer.weight":
                 raise ConvertError(f"{name} appears on two pipeline stages")
             merged[name] = value
-    for name in VOCAB_WEIGHTS:
-        if name in merged and merged[name].shape[0] > cfg.vocab_size:
+    for name in [n for n in merged if is_vocab_weight(n)]:
+        if merged[name].shape[0] > cfg.vocab_size:
             merged[name] = merged[name][: cfg.vocab_size].clone()
     if cfg.tie_embeddings and pp > 1 and "output_layer.weight" in merged:
         copy = merged.pop("output_layer.weight")

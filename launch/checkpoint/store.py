@@ -1,141 +1,78 @@
-"""Checkpoints: DeepSpeed engine state plus Loom's own, written atomically and verified on load.
-
-Layout of `<run>/checkpoints/step_00000120/`:
-    ds/                     engine.save_checkpoint (model, optimizer, ZeRO shards)
-    loom/rank_00003.pt      per-rank state: data-loader position and RNG states
-    meta.json               step, consumed tokens, layout, resolved config
-    tokenizer.model         the tokenizer the run trains with
-    MANIFEST.json           size and sha256 of every file above; written last
+"""Saving a run's checkpoint and loading it back to resume: DeepSpeed's engine state plus Loom's own,
+written atomically (see `layout` for what a checkpoint folder holds).
 
 Everything is written into `.tmp-step_…` and renamed when complete, then `latest` is replaced, so a
 crash mid-write leaves at most a temporary folder that is never loaded. On resume the newest
-checkpoint whose manifest verifies is used; a corrupted one is reported and skipped.
+checkpoint whose manifest verifies is used (`locate`); a corrupted one is reported and skipped.
+Loom's per-rank state is plain data (tensors, numbers, strings, lists, dicts) and is read with
+torch's weights-only unpickler.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from loom.launch.checkpoint.errors import CheckpointError
+from loom.launch.checkpoint.layout import (
+    LATEST,
+    MANIFEST,
+    META,
+    RANK_STATE_DIR,
+    TOKENIZER,
+    checkpoint_root,
+    deepspeed_dir,
+    rank_state_file,
+    step_dirname,
+)
+from loom.launch.checkpoint.manifest import write_manifest
 from loom.launch.runtime.faults import maybe_kill
-
-CHECKPOINTS = "checkpoints"
-MANIFEST = "MANIFEST.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def checkpoint_root(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def step_dirname(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def write_manifest(folder: Path) -> None:
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"files": files, "written": time.time()}, indent=1))
-    os.replace(tmp, folder / MANIFEST)
-
-
-def verify(folder: Path, hashes: bool = True) -> str | None:
-    """None when the checkpoint is complete and intact, else what is wrong."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return "no MANIFEST.json (incomplete write)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return "MANIFEST.json is unreadable"
-    for rel, info in files.items():
-        path = folder / rel
-        if not path.is_file():
-            return f"missing file {rel}"
-        if path.stat().st_size != info["bytes"]:
-            return f"{rel} has {path.stat().st_size} bytes, expected {info['bytes']}"
-        if hashes and _sha256(path) != info["sha256"]:
-            return f"{rel} fails its sha256 check"
-    return None
-
-
-def find_resumable(run_dir: str | os.PathLike, log=print) -> Path | None:
-    """The newest checkpoint that verifies; corrupted or partial ones are reported and skipped."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return None
-    for folder in sorted(root.glob("step_*"), reverse=True):
-        problem = verify(folder)
-        if problem is None:
-            return folder
-        log(f"warning: skipping checkpoint {folder}: {problem}")
-    return None
-
-
-def resolve_resume(resume: str, run_dir: str, log=print) -> Path | None:
-    """Rank 0 decides, everyone gets the same answer."""
-    choice = [None]
-    if dist.get_rank() == 0:
-        if resume == "none":
-            choice[0] = None
-        elif resume == "auto":
-            found = find_resumable(run_dir, log)
-            choice[0] = str(found) if found else None
-        else:
-            folder = Path(resume)
-            problem = verify(folder) if folder.is_dir() else f"{resume} is not a checkpoint directory"
-            choice[0] = f"error:{problem}" if problem else str(folder)
-    dist.broadcast_object_list(choice, src=0)
-    if choice[0] and choice[0].startswith("error:"):
-        raise CheckpointError(f"cannot resume from {resume}: {choice[0][6:]}")
-    return Path(choice[0]) if choice[0] else None
+from loom.model.parallel import comm
 
 
 def rng_state() -> dict:
-    return {
+    """Every random generator's state as plain data (tensors, ints, floats, strings, lists)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "state": list(python_state), "gauss": gauss},
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def all_finite(module: torch.nn.Module) -> bool:
+    """Every rank's parameters are finite (collective over the default group)."""
     flags = [torch.isfinite(p.detach()).all() for p in module.parameters() if p.numel()]
     ok = torch.stack(flags).all().float() if flags else torch.ones(())
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+    return comm.all_reduce_values([float(ok)], op=comm.ReduceOp.MIN)[0] == 1.0
 
 
 def save(
@@ -152,31 +89,32 @@ def save(
     try:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "loom").mkdir(parents=True)
+            (tmp / RANK_STATE_DIR).mkdir(parents=True)
     except OSError as exc:
         error = exc
     _agree(error, "preparing", tmp)
     try:
+        ds = deepspeed_dir(tmp)
         engine.save_checkpoint(
-            str(tmp / "ds"), tag="state", client_state={"universal_checkpoint_info": {}}, save_latest=False
+            str(ds.parent), tag=ds.name, client_state={"universal_checkpoint_info": {}}, save_latest=False
         )
-        torch.save(rank_state, tmp / "loom" / f"rank_{rank:05d}.pt")
+        torch.save(rank_state, rank_state_file(tmp, rank))
     except (OSError, RuntimeError) as exc:  # a full disk surfaces as either
         error = exc
     maybe_kill(step, "save")
     _agree(error, "writing", tmp)
     try:
         if rank == 0:
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
             if tokenizer_path and os.path.isfile(tokenizer_path):
-                shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+                shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
             write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            latest_tmp = root / "latest.tmp"
+            latest_tmp = root / (LATEST + ".tmp")
             latest_tmp.write_text(final.name + "\n")
-            os.replace(latest_tmp, root / "latest")
+            os.replace(latest_tmp, root / LATEST)
             _apply_retention(root, keep_last)
     except OSError as exc:
         error = exc
@@ -187,13 +125,12 @@ def save(
 def _agree(error: Exception | None, phase: str, tmp: Path) -> None:
     """All ranks learn whether any rank failed; on failure the partial folder is removed and the
     previous checkpoints are left untouched."""
-    failed = torch.tensor([0.0 if error is None else 1.0])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item() == 0:
+    failed = comm.all_reduce_values([0.0 if error is None else 1.0], op=comm.ReduceOp.MAX)[0]
+    if failed == 0:
         return
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     detail = f": {error}" if error is not None else " on another rank"
     raise CheckpointError(
         f"checkpoint save failed while {phase} {tmp.name}{detail}; the previous checkpoints are intact"
@@ -208,13 +145,21 @@ def _apply_retention(root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def load(engine, folder: Path) -> tuple[dict, dict | None]:
-    """Load engine state; returns (meta, this rank's Loom state or None if the layout changed)."""
-    meta = json.loads((folder / "meta.json").read_text())
-    load_path, _ = engine.load_checkpoint(str(folder / "ds"), tag="state")
+def load(engine, folder: Path, trust_pickles: bool = False) -> tuple[dict, dict | None]:
+    """Load a checkpoint into a live engine (every rank); returns (meta, this rank's Loom state, or None
+    when the checkpoint was written by a different number of ranks). Every pickle this rank reads is
+    checked against the allowlist first (`unpickle`), unless the user trusts the checkpoint."""
+    from loom.launch.checkpoint.meta import read_meta
+    from loom.launch.checkpoint.unpickle import check_deepspeed_files, load_plain
+
+    meta = read_meta(folder)
+    ds = deepspeed_dir(folder)
+    if not trust_pickles:
+        check_deepspeed_files(ds, comm_agree=True)
+    load_path, _ = engine.load_checkpoint(str(ds.parent), tag=ds.name)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {folder / 'ds'}")
-    rank_file = folder / "loom" / f"rank_{dist.get_rank():05d}.pt"
+        raise CheckpointError(f"DeepSpeed could not load {ds}")
+    rank_file = rank_state_file(folder, dist.get_rank())
     same_world = meta.get("world_size") == dist.get_world_size()
-    rank_state = torch.load(rank_file, weights_only=False) if (same_world and rank_file.is_file()) else None
+    rank_state = load_plain(rank_file, trust_pickles) if (same_world and rank_file.is_file()) else None
     return meta, rank_state

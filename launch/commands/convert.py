@@ -11,6 +11,11 @@ import contextlib
 import os
 import warnings
 
+TRUST_HELP = (
+    "load the checkpoint's pickles even if they reference classes outside Loom's allowlist (loading a pickle "
+    "can run code: only for checkpoints you trust)"
+)
+
 
 def _quiet():
     """Library chatter (DeepSpeed's accelerator line, transformers' notices) off the console."""
@@ -27,7 +32,7 @@ def _quiet():
 @contextlib.contextmanager
 def _errors():
     """Turn unexpected library failures on user input into one line."""
-    from loom.launch.checkpoint.consolidated import ConvertError
+    from loom.launch.checkpoint.errors import ConvertError
 
     try:
         yield
@@ -40,10 +45,12 @@ def _errors():
 
 def cmd_consolidate(args) -> int:
     _quiet()
-    from loom.launch.checkpoint.consolidated import consolidate
+    from loom.launch.convert.consolidate import consolidate
 
     with _errors():
-        consolidate(args.checkpoint, args.out, optimizer=args.optimizer, force=args.force)
+        consolidate(
+            args.checkpoint, args.out, optimizer=args.optimizer, force=args.force, trust_pickles=args.trust_checkpoint
+        )
     return 0
 
 
@@ -52,7 +59,7 @@ def cmd_align_embeddings(args) -> int:
     from loom.launch.convert.align_embeddings import align_embeddings
 
     with _errors():
-        align_embeddings(args.checkpoint, args.out, force=args.force)
+        align_embeddings(args.checkpoint, args.out, force=args.force, trust_pickles=args.trust_checkpoint)
     return 0
 
 
@@ -69,6 +76,7 @@ def cmd_to_hf(args) -> int:
             tokenizer=args.tokenizer,
             skip_tokenizer=args.skip_tokenizer,
             force=args.force,
+            trust_pickles=args.trust_checkpoint,
         )
     return 0
 
@@ -84,7 +92,7 @@ def cmd_from_hf(args) -> int:
 
 def cmd_reshard(args) -> int:
     _quiet()
-    from loom.launch.checkpoint.start_point import reshard
+    from loom.launch.convert.reshard import reshard
 
     with _errors():
         reshard(
@@ -96,6 +104,7 @@ def cmd_reshard(args) -> int:
             data_parallel=args.data,
             optimizer=not args.no_optimizer,
             force=args.force,
+            trust_pickles=args.trust_checkpoint,
         )
     return 0
 
@@ -116,6 +125,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("checkpoint", metavar="CKPT", help=source_help)
         p.add_argument("out", metavar="OUT", help="output folder (must not exist, or be empty)")
         p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+        p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
     cons = sub.add_parser("consolidate", help="full fp32 weights (one safetensors file + JSON) from any layout")
     common(cons)

@@ -1,4 +1,4 @@
-"""CLI wiring for `loom eval` (launch.evaluate) and `loom study` (launch.study)."""
+"""CLI wiring for `loom eval` (`launch.eval.evaluate`)."""
 
 from __future__ import annotations
 
@@ -11,22 +11,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return eval_from_cli(args)
 
 
-def _cmd_study(args: argparse.Namespace) -> int:
-    from loom.launch.study.plan import study_from_cli
-
-    return study_from_cli(args.config, args.overrides, report_only=args.report_only)
-
-
 def add_commands(sub) -> None:
     ev = sub.add_parser(
         "eval",
         help="evaluate a checkpoint: held-out loss/perplexity and the techniques' metrics",
-        description="Held-out loss and every evaluation metric of TECHNIQUES.md on a checkpoint; results as "
+        description="Held-out loss and every evaluation metric of docs/techniques.md on a checkpoint; results as "
         "JSON and TensorBoard scalars. Run as one process for TP=PP=1, or under torchrun with a "
         "multiple of the checkpoint's TP×PP processes (the extra factor is data parallelism). Any "
-        "ZeRO stage: a ZeRO-3 checkpoint is consolidated into full weights on the fly.",
+        "ZeRO stage: a ZeRO-3 checkpoint is consolidated into full weights on the fly; a consolidated folder "
+        "works too.",
     )
-    ev.add_argument("checkpoint", nargs="?", help="checkpoint folder (…/checkpoints/step_N) or a run directory")
+    ev.add_argument(
+        "checkpoint", nargs="?", help="checkpoint folder (…/checkpoints/step_N), run directory or consolidated folder"
+    )
     ev.add_argument(
         "--data",
         default=None,
@@ -47,20 +44,13 @@ def add_commands(sub) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="evaluation sizes and knobs, e.g. gen_tokens=512 kv_samples=500 "
-        "(see EvalSettings in launch/eval_settings.py)",
+        "(see EvalSettings in launch/eval/settings.py)",
     )
     ev.add_argument("--list", action="store_true", help="list the metric families and exit")
-    ev.set_defaults(func=_cmd_eval)
-
-    st = sub.add_parser(
-        "study",
-        help="train and evaluate the baseline, each technique and all five over several seeds",
-        description="Trains every arm of the study config (baseline, each technique alone, all five) on the same "
-        "data, tokens and seeds, evaluates every run, and writes report.md with mean ± std, Welch "
-        "t-tests against the baseline and PNG plots. Finished runs and evaluations are skipped, so an "
-        "interrupted study resumes.",
+    ev.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read the checkpoint's pickles even if they reference classes outside Loom's allowlist "
+        "(loading a pickle can run code: only for checkpoints you trust)",
     )
-    st.add_argument("config", help="study config, e.g. configs/study.yaml")
-    st.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[1,2,3] run.train.max_steps=100")
-    st.add_argument("--report-only", action="store_true", help="only rebuild report.md and the plots")
-    st.set_defaults(func=_cmd_study)
+    ev.set_defaults(func=_cmd_eval)

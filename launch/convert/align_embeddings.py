@@ -1,4 +1,4 @@
-"""HCMA offline mode on a checkpoint (TECHNIQUES.md §7.3): refresh the hierarchy on the full input
+"""HCMA offline mode on a checkpoint (docs/techniques.md, HCMA): refresh the hierarchy on the full input
 embedding table, run the T aligning steps with centroids, weights and anchor fixed, re-apply the
 row norms, and write a start point with the aligned table (a tied output layer is the same table;
 an untied one is left alone, `apply_to_output_embedding: tied`). The Adam state is carried over
@@ -7,14 +7,19 @@ unchanged, as the spec says; training or export continues from the result at any
 from __future__ import annotations
 
 import dataclasses
+import logging
 
-from loom.launch.checkpoint.consolidated import ConvertError, load, output_folder, write_consolidated
+from loom.launch.checkpoint.consolidated import output_folder, write_consolidated
+from loom.launch.checkpoint.errors import ConvertError
+from loom.launch.checkpoint.reader import load
+
+log = logging.getLogger(__name__)
 
 
-def align_embeddings(ckpt: str, out: str, force: bool = False, log=print) -> dict:
+def align_embeddings(ckpt: str, out: str, force: bool = False, trust_pickles: bool = False) -> dict:
     from loom.techniques.hcma import HCMA
 
-    data = load(ckpt, optimizer=True)
+    data = load(ckpt, optimizer=True, trust_pickles=trust_pickles)
     cfg_model, tech = data.model, data.techniques
     table = data.weights.get("embedding.weight")
     if table is None:
@@ -31,5 +36,5 @@ def align_embeddings(ckpt: str, out: str, force: bool = False, log=print) -> dic
             kind="align-embeddings",
             extra={"hcma": {"relative_change": moved, **{k: float(v) for k, v in hcma.metrics().items()}}},
         )
-    log(f"aligned {table.shape[0]} embedding rows (relative change {moved:.4f}) → {out}")
+    log.info(f"aligned {table.shape[0]} embedding rows (relative change {moved:.4f}) → {out}")
     return {"relative_change": moved}

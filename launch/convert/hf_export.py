@@ -22,6 +22,7 @@ starts with BOS is a slightly different context from what the model mostly saw i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,16 +31,13 @@ from typing import Optional
 
 import torch
 
-from loom.launch.checkpoint.consolidated import (
-    INFO_FILE,
-    TOKENIZER_FILE,
-    Consolidated,
-    ConvertError,
-    is_training_only,
-    load,
-    output_folder,
-    save_safetensors,
-)
+from loom.launch.checkpoint.consolidated import Consolidated, output_folder, save_safetensors
+from loom.launch.checkpoint.errors import ConvertError
+from loom.launch.checkpoint.layout import TOKENIZER
+from loom.launch.checkpoint.reader import load
+from loom.model.state_dict_adapter import is_training_only, to_llama
+
+log = logging.getLogger(__name__)
 
 HF_README = """# {name} (exported by `loom convert to-hf`)
 
@@ -59,7 +57,7 @@ LLAMA_TECHNIQUES = ("lcm", "scr", "cmr")
 # ------------------------------------------------------------------------------------- weights
 def _drop_for_export(weights: dict) -> dict:
     """Training-only tensors: SCA heads and field buffers, CMR's reconstruction maps."""
-    return {k: v for k, v in weights.items() if not is_training_only(k) and not k.endswith(".reweave.rec_maps")}
+    return {k: v for k, v in weights.items() if not is_training_only(k)}
 
 
 def active_techniques(weights: dict, tech) -> list[str]:
@@ -74,61 +72,6 @@ def active_techniques(weights: dict, tech) -> list[str]:
     if tech.cmr.enabled and any(bool(v.ne(0).any()) for k, v in weights.items() if k.endswith(".reweave.out.weight")):
         active.append("CMR")
     return active
-
-
-def llama_state_dict(weights: dict, cfg) -> dict[str, torch.Tensor]:
-    """Loom TP=1 names → `LlamaForCausalLM` names (technique tensors must be gone or identity)."""
-    d, hd, kv = cfg.hidden_size, cfg.head_dim, cfg.kv_heads
-    qpg = cfg.num_heads // kv
-    V = cfg.vocab_size
-    out = {
-        "model.embed_tokens.weight": weights["embedding.weight"][:V],
-        "model.norm.weight": weights["final_norm.weight"],
-    }
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = weights["output_layer.weight"][:V]
-    for i in range(cfg.num_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        qkv = weights[src + "attention.qkv.weight"].view(kv, qpg + 2, hd, d)
-        out[dst + "self_attn.q_proj.weight"] = qkv[:, :qpg].reshape(cfg.num_heads * hd, d)
-        out[dst + "self_attn.k_proj.weight"] = qkv[:, qpg].reshape(kv * hd, d)
-        out[dst + "self_attn.v_proj.weight"] = qkv[:, qpg + 1].reshape(kv * hd, d)
-        out[dst + "self_attn.o_proj.weight"] = weights[src + "attention.proj.weight"]
-        gate_up = weights[src + "mlp.gate_up.weight"].view(cfg.ffn_size, 2, d)
-        out[dst + "mlp.gate_proj.weight"] = gate_up[:, 0]
-        out[dst + "mlp.up_proj.weight"] = gate_up[:, 1]
-        out[dst + "mlp.down_proj.weight"] = weights[src + "mlp.down.weight"]
-        out[dst + "input_layernorm.weight"] = weights[src + "attn_norm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = weights[src + "mlp_norm.weight"]
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def loom_state_dict(hf: dict, cfg) -> dict[str, torch.Tensor]:
-    """`LlamaForCausalLM` names → Loom TP=1 names (fused per-group QKV, interleaved gate/up)."""
-    d, hd, kv = cfg.hidden_size, cfg.head_dim, cfg.kv_heads
-    qpg = cfg.num_heads // kv
-
-    def get(name):
-        if name not in hf:
-            raise ConvertError(f"the Hugging Face weights have no {name}")
-        return hf[name].float()
-
-    out = {"embedding.weight": get("model.embed_tokens.weight"), "final_norm.weight": get("model.norm.weight")}
-    if not cfg.tie_embeddings:
-        out["output_layer.weight"] = get("lm_head.weight")
-    for i in range(cfg.num_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        q = get(src + "self_attn.q_proj.weight").view(kv, qpg, hd, d)
-        k = get(src + "self_attn.k_proj.weight").view(kv, 1, hd, d)
-        v = get(src + "self_attn.v_proj.weight").view(kv, 1, hd, d)
-        out[dst + "attention.qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, d)
-        out[dst + "attention.proj.weight"] = get(src + "self_attn.o_proj.weight")
-        gate, up = get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")
-        out[dst + "mlp.gate_up.weight"] = torch.stack([gate, up], dim=1).reshape(2 * cfg.ffn_size, d)
-        out[dst + "mlp.down.weight"] = get(src + "mlp.down_proj.weight")
-        out[dst + "attn_norm.weight"] = get(src + "input_layernorm.weight")
-        out[dst + "mlp_norm.weight"] = get(src + "post_attention_layernorm.weight")
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------- tokenizer
@@ -155,7 +98,7 @@ SELF_CHECK_TEXTS = (
 )
 
 
-def export_tokenizer(tokenizer_model: Path, out: Path, vocab_size: int, log=print) -> None:
+def export_tokenizer(tokenizer_model: Path, out: Path, vocab_size: int) -> None:
     """SentencePiece BPE `.model` → `LlamaTokenizer` files (+ the .model itself) in `out`."""
     sp, model_type = _sp_info(tokenizer_model)
     if sp.get_piece_size() != vocab_size:
@@ -186,12 +129,12 @@ def export_tokenizer(tokenizer_model: Path, out: Path, vocab_size: int, log=prin
         )
     bad = [t for t in SELF_CHECK_TEXTS if tok.encode(t, add_special_tokens=False) != sp.encode(t)]
     if bad:
-        log(
+        log.info(
             f"warning: the exported tokenizer encodes {len(bad)} of {len(SELF_CHECK_TEXTS)} check strings "
             f"differently from SentencePiece (e.g. {bad[0]!r})"
         )
     tok.save_pretrained(str(out))
-    shutil.copyfile(tokenizer_model, out / TOKENIZER_FILE)
+    shutil.copyfile(tokenizer_model, out / TOKENIZER)
 
 
 # ------------------------------------------------------------------------------------- to-hf
@@ -277,7 +220,7 @@ def to_hf(
     tokenizer: Optional[str] = None,
     skip_tokenizer: bool = False,
     force: bool = False,
-    log=print,
+    trust_pickles: bool = False,
 ) -> Path:
     """`loom convert to-hf`: checkpoint or consolidated folder → Hugging Face model folder."""
     _require_transformers()
@@ -285,12 +228,12 @@ def to_hf(
         raise ConvertError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise ConvertError(f"--tokenizer {tokenizer}: no such file")
-    data = load(ckpt, log=log)
+    data = load(ckpt, trust_pickles=trust_pickles)
     if tokenizer is not None:
         data.tokenizer = Path(tokenizer)
     cfg, tech = data.model, data.techniques
     for note in data.notes:
-        log(f"note: {note}")
+        log.info(f"note: {note}")
     weights = _drop_for_export(data.weights)
     active = active_techniques(weights, tech)
     if active and not remote_code:
@@ -302,7 +245,7 @@ def to_hf(
         )
     if data.tokenizer is None and not skip_tokenizer:
         raise ConvertError("the checkpoint has no tokenizer.model; pass --tokenizer PATH or --skip-tokenizer")
-    dropped = sorted({k.split(".")[2] for k in data.weights if is_training_only(k) and k.startswith("layers.")})
+    dropped = any(".sca." in k for k in data.weights)
     torch_dtype = _DTYPES[dtype]
     special = _special_ids(data, cfg)
     step = data.state.get("step", "?")
@@ -315,12 +258,12 @@ def to_hf(
             _write_llama(tmp, weights, cfg, torch_dtype, dtype, special)
             folded = [t.upper() for t in LLAMA_TECHNIQUES if getattr(tech, t).enabled]
             if folded:
-                log(
+                log.info(
                     f"note: {', '.join(folded)} {'is' if len(folded) == 1 else 'are'} on but still the identity; "
                     f"exported as a plain Llama"
                 )
         if not skip_tokenizer:
-            export_tokenizer(data.tokenizer, tmp, cfg.vocab_size, log=log)
+            export_tokenizer(data.tokenizer, tmp, cfg.vocab_size)
         extra = ""
         if tech.sca.enabled:
             extra += "* SCA (training-only) heads and statistics are not part of the export.\n"
@@ -343,7 +286,7 @@ def to_hf(
                 extra=extra,
             )
         )
-    log(
+    log.info(
         f"exported {arch} ({dtype}) to {out}"
         + ("" if skip_tokenizer else " with its tokenizer (it adds BOS; Loom's training adds none)")
         + ("; training-only SCA heads dropped" if dropped else "")
@@ -354,7 +297,7 @@ def to_hf(
 def _write_llama(tmp: Path, weights: dict, cfg, torch_dtype, dtype: str, special: dict) -> None:
     from transformers import GenerationConfig, LlamaConfig
 
-    sd = llama_state_dict(weights, cfg)  # technique tensors (identity here) are left behind
+    sd = to_llama(weights, cfg)  # technique tensors (identity here) are left behind
     hf_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -426,14 +369,3 @@ def _write_remote_code(
     save_safetensors(
         {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in keep.items()}, tmp / "model.safetensors"
     )
-
-
-__all__ = [
-    "to_hf",
-    "llama_state_dict",
-    "loom_state_dict",
-    "active_techniques",
-    "export_tokenizer",
-    "remote_code_techniques",
-    "INFO_FILE",
-]

@@ -1,25 +1,24 @@
 """`loom convert from-hf`: a Hugging Face `LlamaForCausalLM` folder (and its SentencePiece tokenizer)
 into a Loom consolidated folder, the start point `loom train --resume` / `model.init_from` accept.
-The weight mapping is the inverse of `launch.convert_hf.llama_state_dict`."""
+The weight mapping is `loom.model.state_dict_adapter` (the same table as the export)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from loom.launch.checkpoint.consolidated import (
-    TOKENIZER_FILE,
-    Consolidated,
-    ConvertError,
-    expected_shapes,
-    output_folder,
-    write_consolidated,
-)
-from loom.launch.convert.hf_export import _sp_info, loom_state_dict
+from loom.launch.checkpoint.consolidated import Consolidated, output_folder, write_consolidated
+from loom.launch.checkpoint.errors import ConvertError
+from loom.launch.checkpoint.layout import TOKENIZER
+from loom.launch.convert.hf_export import _sp_info
+from loom.model.state_dict_adapter import expected_shapes, from_llama
+
+log = logging.getLogger(__name__)
 
 
 def _read_hf_config(hf_dir: Path) -> dict:
@@ -101,7 +100,7 @@ def model_config_from_hf(hf: dict):
 
 
 def from_hf(
-    hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: Optional[str] = None, force: bool = False, log=print
+    hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: Optional[str] = None, force: bool = False
 ) -> Path:
     """`loom convert from-hf`: Llama HF folder → a Loom start point (consolidated folder + config.yaml)."""
     from dataclasses import fields
@@ -114,7 +113,7 @@ def from_hf(
         raise ConvertError(f"{hf_dir}: no such folder")
     hf = _read_hf_config(src)
     cfg = model_config_from_hf(hf)
-    tok_path = Path(tokenizer) if tokenizer else (src / TOKENIZER_FILE)
+    tok_path = Path(tokenizer) if tokenizer else (src / TOKENIZER)
     if tokenizer and not tok_path.is_file():
         raise ConvertError(f"--tokenizer {tokenizer}: no such file")
     if tok_path.is_file():
@@ -132,7 +131,10 @@ def from_hf(
     else:
         tok_path = None
     hf_weights = _read_hf_weights(src)
-    weights = loom_state_dict(hf_weights, cfg)
+    try:
+        weights = from_llama(hf_weights, cfg)
+    except KeyError as exc:
+        raise ConvertError(str(exc.args[0])) from None
     for name, shape in expected_shapes(cfg).items():
         if tuple(weights[name].shape) != shape:
             raise ConvertError(f"{name} has shape {tuple(weights[name].shape)}, config implies {shape}")
@@ -143,7 +145,7 @@ def from_hf(
     run.checkpoint.resume = "auto"
     out_abs = Path(out).resolve()
     if tok_path is not None:
-        run.data.tokenizer = str(out_abs / TOKENIZER_FILE)
+        run.data.tokenizer = str(out_abs / TOKENIZER)
     has_init_from = "init_from" in {f.name for f in fields(ModelConfig)}
     if has_init_from:
         run.model.init_from = str(out_abs)  # type: ignore[attr-defined]
@@ -165,7 +167,7 @@ def from_hf(
         )
         (tmp / "config.yaml").write_text(header + to_yaml(run))
     n = sum(v.numel() for v in weights.values())
-    log(
+    log.info(
         f"converted {src} ({n:,} parameters) → Loom start point {out}"
         + (
             ""

@@ -3,6 +3,7 @@ filler, and training-token frequencies for the frequency buckets."""
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ import numpy as np
 
 from loom.launch.eval.settings import EvalSettings
 from loom.techniques.metrics import recall as rec_m
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,9 +42,7 @@ def split_docs(stream: np.ndarray, eos: int, complete_tail: bool) -> list[np.nda
     return [d for d in docs if len(d)]
 
 
-def read_heldout(
-    source: str, tokenizer, settings: EvalSettings, cache_dir: Optional[str], log=print
-) -> tuple[np.ndarray, str]:
+def read_heldout(source: str, tokenizer, settings: EvalSettings, cache_dir: Optional[str]) -> tuple[np.ndarray, str]:
     """Token stream of `source`: a shard manifest (or its folder; the `val` split when present),
     a built-in corpus name, or text files (.txt/.jsonl/.jsonl.gz, globs, folders)."""
     from loom.data.corpora import CORPORA, ensure_corpus, iter_documents
@@ -110,7 +111,7 @@ def select_heldout(
     )
 
 
-def training_token_counts(train_source: Optional[str], vocab_size: int, log=print) -> Optional[np.ndarray]:
+def training_token_counts(train_source: Optional[str], vocab_size: int) -> Optional[np.ndarray]:
     """Token frequencies on the tokenized training corpus (§2.2), from its shard manifest."""
     if not train_source:
         return None
@@ -120,7 +121,7 @@ def training_token_counts(train_source: Optional[str], vocab_size: int, log=prin
     try:
         manifest = load_manifest(train_source, split="train")
     except (OSError, ValueError) as exc:
-        log(f"warning: no training-frequency buckets: {exc}")
+        log.warning(f"no training-frequency buckets: {exc}")
         return None
     counts = np.zeros(vocab_size, dtype=np.int64)
     for url, info in zip(shard_urls(manifest), manifest.shards):

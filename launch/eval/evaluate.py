@@ -1,15 +1,15 @@
 """`loom eval`: held-out loss and every evaluation metric of TECHNIQUES.md on a checkpoint.
 
-The checkpoint's network is rebuilt at its own tensor/pipeline layout (`meta.json` holds the
-resolved run config and the layout). A ZeRO 0-2 checkpoint's weights are read from the DeepSpeed
-model-state file of each model-parallel rank; a ZeRO-3 one is consolidated into full weights first
-(`launch.eval_checkpoint`). Run it as one process for TP = PP = 1, or under torchrun with any
-multiple of TP×PP processes: the extra factor is data parallelism over documents, probes and
-prompts. Every forward goes through the pipeline (`forward_only`), logits stay vocab-parallel
-(`techniques.metrics.entropy` does the M/S/U reductions over the TP group), hidden states and
-attention maps are read by hooks on the stage that owns the layer, and all per-rank records are
-gathered to global rank 0, which computes the metrics with the pure functions of
-`techniques.metrics` and writes JSON and TensorBoard scalars.
+The checkpoint's network is rebuilt at its own tensor/pipeline layout (`meta.json` holds the resolved
+run config and the layout). A ZeRO 0-2 checkpoint's weights are read from the DeepSpeed model-state
+file of each model-parallel rank; a ZeRO-3 one is consolidated into full weights first, and a
+consolidated folder is read from safetensors (`launch.eval.checkpoint`). Run it as one process for
+TP = PP = 1, or under torchrun with any multiple of TP×PP processes: the extra factor is data
+parallelism over documents, probes and prompts. Every forward goes through the pipeline
+(`forward_only`), logits stay vocab-parallel (`techniques.metrics.entropy` does the M/S/U reductions
+over the TP group), hidden states and attention maps are read by hooks on the stage that owns the
+layer, and all per-rank records are gathered to global rank 0, which computes the metrics with the
+pure functions of `techniques.metrics` and writes JSON and TensorBoard scalars.
 
 Metric families (`--metrics`, default all; `loom eval --list` describes them) are listed in
 `FAMILIES`. Sizes default to a few documents and short generations so a small model evaluates in
@@ -18,19 +18,20 @@ about a minute on a CPU; `--set KEY=VALUE` scales every knob of `EvalSettings` (
 
 The pieces, in the order one evaluation uses them:
 
-    eval_settings    metric families, `EvalSettings`, parsing of --metrics / --set
-    eval_checkpoint  locating a checkpoint, its RunConfig, reading its weights (ZeRO 0-3)
-    eval_model       `EvalModel`: this rank's stage, teacher-forced and greedy forwards
-    eval_data        held-out stream, documents, probe filler, training-token counts
-    eval_runner      `Evaluator`: runs the families on this rank, built from
-                     eval_passes (loss, document pass, gains), eval_attention (AHD),
-                     eval_probes (generation, recall, numerical), eval_embedding (robustness, geometry)
-    eval_aggregate   rank 0: records → metrics; the run's TensorBoard logs
-    eval_report      JSON, TensorBoard scalars, console summary
+    settings    metric families, `EvalSettings`, parsing of --metrics / --set
+    checkpoint  reading a checkpoint's weights into a stage (ZeRO 0-3, consolidated folders)
+    model       `EvalModel`: this rank's stage, teacher-forced and greedy forwards
+    data        held-out stream, documents, probe filler, training-token counts
+    runner      `Evaluator`: runs the families on this rank, built from
+                passes (loss, document pass, gains), attention (AHD),
+                probes (generation, recall, numerical), embedding (robustness, geometry)
+    aggregate   rank 0: records → metrics; the run's TensorBoard logs
+    report      JSON, TensorBoard scalars, console summary
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,15 +39,12 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from loom.launch.checkpoint.layout import CHECKPOINTS
+from loom.launch.checkpoint.locate import locate_checkpoint
 from loom.launch.eval.aggregate import aggregate, read_run_logs
-from loom.launch.eval.attention import attention_maps
-from loom.launch.eval.checkpoint import resolve_checkpoint_dir, run_config_from_meta
 from loom.launch.eval.data import (
-    Heldout,
-    non_content_positions,
     read_heldout,
     select_heldout,
-    split_docs,
     training_token_counts,
 )
 from loom.launch.eval.model import EvalModel
@@ -57,37 +55,11 @@ from loom.launch.eval.settings import (
     FAMILIES,
     RUN_LOG_FAMILIES,
     EvalSettings,
-    log0,
     parse_families,
-    parse_lengths,
     parse_settings,
 )
 
-# names older callers and tests use
-_lengths = parse_lengths
-_split_docs = split_docs
-
-__all__ = [
-    "FAMILIES",
-    "EvalSettings",
-    "EvalModel",
-    "Evaluator",
-    "Heldout",
-    "aggregate",
-    "attention_maps",
-    "eval_from_cli",
-    "evaluate",
-    "log0",
-    "non_content_positions",
-    "parse_families",
-    "parse_settings",
-    "read_heldout",
-    "read_run_logs",
-    "resolve_checkpoint_dir",
-    "run_config_from_meta",
-    "select_heldout",
-    "training_token_counts",
-]
+log = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -98,17 +70,18 @@ def evaluate(
     out: Optional[str],
     tb: Optional[str],
     train_data: Optional[str] = None,
+    trust_pickles: bool = False,
 ) -> Optional[dict]:
     """Collective over the world. Returns the result dict on rank 0 (None elsewhere)."""
     start = time.perf_counter()
-    folder = resolve_checkpoint_dir(checkpoint)
-    model = EvalModel(folder)
-    log0(
+    folder = locate_checkpoint(checkpoint)
+    model = EvalModel(folder, trust_pickles)
+    log.info(
         f"eval: {folder} (step {model.step}) · layout DP {model.layout.dp} × PP {model.layout.pp} × "
         f"TP {model.layout.tp} · {len(families)} metric families"
     )
     tokenizer, held, counts = _load_data(folder, model.cfg, data, train_data, families, settings)
-    log0(
+    log.info(
         f"eval: held-out data from {held.source}: {len(held.stream):,} tokens, {len(held.docs)} documents "
         f"for the document pass"
     )
@@ -120,7 +93,8 @@ def evaluate(
     dist.gather_object(ev.notes, notes_all, dst=0)
     if dist.get_rank() != 0:
         return None
-    run_dir = folder.parent.parent
+    # a step folder's run directory; a consolidated folder keeps its results beside its weights
+    run_dir = folder.parent.parent if folder.parent.name == CHECKPOINTS else folder
     logs = read_run_logs(run_dir) if set(families) & RUN_LOG_FAMILIES else {}
     metrics = aggregate(gathered, ev, logs)
     notes = sorted({n for ns in notes_all for n in ns})
@@ -155,20 +129,20 @@ def _load_data(
     prepared = None
     if train_data is None or data is None or not tok_path.is_file():
         try:
-            prepared = prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=log0)
+            prepared = prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=log.info)
         except ValueError as exc:
-            log0(f"warning: the run's data could not be prepared ({exc})")
+            log.warning(f"the run's data could not be prepared ({exc})")
     tokenizer = Tokenizer(tok_path if tok_path.is_file() else prepared.tokenizer)
     source = data or (prepared.eval if prepared else None)
     if not source:
         raise ValueError("no held-out data: pass --data (a shard manifest, a built-in corpus or text files)")
     box: list = [None, None]
     if dist.get_rank() == 0:
-        stream, label = read_heldout(source, tokenizer, settings, cfg.data.cache_dir, log=log0)
+        stream, label = read_heldout(source, tokenizer, settings, cfg.data.cache_dir)
         from_manifest = label.startswith("manifest")
         box[0] = select_heldout(stream, tokenizer, label, settings, cfg.model.seq_length, from_manifest)
         box[1] = (
-            training_token_counts(train_data or (prepared.train if prepared else None), cfg.model.vocab_size, log=log0)
+            training_token_counts(train_data or (prepared.train if prepared else None), cfg.model.vocab_size)
             if set(families) & COUNT_FAMILIES
             else None
         )
@@ -188,11 +162,13 @@ def eval_from_cli(args) -> int:
         raise ValueError("give a checkpoint folder (or run directory)")
     families = parse_families(args.metrics)
     settings = parse_settings(args.set or [])
-    resolve_checkpoint_dir(args.checkpoint)  # fail before any process group
+    locate_checkpoint(args.checkpoint)  # fail before any process group
     denv = read_dist_env()
     init_distributed(denv, 1800.0)
     try:
-        result = evaluate(args.checkpoint, args.data, families, settings, args.out, args.tb, args.train_data)
+        result = evaluate(
+            args.checkpoint, args.data, families, settings, args.out, args.tb, args.train_data, args.trust_checkpoint
+        )
         if result is not None:
             print_summary(result)
         return 0

@@ -4,7 +4,6 @@ and greedy forwards that go through the pipeline (`forward_only`) and keep logit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -12,14 +11,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from loom.launch.eval.checkpoint import load_stage_weights, run_config_from_meta, zero_stage_of
+from loom.launch.checkpoint.meta import read_config, read_meta
+from loom.launch.eval.checkpoint import checkpoint_layout, load_stage_weights
 from loom.techniques.metrics import entropy as ent_m
 
 
 class EvalModel:
     """This rank's pipeline stage of the checkpoint, in eval mode, plus the process groups."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, trust_pickles: bool = False):
         from megatron.core import parallel_state as ps
 
         from loom.model.parallel import cpu_compat
@@ -28,10 +28,10 @@ class EvalModel:
         from loom.model.parallel.parallelize import build_stage, default_device, resolve_dtype
 
         self.folder = folder
-        self.meta = json.loads((folder / "meta.json").read_text())
-        self.cfg = run_config_from_meta(self.meta["config"])
-        lay = self.meta.get("layout", {})
-        tp, pp = int(lay.get("tp", self.cfg.parallel.tensor)), int(lay.get("pp", self.cfg.parallel.pipeline))
+        self.meta = read_meta(folder)
+        self.cfg = read_config(folder)
+        lay = checkpoint_layout(folder, self.cfg)
+        tp, pp = lay["tp"], lay["pp"]
         world = dist.get_world_size()
         if world % (tp * pp):
             raise ValueError(
@@ -47,8 +47,10 @@ class EvalModel:
         self.module = build_stage(
             self.cfg.model, self.cfg.techniques, self.layout, self.cfg.train.seed, self.dtype, self.device
         )
-        self.zero_stage = zero_stage_of(self.meta, self.cfg.parallel.zero_stage)
-        load_stage_weights(self.module, folder, self.zero_stage, mp_rank=self.layout.pp_rank * tp + self.layout.tp_rank)
+        self.zero_stage = lay["zero"]
+        load_stage_weights(
+            self.module, folder, mp_rank=self.layout.pp_rank * tp + self.layout.tp_rank, trust_pickles=trust_pickles
+        )
         self.module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)

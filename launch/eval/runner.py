@@ -4,6 +4,7 @@ collects per-rank records (turned into metrics on rank 0 by `launch.eval_aggrega
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any, Optional
 
@@ -16,7 +17,9 @@ from loom.launch.eval.embedding import EmbeddingPasses
 from loom.launch.eval.model import EvalModel
 from loom.launch.eval.passes import TeacherForcedPasses
 from loom.launch.eval.probes import ProbePasses
-from loom.launch.eval.settings import DOC_PASS_FAMILIES, HIDDEN_FAMILIES, EvalSettings, log0
+from loom.launch.eval.settings import DOC_PASS_FAMILIES, HIDDEN_FAMILIES, EvalSettings
+
+log = logging.getLogger(__name__)
 
 
 class Evaluator(TeacherForcedPasses, AttentionPass, ProbePasses, EmbeddingPasses):
@@ -70,4 +73,4 @@ class Evaluator(TeacherForcedPasses, AttentionPass, ProbePasses, EmbeddingPasses
             # robustness takes a gradient through the network (FGSM)
             with torch.no_grad() if name != "robustness" else contextlib.nullcontext():
                 fn()
-            log0(f"eval: {name} ({time.perf_counter() - t0:.1f} s)")
+            log.info(f"eval: {name} ({time.perf_counter() - t0:.1f} s)")

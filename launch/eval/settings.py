@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import torch.distributed as dist
-
 FAMILIES: dict[str, str] = {
     "loss": "held-out loss and perplexity on packed held-out samples (§6.14 m4, §7.14 m5)",
     "ppl_f": "perplexity fluctuation PPL-F and its CV over 128-token windows (§3.14 m1)",
@@ -142,11 +140,6 @@ def parse_lengths(text: str, seq_length: int) -> list[int]:
         if item:
             out.append(int(float(item[:-1]) * seq_length) if item.endswith("x") else int(item))
     return out
-
-
-def log0(message: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(message, flush=True)
 
 
 def batches_of(items: list, size: int):

@@ -1,6 +1,6 @@
 """The techniques study's report: collect every run's evaluation and training curves, summarise each
 metric over seeds with a Welch and a paired (by seed) t-test against the baseline, draw the plots
-and write `report.md` (see `launch/study.py` for running the study)."""
+and write `report.md` (see `launch/study/execute.py` for running the study)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List
 
-from loom.launch.study.plan import StudyConfig, _load_status, arms_of, plan_runs
+from loom.launch.study.config import StudyConfig, arms_of, load_status, plan_runs
 
 KEY_METRICS: List[tuple] = [
     # (metric key, claim tested, technique, better direction)
@@ -59,7 +59,7 @@ def collect(cfg: StudyConfig) -> dict:
     """{arm: {seed: {"metrics": {...}, "curves": {tag: {step: value}}, "status": {...}}}}"""
     from loom.launch.eval.evaluate import read_run_logs
 
-    status = _load_status(cfg)
+    status = load_status(cfg)
     data: Dict[str, Dict[int, dict]] = {}
     for spec in plan_runs(cfg):
         item: dict = {"status": status.get(f"{spec.arm}/seed{spec.seed}", {})}

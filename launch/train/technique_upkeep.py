@@ -9,31 +9,10 @@ would silently revert it), into the working copy, and into a tied output copy on
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import torch.distributed as dist
 
-
-def _gathered(param):
-    if hasattr(param, "ds_id"):  # ZeRO-3: the refresh needs the whole (TP-local) shard
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([param])
-    return contextlib.nullcontext()
-
-
-def _write_weight(param, value: torch.Tensor) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    safe_set_full_fp32_param(param, value.float())  # collective over the DP group
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            param.data.copy_(value)
-    else:
-        param.data.copy_(value.to(param.dtype))
+from loom.model.parallel import comm
+from loom.model.parallel.zero_state import gathered, set_full_fp32_param
 
 
 def upkeep(sharded, layout, step: int) -> None:
@@ -54,7 +33,7 @@ def _refresh_hcma(sharded, layout) -> None:
     new_table = None
     if module.is_first:
         weight = module.embedding.weight
-        with _gathered(weight):
+        with gathered([weight]):  # ZeRO-3: the refresh needs the whole (TP-local) shard
             rows = weight.shape[0]
             start = layout.tp_rank * rows
             real = max(0, min(rows, module.cfg.vocab_size - start))
@@ -63,11 +42,11 @@ def _refresh_hcma(sharded, layout) -> None:
             if offline:
                 new_table = module.hcma.offline_align(weight.detach())
         if new_table is not None:
-            _write_weight(weight, new_table)
+            set_full_fp32_param(weight, new_table)
     if offline and module.tied_across_stages and (module.is_first or module.is_last):
         if new_table is None:
             new_table = torch.empty_like(module.output_layer.weight)
         group = sharded.embedding_group
-        dist.broadcast(new_table, src=dist.get_global_rank(group, 0), group=group)
+        comm.broadcast(new_table, src=torch.distributed.get_global_rank(group, 0), group=group)
         if module.is_last:
-            _write_weight(module.output_layer.weight, new_table)
+            set_full_fp32_param(module.output_layer.weight, new_table)

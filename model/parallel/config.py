@@ -39,6 +39,3 @@ class ParallelConfig:
                 f"= {self.tensor} × {self.pipeline}"
             )
         return problems
-
-    def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.tensor * self.pipeline)

@@ -5,19 +5,11 @@ Every rank gets the same `{name: fp32 CPU tensor}` dict, named as in a TP=1, PP=
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
-
-def _gathered(module: torch.nn.Module):
-    params = list(module.parameters())
-    if params and hasattr(params[0], "ds_id"):  # ZeRO-3 partitioned parameters
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params)
-    return contextlib.nullcontext()
+from loom.model.parallel.zero_state import gathered
+from loom.model.precision import at_least_fp32
 
 
 @torch.no_grad()
@@ -27,14 +19,14 @@ def full_state_dict(module: torch.nn.Module, include_buffers: bool = True) -> di
     tp_group = ps.get_tensor_model_parallel_group()
     tp = dist.get_world_size(tp_group)
     local: dict[str, torch.Tensor] = {}
-    with _gathered(module):
+    with gathered(module.parameters()):
         for name, param in module.named_parameters():
             value = param.detach()
             if getattr(param, "tensor_model_parallel", False) and tp > 1:
                 parts = [torch.empty_like(value) for _ in range(tp)]
                 dist.all_gather(parts, value.contiguous(), group=tp_group)
                 value = torch.cat(parts, dim=param.partition_dim)
-            local[name] = value.float().cpu().clone()
+            local[name] = at_least_fp32(value).cpu().clone()
     if include_buffers:  # persistent buffers only (SCA statistics, HCMA state), not RoPE tables
         params = dict(module.named_parameters())
         for name, value in module.state_dict().items():

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
 BUCKETS: tuple[tuple[float, float], ...] = (
     (-1, 10),
@@ -276,12 +275,6 @@ def frequency_of(targets, counts: np.ndarray) -> np.ndarray:
     ok = (t >= 0) & (t < len(counts))
     f[ok] = counts[t[ok]]
     return f
-
-
-def as_list(x) -> list[int]:
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    return list(x)
 
 
 def oracle_kv_answer(

@@ -62,14 +62,14 @@ def _init(rank: int, tp: int, pp: int):
 
 def loom_logits_fn(rank, world_size, source: str, tokens: torch.Tensor) -> torch.Tensor:
     """Logits [b, s, V] of Loom's own TP=1, PP=1 model with the consolidated weights of `source`."""
-    from loom.launch.checkpoint.consolidated import load
-    from loom.launch.checkpoint.start_point import load_consolidated_into_stage
+    from loom.launch.checkpoint.reader import load
+    from loom.launch.checkpoint.start_point import load_into_stage
     from loom.model.parallel.parallelize import build_stage
 
     layout = _init(rank, 1, 1)
     data = load(source)
     stage = build_stage(data.model, data.techniques, layout, seed=0)
-    load_consolidated_into_stage(stage, data.weights)
+    load_into_stage(stage, data.weights)
     stage.eval()
     with torch.no_grad():
         logits = stage(torch.cat([tokens, tokens[:, :1]], 1), return_logits=True)  # last column: unused label
@@ -128,7 +128,7 @@ def layout_run_fn(
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     step = 0
     if start is not None:
-        meta = load_start_point(sharded, start, cfg.model, optimizer=True, log=None)
+        meta = load_start_point(sharded, start, cfg.model, optimizer=True)
         step = int(meta["state"].get("step", 0))
     module = TrainModule(sharded, layout, MICRO_BATCH, cfg.model.seq_length, dtype, torch.device("cpu"))
 

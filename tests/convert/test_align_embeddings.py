@@ -5,8 +5,9 @@ import sys
 
 import torch
 
-from loom.launch.checkpoint.consolidated import load, read_consolidated
-from tests.e2e.runner import REPO, test_env
+from loom.launch.checkpoint.consolidated import read_consolidated
+from loom.launch.checkpoint.reader import load
+from tests.e2e.runner import REPO, loom_env
 
 
 def test_align_embeddings_moves_directions_keeps_norms_and_the_rest(ckpt_tp2_pp2, tmp_path):
@@ -14,7 +15,7 @@ def test_align_embeddings_moves_directions_keeps_norms_and_the_rest(ckpt_tp2_pp2
     proc = subprocess.run(
         [sys.executable, "-m", "loom.launch.cli", "convert", "align-embeddings", ckpt_tp2_pp2, str(out)],
         cwd=REPO,
-        env=test_env(),
+        env=loom_env(),
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loom.launch.checkpoint.consolidated import INFO_FILE, WEIGHTS_FILE, consolidate, load
+from loom.launch.checkpoint.layout import CONSOLIDATED_INFO, CONSOLIDATED_WEIGHTS
+from loom.launch.checkpoint.reader import load
+from loom.launch.convert.consolidate import consolidate
 from tests.e2e.runner import run_loom
 
 
@@ -16,8 +18,8 @@ from tests.e2e.runner import run_loom
 def test_consolidated_weights_equal_the_live_model(source, request, tmp_path):
     ckpt, live = request.getfixturevalue(source)
     out = tmp_path / "full"
-    consolidate(ckpt, out, optimizer=True, log=lambda *_: None)
-    weights = load_file(str(out / WEIGHTS_FILE))
+    consolidate(ckpt, out, optimizer=True)
+    weights = load_file(str(out / CONSOLIDATED_WEIGHTS))
     assert set(weights) == set(live)
     for name, value in live.items():
         got = weights[name]
@@ -25,7 +27,7 @@ def test_consolidated_weights_equal_the_live_model(source, request, tmp_path):
         want = value[: got.shape[0]] if name in ("embedding.weight", "output_layer.weight") else value
         assert torch.equal(got, want), name
     assert weights["embedding.weight"].shape[0] == 2048  # vocabulary rows, no TP padding
-    info = json.loads((out / INFO_FILE).read_text())
+    info = json.loads((out / CONSOLIDATED_INFO).read_text())
     assert info["model"]["hidden_size"] == 64 and info["optimizer"]["step"] == 2.0
     assert info["source"]["layout"]["zero"] in (2, 3)
 
@@ -34,7 +36,7 @@ def test_cli_consolidate_drops_the_tied_pipeline_copy(ckpt_tp2_pp2, tmp_path):
     out = tmp_path / "full"
     proc = run_loom(["convert", "consolidate", ckpt_tp2_pp2, str(out)])
     assert "TP 2 × PP 2" in proc.stdout
-    weights = load_file(str(out / WEIGHTS_FILE))
+    weights = load_file(str(out / CONSOLIDATED_WEIGHTS))
     assert "output_layer.weight" not in weights  # tied: the last stage's copy is the embedding
     assert (out / "tokenizer.model").is_file() and (out / "MANIFEST.json").is_file()
     # a consolidated folder is itself a valid source

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from loom.launch.checkpoint.consolidated import ConvertError
+from loom.launch.checkpoint.errors import ConvertError
 from loom.launch.cli import main
 from tests.e2e.runner import run_loom
 
@@ -84,7 +84,7 @@ def test_mismatched_tokenizers(capsys, tmp_path, ckpt_tp2_pp2, small_tokenizer):
     from loom.launch.checkpoint.start_point import load_start_point
 
     with pytest.raises(ConvertError, match="tokenizer differs"):
-        load_start_point(None, start, tokenizer_sha256="0" * 64, log=None)
+        load_start_point(None, start, tokenizer_sha256="0" * 64)
 
 
 def test_cli_subprocess_prints_one_line(tmp_path):

@@ -12,8 +12,6 @@ from loom.launch.checkpoint.consolidated import Consolidated, read_consolidated,
 from loom.launch.convert.hf_export import to_hf
 from loom.launch.convert.hf_import import from_hf
 
-QUIET = {"log": lambda *_: None}
-
 
 def _load_at_tp2_fn(rank, world_size, start: str):
     """Load the start point into a TP=2 ZeRO-1 engine with LCM, SCR and CMR on; gather it back."""
@@ -34,7 +32,7 @@ def _load_at_tp2_fn(rank, world_size, start: str):
     sharded = parallelize(
         data.model, tech, layout, ParallelConfig(tensor=2, zero_stage=1), copy.copy(OPTIM), 2, 0, precision="fp32"
     )
-    meta = load_start_point(sharded, start, data.model, tokenizer_sha256=data.tokenizer_sha256(), log=None)
+    meta = load_start_point(sharded, start, data.model, tokenizer_sha256=data.tokenizer_sha256())
     from omegaconf import OmegaConf
 
     return full_state_dict(sharded.module), OmegaConf.to_container(OmegaConf.structured(tech)), meta["state"]
@@ -44,9 +42,9 @@ def test_from_hf_load_to_hf_is_the_identity(ckpt_tp2_pp2, tmp_path):
     from tests.harness import run_distributed
 
     hf = tmp_path / "hf"
-    to_hf(ckpt_tp2_pp2, hf, **QUIET)
+    to_hf(ckpt_tp2_pp2, hf)
     start = tmp_path / "start"
-    from_hf(hf, start, **QUIET)
+    from_hf(hf, start)
     assert (start / "tokenizer.model").read_bytes() == (hf / "tokenizer.model").read_bytes()
     from loom.launch.config import load_config
 
@@ -64,7 +62,7 @@ def test_from_hf_load_to_hf_is_the_identity(ckpt_tp2_pp2, tmp_path):
         back,
     )
     hf2 = tmp_path / "hf2"
-    to_hf(back, hf2, **QUIET)  # LCM/SCR/CMR are the identity, so it is a plain Llama again
+    to_hf(back, hf2)  # LCM/SCR/CMR are the identity, so it is a plain Llama again
     a, b = load_file(str(hf / "model.safetensors")), load_file(str(hf2 / "model.safetensors"))
     assert set(a) == set(b)
     for name in a:

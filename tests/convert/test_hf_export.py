@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from loom.launch.checkpoint.consolidated import ConvertError
+from loom.launch.checkpoint.errors import ConvertError
 from loom.launch.convert.hf_export import active_techniques, remote_code_techniques, to_hf
 from tests.convert.common import loom_logits_fn, sample_tokens
 from tests.harness import run_distributed
@@ -37,7 +37,7 @@ def test_exported_llama_matches_loom_logits_and_generates(source, request, tmp_p
     ckpt = request.getfixturevalue(source)
     ckpt = ckpt[0] if isinstance(ckpt, tuple) else ckpt
     out = tmp_path / "hf"
-    to_hf(ckpt, out, log=lambda *_: None)
+    to_hf(ckpt, out)
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["vocab_size"] == 2048  # padding rows cut
@@ -64,7 +64,7 @@ def test_exported_tokenizer_encodes_like_loom(ckpt_tp2_pp2, tmp_path):
     from loom.data.tokenizer import Tokenizer
 
     out = tmp_path / "hf"
-    to_hf(ckpt_tp2_pp2, out, log=lambda *_: None)
+    to_hf(ckpt_tp2_pp2, out)
     hf_tok = AutoTokenizer.from_pretrained(str(out))
     loom_tok = Tokenizer(f"{ckpt_tp2_pp2}/tokenizer.model")
     for text in TEXTS:
@@ -81,16 +81,16 @@ def test_exported_tokenizer_encodes_like_loom(ckpt_tp2_pp2, tmp_path):
 
 
 def test_trained_techniques_need_remote_code_and_match_loom(ckpt_techniques, tmp_path):
-    from loom.launch.checkpoint.consolidated import load
+    from loom.launch.checkpoint.reader import load
 
     data = load(ckpt_techniques)
     assert active_techniques(data.weights, data.techniques) == ["LCM", "SCR", "CMR"]
     with pytest.raises(ConvertError, match="--remote-code"):
-        to_hf(ckpt_techniques, tmp_path / "plain", log=lambda *_: None)
+        to_hf(ckpt_techniques, tmp_path / "plain")
     assert not (tmp_path / "plain").exists()
 
     out = tmp_path / "remote"
-    to_hf(ckpt_techniques, out, remote_code=True, log=lambda *_: None)
+    to_hf(ckpt_techniques, out, remote_code=True)
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_loom.LoomForCausalLM"
     assert set(config["techniques"]) == {"lcm", "scr", "cmr"}
@@ -118,8 +118,8 @@ def test_trained_techniques_need_remote_code_and_match_loom(ckpt_techniques, tmp
 
 def _plain_logits_fn(rank, world_size, source, tokens):
     """Loom's logits with the techniques switched off (core weights only)."""
-    from loom.launch.checkpoint.consolidated import load
-    from loom.launch.checkpoint.start_point import load_consolidated_into_stage
+    from loom.launch.checkpoint.reader import load
+    from loom.launch.checkpoint.start_point import load_into_stage
     from loom.model.parallel.parallelize import build_stage
     from loom.techniques.config import TechniquesConfig
     from tests.convert.common import _init
@@ -127,7 +127,7 @@ def _plain_logits_fn(rank, world_size, source, tokens):
     layout = _init(rank, 1, 1)
     data = load(source)
     stage = build_stage(data.model, TechniquesConfig(), layout, seed=0)
-    load_consolidated_into_stage(stage, data.weights)
+    load_into_stage(stage, data.weights)
     stage.eval()
     with torch.no_grad():
         logits = stage(torch.cat([tokens, tokens[:, :1]], 1), return_logits=True)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loom.launch.checkpoint.consolidated import ConvertError, load
-from loom.launch.checkpoint.start_point import reshard
+from loom.launch.checkpoint.errors import ConvertError
+from loom.launch.checkpoint.reader import load
+from loom.launch.convert.reshard import reshard
 from tests.convert.common import HARNESS_OVERRIDES, assert_weights_close, fixed_batches, layout_run_fn
 from tests.harness import run_distributed
-
-QUIET = {"log": lambda *_: None}
 
 
 def test_reshard_chain_keeps_loss_and_optimizer_state(tmp_path, tokenizer_model):
@@ -30,7 +29,7 @@ def test_reshard_chain_keeps_loss_and_optimizer_state(tmp_path, tokenizer_model)
         train_steps=2,
         then_steps=1,
     )[0]
-    reshard(tmp_path / "a" / "checkpoints" / "step_00000002", tmp_path / "to_tp1", tensor=1, pipeline=1, **QUIET)
+    reshard(tmp_path / "a" / "checkpoints" / "step_00000002", tmp_path / "to_tp1", tensor=1, pipeline=1)
 
     # TP1 × PP1, ZeRO-0: load, checkpoint right away (step 2), then step 3
     one = run_distributed(
@@ -52,7 +51,7 @@ def test_reshard_chain_keeps_loss_and_optimizer_state(tmp_path, tokenizer_model)
     assert_weights_close(ref["weights"], one["weights"], 2048, what="TP1 after step 3")
 
     # TP4, ZeRO-2, from the TP1 ZeRO-0 checkpoint
-    reshard(tmp_path / "b" / "checkpoints" / "step_00000002", tmp_path / "to_tp4", tensor=4, zero=2, **QUIET)
+    reshard(tmp_path / "b" / "checkpoints" / "step_00000002", tmp_path / "to_tp4", tensor=4, zero=2)
     four = run_distributed(
         layout_run_fn, 4, HARNESS_OVERRIDES, 4, 1, 2, batches, start=str(tmp_path / "to_tp4"), then_steps=1
     )[0]
@@ -85,7 +84,7 @@ def test_reshard_chain_keeps_loss_and_optimizer_state(tmp_path, tokenizer_model)
 
 def test_reshard_refuses_a_layout_the_model_cannot_take(ckpt_tp2_pp2, tmp_path):
     with pytest.raises(ConvertError, match="not divisible by parallel.tensor 3"):
-        reshard(ckpt_tp2_pp2, tmp_path / "bad", tensor=3, **QUIET)
+        reshard(ckpt_tp2_pp2, tmp_path / "bad", tensor=3)
     with pytest.raises(ConvertError, match="ZeRO-3 with parallel.pipeline > 1"):
-        reshard(ckpt_tp2_pp2, tmp_path / "bad", pipeline=2, zero=3, **QUIET)
+        reshard(ckpt_tp2_pp2, tmp_path / "bad", pipeline=2, zero=3)
     assert not (tmp_path / "bad").exists()

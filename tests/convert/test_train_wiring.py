@@ -8,9 +8,9 @@ from dataclasses import fields
 
 import pytest
 
-from loom.launch.checkpoint.start_point import reshard
 from loom.launch.convert.hf_export import to_hf
 from loom.launch.convert.hf_import import from_hf
+from loom.launch.convert.reshard import reshard
 from loom.model.config import ModelConfig
 from tests.e2e.runner import run_loom
 
@@ -22,13 +22,12 @@ pytestmark = [
     ),
 ]
 
-QUIET = {"log": lambda *_: None}
 STEPS = ["train.eval_every=0", "train.log_every=1", "data.eval_corpus=null"]
 
 
 def test_resume_from_a_resharded_start_point(ckpt_tp2_pp2, tmp_path):
     start = tmp_path / "start"
-    reshard(ckpt_tp2_pp2, start, tensor=1, pipeline=1, **QUIET)
+    reshard(ckpt_tp2_pp2, start, tensor=1, pipeline=1)
     proc = run_loom(
         [
             "train",
@@ -49,8 +48,8 @@ def test_resume_from_a_resharded_start_point(ckpt_tp2_pp2, tmp_path):
 
 def test_init_from_hf_weights_with_techniques_on(ckpt_tp2_pp2, tmp_path):
     hf, start = tmp_path / "hf", tmp_path / "start"
-    to_hf(ckpt_tp2_pp2, hf, **QUIET)
-    from_hf(hf, start, **QUIET)
+    to_hf(ckpt_tp2_pp2, hf)
+    from_hf(hf, start)
     proc = run_loom(
         [
             "train",

@@ -1,4 +1,4 @@
-"""`launch/evaluate.py` pieces on a real stage (single rank), and `loom eval` end to end."""
+"""`loom eval` pieces on a real stage (single rank), and `loom eval` end to end."""
 
 import json
 import math
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from loom.launch.eval import evaluate
+from loom.launch.eval.attention import attention_maps
+from loom.launch.eval.data import split_docs
+from loom.launch.eval.settings import FAMILIES, parse_families, parse_lengths, parse_settings
 from tests.e2e.runner import TINY, read_scalars, run_loom
 from tests.harness import run_distributed
 
@@ -34,7 +36,7 @@ def _attention_maps_reproduce_the_module(rank, world):
     x = torch.randn(s, b, 32)
     cos, sin = stage.rope.cos_sin(s, x.device, x.dtype)
     with torch.no_grad():
-        probs = evaluate.attention_maps(mod, x, cos, sin, torch.arange(s))  # [b, h, s, s]
+        probs = attention_maps(mod, x, cos, sin, torch.arange(s))  # [b, h, s, s]
         qkv, _ = mod.qkv(x)
         v = qkv.view(s, b, mod.kv_groups, mod.q_per_group + 2, mod.head_dim)[:, :, :, -1]  # [s, b, g, e]
         v = v.repeat_interleave(mod.q_per_group, dim=2).permute(1, 2, 0, 3)  # [b, h, s, e]
@@ -51,19 +53,19 @@ def test_attention_maps_reproduce_the_attention_output():
 
 
 def test_settings_and_families_parse():
-    s = evaluate.parse_settings(["gen_tokens=512", "fgsm_eps=0.02", "kv_lengths=500,2x"])
+    s = parse_settings(["gen_tokens=512", "fgsm_eps=0.02", "kv_lengths=500,2x"])
     assert (s.gen_tokens, s.fgsm_eps, s.kv_lengths) == (512, 0.02, "500,2x")
-    assert evaluate._lengths("500,2x,0.5x", 256) == [500, 512, 128]
-    assert evaluate.parse_families(None) == list(evaluate.FAMILIES)
+    assert parse_lengths("500,2x,0.5x", 256) == [500, 512, 128]
+    assert parse_families(None) == list(FAMILIES)
     with pytest.raises(ValueError, match="unknown metric"):
-        evaluate.parse_families("loss,nope")
+        parse_families("loss,nope")
     with pytest.raises(ValueError, match="unknown eval setting"):
-        evaluate.parse_settings(["nope=1"])
+        parse_settings(["nope=1"])
 
 
 def test_document_splitting_keeps_a_cut_tail():
     stream = np.array([5, 6, 3, 7, 8, 9, 3, 10, 11])
-    docs = evaluate._split_docs(stream, 3, complete_tail=True)
+    docs = split_docs(stream, 3, complete_tail=True)
     assert [d.tolist() for d in docs] == [[5, 6], [7, 8, 9], [10, 11]]
 
 
@@ -104,7 +106,7 @@ def test_loom_eval_writes_every_metric_and_tensorboard_scalars(tmp_path):
     assert result["step"] == 2 and result["layout"] == {"dp": 1, "pp": 1, "tp": 1}
     metrics = result["metrics"]
     families = {k.split("/")[0] for k in metrics}
-    assert families == set(evaluate.FAMILIES), set(evaluate.FAMILIES) - families
+    assert families == set(FAMILIES), set(FAMILIES) - families
     for key in (
         "loss/heldout_nll",
         "ppl_f/ppl_f",

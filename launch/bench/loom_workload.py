@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
 
-from loom.launch.bench.memory import SavedTensorMeter, optimizer_tensors, tensor_bytes, zero_buckets, zero_grad_buffers
+from loom.launch.bench.memory import SavedTensorMeter, optimizer_tensors, tensor_bytes
 from loom.launch.bench.shapes import Shape, model_config, token_batch
 from loom.launch.bench.workloads import Workload, init_grid
+from loom.launch.train.train_module import TrainModule
+from loom.model.parallel.parallelize import default_device
+from loom.model.parallel.zero_state import gradient_partitions, local_partition, local_shape, reduce_buckets
 
 
 class LoomTrainer(Workload):
-    """Loom's own training path: `parallelize` (DeepSpeed engine, ZeRO stage, own 1F1B schedule)
-    and `ShardedStage.train_step`, with the techniques' upkeep before each step as the trainer does."""
+    """Loom's own training path: `parallelize` (DeepSpeed engine, ZeRO stage, own 1F1B schedule) and the
+    trainer's `TrainModule.train_batch` (the techniques' upkeep, the learning rate, the step)."""
 
     def __init__(
         self,
@@ -63,7 +67,8 @@ class LoomTrainer(Workload):
                 precision="fp32",
                 compile=compile,
             )
-        self.specs = self.sharded.module.carry_specs(self.micro, shape.seq, torch.float32)
+        self.lr = OptimizerSettings().lr
+        self.module = TrainModule(self.sharded, layout, self.micro, shape.seq, torch.float32, default_device())
         full = token_batch(shape, shape.batch)
         mine = full[layout.dp_rank * per_rank : (layout.dp_rank + 1) * per_rank]
         self.batches = list(mine.split(self.micro))
@@ -71,13 +76,10 @@ class LoomTrainer(Workload):
         self.step_index = 0
 
     def param_count(self) -> int:
-        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.sharded.module.parameters())
+        return sum(math.prod(local_shape(p)) for p in self.sharded.module.parameters())
 
     def step(self) -> None:
-        from loom.launch.train.technique_upkeep import upkeep
-
-        upkeep(self.sharded, self.layout, self.step_index)
-        self.last = self.sharded.train_step(self.batches, self.step_index, self.specs)
+        self.last = self.module.train_batch(self.batches, self.step_index, self.lr)
         self.step_index += 1
 
     # ------------------------------------------------------------------ memory accounting
@@ -88,14 +90,14 @@ class LoomTrainer(Workload):
 
         engine, module = self.sharded.engine, self.sharded.module
         params = list(module.parameters())
-        held = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
+        held = [local_partition(p) for p in params]
         out = {
             "params": tensor_bytes(held),
-            "params_full": 4 * sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in params),
+            "params_full": 4 * sum(int(torch.Size(local_shape(p)).numel()) for p in params),
             "buffers": tensor_bytes(module.buffers()),
         }
-        out["grads"] = tensor_bytes([p.grad for p in params] + zero_grad_buffers(engine.optimizer))
-        out["buckets"] = tensor_bytes(zero_buckets(engine.optimizer))
+        out["grads"] = tensor_bytes([p.grad for p in params] + gradient_partitions(engine.optimizer))
+        out["buckets"] = tensor_bytes(reduce_buckets(engine.optimizer))
         out["optimizer"] = tensor_bytes(optimizer_tensors(engine.optimizer))
         hcma = getattr(module, "hcma", None)
         out["technique_state"] = tensor_bytes(getattr(hcma, "_state", {}).values()) if hcma is not None else 0
@@ -110,7 +112,7 @@ class LoomTrainer(Workload):
         grads = {}
 
         def before_optimizer_step(*_):  # gradients exist only between backward and the step
-            grads["bytes"] = tensor_bytes([p.grad for p in module.parameters()] + zero_grad_buffers(engine.optimizer))
+            grads["bytes"] = tensor_bytes([p.grad for p in module.parameters()] + gradient_partitions(engine.optimizer))
 
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
         handle = inner.register_step_pre_hook(before_optimizer_step)
@@ -143,8 +145,8 @@ class LoomTrainer(Workload):
         engine = self.sharded.engine
         first = self.batches[0]
         engine.backward(engine(first, None, step=self.step_index))
-        between = tensor_bytes([p.grad for p in engine.module.parameters()] + zero_grad_buffers(engine.optimizer))
-        buckets = tensor_bytes(zero_buckets(engine.optimizer))
+        between = tensor_bytes([p.grad for p in engine.module.parameters()] + gradient_partitions(engine.optimizer))
+        buckets = tensor_bytes(reduce_buckets(engine.optimizer))
         engine.step()
         for mb in self.batches[1:]:
             engine.backward(engine(mb, None, step=self.step_index))
