@@ -20,8 +20,13 @@ from loom.data.manifest import Manifest, ShardInfo
 class CorruptShardError(RuntimeError):
     """A shard could not be read, or its bytes/samples disagree with the manifest.
 
-    Built from one message so DataLoader workers can re-raise it in the main process as is.
+    Built from one message so DataLoader workers can re-raise it in the main process as is. The main
+    process's copy arrives wrapped in torch's "Caught ... Original Traceback ..." text; the constructor
+    keeps the message alone, so the CLI prints one `error:` line.
     """
+
+    def __init__(self, message: str):
+        super().__init__(message.rsplit("CorruptShardError: ", 1)[-1].strip())
 
 
 def _corrupt(name: str, reason: str) -> CorruptShardError:

@@ -35,3 +35,20 @@ def acquire_run_lock(run_dir: str) -> None:
     dist.broadcast_object_list(problem, src=0)
     if problem[0]:
         raise ValueError(problem[0])
+
+
+def discard_if_unused(run_dir: str) -> None:
+    """Rank 0, when a run that created `run_dir` ends: if it stopped before writing anything but its
+    lock and config.yaml (bad input found during set-up), remove those and the folder, so a mistyped
+    command leaves nothing behind. A folder with anything else in it is kept."""
+    if not _held:  # not rank 0, or the lock was never taken
+        return
+    folder = Path(run_dir)
+    try:
+        if {p.name for p in folder.iterdir()} <= {".lock", "config.yaml"}:
+            (folder / "config.yaml").unlink(missing_ok=True)
+            (folder / ".lock").unlink(missing_ok=True)
+            folder.rmdir()
+    except OSError:  # something appeared meanwhile: keep it
+        pass
+    _held.pop().close()

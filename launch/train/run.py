@@ -16,7 +16,7 @@ from loom.launch.checkpoint import start_point as convert_layout
 from loom.launch.checkpoint import store as checkpoint
 from loom.launch.config import RunConfig, load_config, to_dict, to_yaml
 from loom.launch.runtime.env import init_distributed, read_dist_env
-from loom.launch.runtime.run_lock import acquire_run_lock
+from loom.launch.runtime.run_lock import acquire_run_lock, discard_if_unused
 from loom.launch.runtime.watchdog import Heartbeat
 from loom.launch.train.baselines import unigram_cross_entropy
 from loom.launch.train.callbacks import CheckpointCallback, EvalCallback, MonitorCallback, SampleCallback
@@ -35,6 +35,7 @@ def train_from_cli(config_path: str, overrides: list[str], resume: str | None = 
     denv = read_dist_env()
     overrides = list(overrides) + ([f"checkpoint.resume={resume}"] if resume else [])
     cfg = load_config(config_path, overrides, world_size=denv.world_size)  # fails before any process group
+    fresh_run_dir = not os.path.exists(cfg.output_dir)
     backend = init_distributed(denv, cfg.parallel.timeout_s)
     heartbeat = Heartbeat() if denv.world_size > 1 else None
     try:
@@ -51,6 +52,8 @@ def train_from_cli(config_path: str, overrides: list[str], resume: str | None = 
         print(f"error: rank {denv.rank}: {heartbeat.explain(exc)}", file=sys.stderr, flush=True)
         return 1
     finally:
+        if fresh_run_dir:
+            discard_if_unused(cfg.output_dir)  # bad input stopped the run in set-up: leave no folder behind
         if heartbeat is not None:
             heartbeat.stop()
         from megatron.core import parallel_state

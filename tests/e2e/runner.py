@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
@@ -27,7 +29,7 @@ def loom_command(args: list[str], nproc: int = 1) -> list[str]:
     ]
 
 
-def test_env(extra: dict | None = None) -> dict:
+def loom_env(extra: dict | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
@@ -35,11 +37,32 @@ def test_env(extra: dict | None = None) -> dict:
     return env
 
 
+def kill_process_tree(pid: int) -> bool:
+    """SIGKILL a launcher and all its descendants. torchrun starts its workers in sessions of their
+    own, so killing its process group would leave the ranks running. True if the launcher and at least
+    one process below it were still alive."""
+    try:
+        root = psutil.Process(pid)
+        victims = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    alive = []
+    for p in victims:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                p.kill()
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+    return len(alive) > 1  # the launcher and at least one rank were still running
+
+
 def run_loom(
     args: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        loom_command(args, nproc), cwd=REPO, env=test_env(env), capture_output=True, text=True, timeout=timeout
+        loom_command(args, nproc), cwd=REPO, env=loom_env(env), capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -1,14 +1,16 @@
 """`loom train` end to end: exact resume, atomic checkpoints, SIGTERM, NaN skipping, TensorBoard."""
 
 import math
+import re
 import shutil
 import signal
 import subprocess
 
 import pytest
 
-from loom.launch.checkpoint.store import MANIFEST, find_resumable
-from tests.e2e.runner import REPO, TINY, loom_command, read_scalars, run_loom, test_env
+from loom.launch.checkpoint.layout import MANIFEST
+from loom.launch.checkpoint.locate import find_resumable, newest_intact
+from tests.e2e.runner import REPO, TINY, loom_command, loom_env, read_scalars, run_loom
 
 QUIET = ["train.log_every=1", "train.eval_every=0"]
 
@@ -142,8 +144,8 @@ def test_monitoring_scalars_and_partial_checkpoints(tmp_path):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    warnings = []
-    assert find_resumable(run, log=warnings.append) == ckpts / "step_00000004"
+    found, warnings = newest_intact(run)
+    assert found == ckpts / "step_00000004"
     assert any("step_00000009" in w and "incomplete" in w for w in warnings)
     assert any("step_00000008" in w and "sha256" in w for w in warnings)
 
@@ -155,7 +157,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     proc = subprocess.Popen(
         loom_command(args, nproc=2),
         cwd=REPO,
-        env=test_env(),
+        env=loom_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -167,11 +169,15 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
             proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
             break
     rest, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, "a preempted run must not report success"
     text = "".join(seen) + rest
+    # torchrun itself exits 1 when its ranks fail (README, Slurm section); every rank's own exit code is 75
+    assert proc.returncode != 0, "a preempted run must not report success"
+    stopped = re.search(r"finished at step (\d+) \(exit code (\d+)\)", text)
+    assert stopped and stopped.group(2) == "75", text[-3000:]
+    assert text.count("exitcode  : 75") == 2, text[-3000:]  # torchrun's summary of both ranks
     assert "checkpoint saved" in text, text[-3000:]
     folder = find_resumable(run)
-    assert folder is not None
+    assert folder is not None and folder.name == f"step_{int(stopped.group(1)):08d}"
     out = run_loom(
         [
             "train",

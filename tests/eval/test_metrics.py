@@ -287,13 +287,38 @@ def test_kv_probes_are_deterministic_and_an_oracle_recalls_everything():
     assert np.mean([recall.exact_match(w, p.answer) for w, p in zip(wrong, probes)]) == 0.0
 
 
+def _contains(seq: list[int], part: list[int]) -> bool:
+    return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
+def _asked_about(probe) -> tuple[str, str, str]:
+    """(a, b, objects) of the question that ends both contexts: the one pair and object whose two
+    question wordings (recall.QUESTIONS) end context_a and context_b."""
+    found = []
+    for a in probe.quantities:
+        for b in probe.quantities:
+            for obj in recall.OBJECTS:
+                q1, q2 = (toy_encode(t.format(obj=obj, a=a, b=b)) for t in recall.QUESTIONS[probe.kind])
+                if a != b and probe.context_a[-len(q1) :] == q1 and probe.context_b[-len(q2) :] == q2:
+                    found.append((a, b, obj))
+    assert len(found) == 1, f"{probe.kind}: questions matching the contexts: {found}"
+    return found[0]
+
+
 def test_numeric_probes_oracle_and_consistency():
     probes = recall.make_numeric_probes(list(range(100, 400)), toy_encode, n_tokens=200, n_samples=9, seed=1)
     assert all(len(p.context_a) == 200 and len(p.context_b) == 200 for p in probes)
     assert {p.kind for p in probes} == {"sum", "difference", "comparison"}
     for p in probes:
-        a, b = sorted(p.quantities.items(), key=lambda kv: kv[1])[-2:]
-        assert p.answer.lstrip("-").isdigit() or p.answer in p.quantities
+        a, b, obj = _asked_about(p)
+        ca, cb = p.quantities[a], p.quantities[b]
+        for name, count in p.quantities.items():  # every quantity is stated in both contexts
+            stated = toy_encode(f" {name} has {count} {obj}.")
+            assert _contains(p.context_a, stated) and _contains(p.context_b, stated), (name, count)
+        expected = {"sum": str(ca + cb), "difference": str(abs(ca - cb)), "comparison": a if ca > cb else b}
+        assert p.answer == expected[p.kind], (p.kind, a, ca, b, cb, p.answer)
+        if p.kind == "difference":
+            assert ca > cb, "the difference question asks how many more the larger one has"
     truth = [p.answer for p in probes]
     assert recall.numeric_scores(truth, truth, truth) == {"accuracy": 1.0, "consistency": 1.0, "samples": 9}
     half = recall.numeric_scores(truth, ["x"] * 9, truth)

@@ -122,7 +122,36 @@ def test_relevance_noise_only_in_training(batch):
         scr.eval()
         assert torch.equal(scr(batch.h, batch.start)[1], clean(batch.h, batch.start)[1])
         scr.train()
-        noisy = scr(batch.h, batch.start)[1]
-        assert not torch.allclose(noisy, clean(batch.h, batch.start)[1])
-        assert ((noisy >= 0) & (noisy <= 1)).all()
+        assert not torch.allclose(scr(batch.h, batch.start)[1], clean(batch.h, batch.start)[1])
     assert "relevance_mean" in scr.metrics()
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_concrete_noise_with_fixed_uniforms(batch, monkeypatch, tau):
+    """Training-time relevance is the binary concrete (relaxed Bernoulli) sample
+    sigmoid((logit + log u - log(1 - u)) / tau), with u clamped to [1e-6, 1 - 1e-6] in fp32; the logit is
+    w . RMSNorm(h) + b, computed here independently in float64."""
+    scr = _trained(SCR(batch.h.shape[-1], SCRConfig(rank=16, relevance_noise=f"concrete({tau})"))).train()
+    s, b = batch.start.shape
+    # every kind of draw: no noise (0.5), both tails, and the clamped ends 0 and 1
+    fixed = torch.tensor([0.5, 0.1, 0.9, 0.01, 0.999, 0.0, 1.0, 0.3])
+    uniforms = fixed.repeat(s * b // len(fixed) + 1)[: s * b].reshape(s, b)
+
+    def fixed_rand_like(t, *args, **kwargs):
+        assert t.shape == (s, b), "the noise is drawn once per token"
+        return uniforms.to(t.dtype)
+
+    monkeypatch.setattr(torch, "rand_like", fixed_rand_like)
+    with torch.no_grad():
+        _, rho = scr(batch.h, batch.start)
+
+    h = batch.h.double()
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * scr.norm.weight.double()
+    logit = normed @ scr.relevance.weight.double()[0] + scr.relevance.bias.double()
+    u = uniforms.clamp(1e-6, 1 - 1e-6).double()  # the bounds as fp32 holds them (1 - 1e-6 rounds to 0.99999899)
+    expected = torch.sigmoid((logit + torch.log(u / (1 - u))) / tau)
+    assert rho.dtype == torch.float32
+    torch.testing.assert_close(rho.double(), expected, rtol=0, atol=2e-6)
+    # u = 0.5 adds no noise, only the temperature: sigmoid(logit / tau)
+    half = uniforms == 0.5
+    torch.testing.assert_close(rho.double()[half], torch.sigmoid(logit / tau)[half], rtol=0, atol=2e-6)
