@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from loom.launch.bench.hardware import QUIET_CORES, CpuMeter, Hardware
-from loom.launch.bench.workers import WorkerGroup
+from loom.launch.runtime.fork import WorkerGroup
 
 
 @dataclass

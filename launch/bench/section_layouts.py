@@ -6,10 +6,10 @@ import dataclasses
 
 from loom.launch.bench.alternate import alternate, paired_ratio
 from loom.launch.bench.hardware import Hardware, Probe
+from loom.launch.bench.loom_workload import LoomTrainer
 from loom.launch.bench.options import BenchOptions
 from loom.launch.bench.report import Report, fmt_bytes, fmt_rate, fmt_time
 from loom.launch.bench.shapes import flops_per_token
-from loom.launch.bench.loom_workload import LoomTrainer
 from loom.launch.bench.workers import worker_groups
 
 ACCUMULATION = 4

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from loom.launch.bench.alternate import alternate, paired_ratio
 from loom.launch.bench.hardware import Hardware, Probe
+from loom.launch.bench.loom_workload import LoomTrainer
 from loom.launch.bench.options import BenchOptions
 from loom.launch.bench.report import Report, fmt_rate, fmt_time
 from loom.launch.bench.shapes import flops_per_token
-from loom.launch.bench.loom_workload import LoomTrainer
 from loom.launch.bench.workers import worker_groups
 from loom.launch.bench.workloads import build_hf_llama, build_loom_plain, build_megatron_gpt
 

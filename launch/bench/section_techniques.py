@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from loom.launch.bench.alternate import alternate, paired_ratio
 from loom.launch.bench.hardware import Hardware
+from loom.launch.bench.loom_workload import LoomTrainer
 from loom.launch.bench.options import BenchOptions
 from loom.launch.bench.report import Report, fmt_bytes, fmt_time, target_verdict
 from loom.launch.bench.shapes import Shape
-from loom.launch.bench.loom_workload import LoomTrainer
 from loom.launch.bench.workers import worker_groups
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import statistics
 
+from loom.launch.bench.loom_workload import LoomTrainer
 from loom.launch.bench.options import BenchOptions
 from loom.launch.bench.report import Report, fmt_bytes, fmt_time
-from loom.launch.bench.loom_workload import LoomTrainer
 from loom.launch.bench.workers import worker_groups
 
 

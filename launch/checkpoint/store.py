@@ -148,18 +148,27 @@ def _apply_retention(root: Path, keep_last: int) -> None:
 def load(engine, folder: Path, trust_pickles: bool = False) -> tuple[dict, dict | None]:
     """Load a checkpoint into a live engine (every rank); returns (meta, this rank's Loom state, or None
     when the checkpoint was written by a different number of ranks). Every pickle this rank reads is
-    checked against the allowlist first (`unpickle`), unless the user trusts the checkpoint."""
+    checked against the allowlist (`unpickle`) before DeepSpeed's loader sees any file, unless the user
+    trusts the checkpoint; all ranks agree before anything is loaded, so a refusal stops every rank
+    with the same error instead of leaving the others waiting."""
     from loom.launch.checkpoint.meta import read_meta
-    from loom.launch.checkpoint.unpickle import check_deepspeed_files, load_plain
+    from loom.launch.checkpoint.unpickle import UnsafeCheckpointError, check_deepspeed_files, load_plain
 
     meta = read_meta(folder)
     ds = deepspeed_dir(folder)
-    if not trust_pickles:
-        check_deepspeed_files(ds, comm_agree=True)
+    rank_file = rank_state_file(folder, dist.get_rank())
+    same_world = meta.get("world_size") == dist.get_world_size()
+    rank_state, error = None, None
+    try:
+        if not trust_pickles:
+            check_deepspeed_files(ds)
+        if same_world and rank_file.is_file():
+            rank_state = load_plain(rank_file, trust_pickles)
+    except ValueError as exc:  # UnsafeCheckpointError, or a damaged file
+        error = exc
+    if comm.all_reduce_values([0.0 if error is None else 1.0], op=comm.ReduceOp.MAX)[0]:
+        raise error or UnsafeCheckpointError(f"another rank refused a file of {folder}; see its error")
     load_path, _ = engine.load_checkpoint(str(ds.parent), tag=ds.name)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {ds}")
-    rank_file = rank_state_file(folder, dist.get_rank())
-    same_world = meta.get("world_size") == dist.get_world_size()
-    rank_state = load_plain(rank_file, trust_pickles) if (same_world and rank_file.is_file()) else None
     return meta, rank_state

@@ -20,6 +20,7 @@ a user trusts that fails the check (e.g. one written by a newer DeepSpeed) loads
 from __future__ import annotations
 
 import importlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +36,26 @@ DEEPSPEED_GLOBALS = (
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.utils.tensor_fragment.fragment_address",
 )
+
+
+_TORCH_SAFE = {
+    # what torch's weights-only unpickler builds on its own (named here only to word the refusal)
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "collections.OrderedDict",
+    "torch.FloatStorage",
+    "torch.DoubleStorage",
+    "torch.HalfStorage",
+    "torch.BFloat16Storage",
+    "torch.LongStorage",
+    "torch.IntStorage",
+    "torch.BoolStorage",
+    "torch.ByteStorage",
+    "torch.float32",
+    "torch.bfloat16",
+    "torch.device",
+    "torch.Size",
+}
 
 
 class UnsafeCheckpointError(ConvertError):
@@ -59,13 +80,41 @@ def _allowed() -> list:
     return out
 
 
+def global_references(path: Path) -> list[str]:
+    """The `module.name` globals a torch checkpoint's pickles reference, read without unpickling
+    (a `pickletools` walk: each STACK_GLOBAL takes the two strings pushed or fetched just before it)."""
+    import pickletools
+    import zipfile
+
+    found: list[str] = []
+    with zipfile.ZipFile(path) as archive:
+        for name in [n for n in archive.namelist() if n.endswith(".pkl")]:
+            strings: list = []
+            memo: dict = {}
+            for op, arg, _ in pickletools.genops(archive.read(name)):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+                    strings.append(arg)
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[arg] = strings[-1] if strings else None
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    strings.append(memo.get(arg))
+                elif op.name == "GLOBAL":
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+    return found
+
+
 def _refuse(path: Path, exc: Exception) -> UnsafeCheckpointError:
+    """One line naming the file and the first global outside the allowlist."""
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        named = global_references(path)
     except Exception:  # noqa: BLE001 - not a torch zip file: say what the unpickler said
-        unsafe = []
-    allowed = set(DEEPSPEED_GLOBALS)
-    names = [g for g in unsafe if g not in allowed]
+        named = []
+    allowed = set(DEEPSPEED_GLOBALS) | _TORCH_SAFE
+    names = [g for g in named if g not in allowed]
     what = f"references {names[0]}" if names else f"cannot be read safely ({str(exc).splitlines()[0][:200]})"
     return UnsafeCheckpointError(f"refusing to load {path}: it {what}, which is not on Loom's allowlist; {TRUST_HINT}")
 
@@ -74,7 +123,9 @@ def _load(path: Path, allow: list, trust: bool, mmap: bool):
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)  # the user's explicit choice
     try:
-        with torch.serialization.safe_globals(allow):
+        with torch.serialization.safe_globals(allow), warnings.catch_warnings():
+            # a pickle of another protocol than torch.save's is refused below anyway: no extra warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError (and others) for what it will not build
         if isinstance(exc, FileNotFoundError):
@@ -95,24 +146,11 @@ def load_deepspeed_file(path: Path, trust: bool = False):
     return _load(Path(path), _allowed(), trust, mmap=True)
 
 
-def check_deepspeed_files(ds_dir: Path, comm_agree: bool = False) -> None:
+def check_deepspeed_files(ds_dir: Path) -> None:
     """Check every pickle DeepSpeed's `load_checkpoint` may read on this rank — its model-parallel
-    rank's model states and every data-parallel shard of its optimizer states — before it reads them.
-    With `comm_agree`, all ranks learn whether any rank refused (collective over the default group)."""
-    error = None
-    try:
-        for path in deepspeed_files_of_this_rank(ds_dir):
-            load_deepspeed_file(path)
-    except ConvertError as exc:
-        error = exc
-    if comm_agree:
-        from loom.model.parallel import comm
-
-        refused = comm.all_reduce_values([0.0 if error is None else 1.0], op=comm.ReduceOp.MAX)[0]
-        if refused and error is None:
-            raise UnsafeCheckpointError(f"another rank refused a file of {ds_dir}; {TRUST_HINT}")
-    if error is not None:
-        raise error
+    rank's model states and every data-parallel shard of its optimizer states — before it reads them."""
+    for path in deepspeed_files_of_this_rank(ds_dir):
+        load_deepspeed_file(path)
 
 
 def deepspeed_files_of_this_rank(ds_dir: Path) -> list[Path]:

@@ -79,16 +79,9 @@ def read_dist_env(environ=None) -> DistEnv:
             port,
             "srun",
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single process")
+    from loom.launch.runtime.fork import free_port  # a single process needs a store port too; a fixed one would clash
 
-
-def _free_port() -> int:
-    """A single process needs a store port too; a fixed one would clash with a second run."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single process")
 
 
 def init_distributed(denv: DistEnv, timeout_s: float = 600.0) -> str:
