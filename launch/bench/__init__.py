@@ -27,7 +27,7 @@ parallel layouts (1 process vs DP2/TP2/PP2), ZeRO 0-3 per-rank bytes against the
 Modules: `shapes` (what is measured), `hardware` (the machine's limits and load), `workloads` and
 `loom_workload` (what a worker runs), `memory` (byte accounting), `workers` (forked process groups),
 `alternate` (rounds and paired ratios), `options`, `section_*` (one table each, registered in
-`sections`), `report` (markdown) and `run` (`run_bench`). `launch.bench` gathers the public names.
+`sections`), `report` (markdown) and `run` (`run_bench`).
 """
 
 import os
