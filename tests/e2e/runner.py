@@ -58,6 +58,17 @@ def kill_process_tree(pid: int) -> bool:
     return len(alive) > 1  # the launcher and at least one rank were still running
 
 
+def rank_process(launcher_pid: int, rank: int) -> psutil.Process:
+    """The `loom` process of global rank `rank` below a launcher (torchrun)."""
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if "loom.launch.cli" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no process for rank {rank}")
+
+
 def run_loom(
     args: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 600, check: bool = True
 ) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import pytest
 
 from loom.launch.checkpoint.layout import MANIFEST
 from loom.launch.checkpoint.locate import find_resumable, newest_intact
-from tests.e2e.runner import REPO, TINY, loom_command, loom_env, read_scalars, run_loom
+from tests.e2e.runner import REPO, TINY, loom_command, loom_env, rank_process, read_scalars, run_loom
 
 QUIET = ["train.log_every=1", "train.eval_every=0"]
 
@@ -166,15 +166,17 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     for line in proc.stdout:
         seen.append(line)
         if line.startswith("step 3/"):
-            proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+            # one rank only: the ranks agree on the stop at the next step boundary, so both save and exit 75
+            rank_process(proc.pid, 1).send_signal(signal.SIGTERM)
             break
     rest, _ = proc.communicate(timeout=300)
     text = "".join(seen) + rest
-    # torchrun itself exits 1 when its ranks fail (README, Slurm section); every rank's own exit code is 75
+    # torchrun exits 1 when a rank fails (README, Slurm section) and names the exit code of the first rank to
+    # end: 75 (it then stops the other one, which may already be tearing down); rank 0 reports its own code
     assert proc.returncode != 0, "a preempted run must not report success"
     stopped = re.search(r"finished at step (\d+) \(exit code (\d+)\)", text)
     assert stopped and stopped.group(2) == "75", text[-3000:]
-    assert text.count("exitcode  : 75") == 2, text[-3000:]  # torchrun's summary of both ranks
+    assert re.search(r"exitcode\s*:\s*75\b", text), text[-3000:]
     assert "checkpoint saved" in text, text[-3000:]
     folder = find_resumable(run)
     assert folder is not None and folder.name == f"step_{int(stopped.group(1)):08d}"

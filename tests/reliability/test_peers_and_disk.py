@@ -7,28 +7,17 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
 from loom.launch.checkpoint.locate import find_resumable
 from loom.launch.checkpoint.manifest import verify
-from tests.e2e.runner import REPO, TINY, kill_process_tree, loom_command, loom_env, read_scalars, run_loom
+from tests.e2e.runner import REPO, TINY, kill_process_tree, loom_command, loom_env, rank_process, read_scalars, run_loom
 from tests.reliability.fault_runner import FILL_DISK, NAN_WEIGHTS
 
 FAULT_RUNNER = Path(__file__).with_name("fault_runner.py")
 
 QUIET = ["train.log_every=1", "train.eval_every=0", "data.num_workers=0"]
-
-
-def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
-    for child in launcher.children(recursive=True):
-        try:
-            if "loom.launch.cli" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
-                return child
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no process for rank {rank}")
 
 
 # The README's claim: the survivor names the silent rank within parallel.timeout_s plus this margin (the
@@ -64,7 +53,7 @@ def test_hung_peer_fails_within_the_timeout_and_is_named(tmp_path):
             output.append(line)
             if line.startswith("step 3/"):
                 break
-        hung = _rank_process(psutil.Process(proc.pid), 1)
+        hung = rank_process(proc.pid, 1)
         hung.suspend()  # SIGSTOP: alive but silent, like a stuck GPU or a partitioned node
         stopped_at = time.monotonic()
         for line in proc.stdout:
