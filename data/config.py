@@ -2,14 +2,68 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import math
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 from loom.data.corpora import CORPORA
 from loom.data.tokenizer import MODEL_TYPES
 
 ON_CORRUPT = ("skip", "fail")
 """Policies for a corrupt training shard (kept here so importing the config stays light: no torch)."""
+
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_SPLIT_FOLDERS = ("train", "val", "manifest.json")
+
+
+@dataclass
+class MixtureSource:
+    """One entry of `data.mixture` or `data.eval_mixture`."""
+
+    path: str = ""
+    """A built-in corpus name (`loom data list`), or shards as `train_data` accepts them (manifest, folder, URL)."""
+    weight: float = 1.0
+    """Relative share of the samples drawn from this source (normalised over the list); 0 leaves it unread."""
+    name: Optional[str] = None
+    """Name in logs and TensorBoard tags (`data/<name>/tokens`); None derives it from the corpus or folder name."""
+    shard_base: Optional[str] = None
+    """Prefix that replaces this source's manifest folder in shard URLs (as `data.shard_base` does)."""
+
+    def is_corpus(self) -> bool:
+        """A bare built-in corpus name; write `./linuxdoc` for a folder of that name."""
+        return self.path in CORPORA
+
+    def display_name(self) -> str:
+        """`name`, or the corpus name, or the last folder of the path that is not a split folder."""
+        if self.name:
+            return self.name
+        if self.is_corpus():
+            return self.path
+        parts = [p for p in re.split(r"[/\\\s]+", self.path.rstrip("/")) if p and p not in _SPLIT_FOLDERS]
+        tail = parts[-1] if parts else "source"
+        return re.sub(r"[^A-Za-z0-9_.+-]", "_", tail.removesuffix(".json")) or "source"
+
+
+def _mixture_problems(key: str, entries: list[MixtureSource]) -> list[str]:
+    problems = []
+    for index, entry in enumerate(entries):
+        where = f"data.{key}[{index}]"
+        if not entry.path:
+            problems.append(f"{where}: path is empty (give a built-in corpus name or a manifest, folder or URL)")
+        elif entry.path.startswith(("http://", "https://")) and entry.path.endswith("/"):
+            problems.append(f"{where}: {entry.path!r} ends with '/': name the manifest itself")
+        if not (math.isfinite(entry.weight) and entry.weight >= 0):
+            problems.append(f"{where}: weight must be a finite number >= 0, got {entry.weight}")
+        if entry.name is not None and not _SOURCE_NAME.match(entry.name):
+            problems.append(f"{where}: name {entry.name!r} must be letters, digits and _ . + - (it becomes a tag)")
+    if entries and not any(e.weight > 0 for e in entries if math.isfinite(e.weight)):
+        problems.append(f"data.{key}: no source has a positive weight; at least one needs one")
+    names = [e.display_name() for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"data.{key}: several sources are named {', '.join(duplicates)}; give each a distinct `name`")
+    return problems
 
 
 @dataclass
@@ -48,13 +102,25 @@ class DataConfig:
     """Prefix that replaces the manifest's folder in shard URLs, e.g. "pipe:curl -sf https://host/set/"."""
     eval_max_batches: Optional[int] = 50
     """Micro-batches per rank in one evaluation; None means a full pass over the eval shards."""
+    mixture: List[MixtureSource] = field(default_factory=list)
+    """Train on a weighted blend of sources `{path, weight, name, shard_base}` (README: "Data mixtures")."""
+    eval_mixture: List[MixtureSource] = field(default_factory=list)
+    """Several held-out sets `{path, weight, name}`: `eval/<name>/loss` each, `eval/loss` their weighted mean."""
 
     def validate(self) -> list[str]:
         """Human-readable problems with these settings; empty when they are usable."""
         problems = []
-        if self.train_data is None and self.corpus not in CORPORA:
+        if self.mixture and self.train_data is not None:
+            problems.append("data.mixture and data.train_data are both set: train on one or the other")
+        if self.eval_mixture and self.eval_data is not None:
+            problems.append("data.eval_mixture and data.eval_data are both set: evaluate on one or the other")
+        if self.mixture and self.shard_base is not None:
+            problems.append("data.shard_base applies to train_data; give each data.mixture entry its own shard_base")
+        problems += _mixture_problems("mixture", self.mixture) + _mixture_problems("eval_mixture", self.eval_mixture)
+        if self.train_data is None and not self.mixture and self.corpus not in CORPORA:
             problems.append(f"data.corpus {self.corpus!r} is not a built-in corpus ({', '.join(sorted(CORPORA))})")
-        if self.eval_data is None and self.eval_corpus is not None and self.eval_corpus not in CORPORA:
+        eval_corpus_used = self.eval_data is None and not self.eval_mixture and self.eval_corpus is not None
+        if eval_corpus_used and self.eval_corpus not in CORPORA:
             problems.append(
                 f"data.eval_corpus {self.eval_corpus!r} is not a built-in corpus ({', '.join(sorted(CORPORA))})"
             )

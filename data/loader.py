@@ -12,6 +12,9 @@ dry and hang a collective; `epoch` in the state counts completed passes over the
 Each shard is verified as it is read (see shard_reader); with on_corrupt="skip" a bad shard
 contributes no samples, is logged by name and counted (`TrainLoader.corrupt_shards_skipped`).
 
+A mixture of several shard sets blends such per-source streams (see `mixture`); held-out
+evaluation batches are in `eval_loader`.
+
 Resume. torchdata's StatefulDataLoader snapshots each worker's stream position with every batch;
 `TrainLoader.state_dict()` is that plus the layout it belongs to. A loader restored from it, in a
 fresh process, yields exactly the batches the uninterrupted loader would have yielded next. It
@@ -83,7 +86,7 @@ class ShardStream(IterableDataset):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
         return [int(i) for i in order[stream::streams]]
 
-    def _pool_samples(self, shard_ids: list[int], fresh: bool) -> np.ndarray:
+    def _pool_samples(self, state: dict[str, Any], shard_ids: list[int], fresh: bool) -> np.ndarray:
         arrays = []
         for index in shard_ids:
             info = self.manifest.shards[index]
@@ -94,32 +97,59 @@ class ShardStream(IterableDataset):
                     raise
                 if fresh:  # a resumed position re-reads its pool; count each skip once
                     log.warning("%s; skipping it (on_corrupt='skip')", exc)
-                    self._state["corrupt_skipped"] += 1
-                    if info.name not in self._state["corrupt_shards"]:
-                        self._state["corrupt_shards"].append(info.name)
+                    state["corrupt_skipped"] += 1
+                    if info.name not in state["corrupt_shards"]:
+                        state["corrupt_shards"].append(info.name)
         if not arrays:
             return np.zeros((0, self.manifest.sample_length), dtype=np.int64)
         return np.concatenate(arrays)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What a saved state must agree with (see TrainLoader)."""
+        return self.manifest.fingerprint()
+
+    @staticmethod
+    def is_stream_state(tree: dict[str, Any]) -> bool:
+        return "streams" in tree and "corrupt_skipped" in tree
+
+    @staticmethod
+    def source_states(state: dict[str, Any], active: bool = False) -> list[dict[str, Any]]:
+        """The per-source positions inside one stream's state (one source here)."""
+        return [state] if state else []
+
+    def scalars(self, states: list[dict[str, Any]]) -> dict[str, float]:
+        return {}  # a single source: data/epoch says it all
+
+    def resume_note(self, states: list[dict[str, Any]]) -> str | None:
+        return None
+
+    def fresh_state(self, stream: int, streams: int) -> dict[str, Any]:
+        return {
+            "stream": stream,
+            "streams": streams,
+            "epoch": 0,
+            "pool": 0,
+            "offset": 0,
+            "samples": 0,
+            "corrupt_skipped": 0,
+            "corrupt_shards": [],
+        }
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         worker, stream, streams = self._layout()
         if self._state is None:
-            self._state = {
-                "stream": stream,
-                "streams": streams,
-                "epoch": 0,
-                "pool": 0,
-                "offset": 0,
-                "samples": 0,
-                "corrupt_skipped": 0,
-                "corrupt_shards": [],
-            }
+            self._state = self.fresh_state(stream, streams)
         elif (self._state["stream"], self._state["streams"]) != (stream, streams):
             raise ValueError(
                 f"loader state belongs to stream {self._state['stream']} of {self._state['streams']}, "
                 f"not stream {stream} of {streams}: DP size or num_workers changed"
             )
-        state = self._state
+        yield from self.samples(self._state, worker, stream, streams)
+
+    def samples(self, state: dict[str, Any], worker: int, stream: int, streams: int) -> Iterator[torch.Tensor]:
+        """This stream's samples from position `state` on, forever; advances `state` in place.
+
+        A generator: nothing is read until the first sample is asked for."""
         k = self.shards_per_pool
         while True:
             epoch = state["epoch"]
@@ -128,7 +158,7 @@ class ShardStream(IterableDataset):
             yielded_before = state["samples"]
             started_at_zero = state["pool"] == 0 and state["offset"] == 0
             while state["pool"] < len(pools):
-                samples = self._pool_samples(pools[state["pool"]], fresh=state["offset"] == 0)
+                samples = self._pool_samples(state, pools[state["pool"]], fresh=state["offset"] == 0)
                 rng = np.random.default_rng([self.seed, epoch, self.dp_rank, worker, state["pool"]])
                 perm = rng.permutation(len(samples))
                 while state["offset"] < len(perm):
@@ -140,18 +170,18 @@ class ShardStream(IterableDataset):
                 state["offset"] = 0
             if started_at_zero and state["samples"] == yielded_before:
                 raise RuntimeError(
-                    f"stream {stream} of {streams} read a whole epoch without one usable sample: "
-                    f"all its shards are corrupt ({', '.join(state['corrupt_shards'])})"
+                    f"{self.manifest.location}: stream {stream} of {streams} read a whole epoch without one "
+                    f"usable sample: all its shards are corrupt ({', '.join(state['corrupt_shards'])})"
                 )
             state.update(epoch=epoch + 1, pool=0)
 
 
-def _find_stream_states(tree: Any) -> list[dict[str, Any]]:
+def _find_stream_states(tree: Any, is_stream_state) -> list[dict[str, Any]]:
     """Stream states inside torchdata's nested state dict (its layout is private, so search it)."""
     if isinstance(tree, dict):
-        if "streams" in tree and "corrupt_skipped" in tree:
+        if is_stream_state(tree):
             return [tree]
-        return [s for value in tree.values() for s in _find_stream_states(value)]
+        return [s for value in tree.values() for s in _find_stream_states(value, is_stream_state)]
     return []
 
 
@@ -165,7 +195,7 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 class TrainLoader:
     """Infinite iterator of LongTensor batches [micro_batch_size, seq_length + 1] with exact resume."""
 
-    def __init__(self, dataset: ShardStream, micro_batch_size: int, num_workers: int, prefetch_factor: int = 2):
+    def __init__(self, dataset: IterableDataset, micro_batch_size: int, num_workers: int, prefetch_factor: int = 2):
         self.dataset = dataset
         self.micro_batch_size, self.num_workers = micro_batch_size, num_workers
         with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API in its constructor
@@ -190,7 +220,7 @@ class TrainLoader:
             "num_workers": self.num_workers,
             "micro_batch_size": self.micro_batch_size,
             "shards_per_pool": d.shards_per_pool,
-            "dataset": d.manifest.fingerprint(),
+            "dataset": d.fingerprint(),
         }
 
     def __iter__(self) -> "TrainLoader":
@@ -235,6 +265,9 @@ class TrainLoader:
         self._pending = copy.deepcopy(state)
         self.dataset.load_state_dict({})  # num_workers=0 keeps the live position on this object
         self._loader.load_state_dict(self._pending["loader"])
+        note = self.dataset.resume_note(self.stream_states())
+        if note:
+            log.warning("%s", note)
 
     def close(self) -> None:
         """Stop the worker processes now; iterating again continues from the same position."""
@@ -254,21 +287,40 @@ class TrainLoader:
             shutdown()
 
     def stream_states(self) -> list[dict[str, Any]]:
+        """The position of each of this rank's streams (one per worker) as of the last batch returned."""
         if self._iterator is None:
-            return _find_stream_states(self._pending or {})
-        if self.num_workers == 0:
-            return [self.dataset.state_dict()]
-        return _find_stream_states(self._loader.state_dict())
+            tree = self._pending or {}
+        elif self.num_workers == 0:
+            tree = self.dataset.state_dict()
+        else:
+            tree = self._loader.state_dict()
+        return _find_stream_states(tree, self.dataset.is_stream_state)
 
     @property
     def corrupt_shards_skipped(self) -> int:
         """Corrupt shards skipped so far by this rank (each skip of each epoch counts), for metrics."""
-        return sum(s["corrupt_skipped"] for s in self.stream_states())
+        return sum(s["corrupt_skipped"] for state in self.stream_states() for s in self.dataset.source_states(state))
 
     @property
     def epoch(self) -> int:
-        """Passes completed by this rank's slowest stream."""
-        return min((s["epoch"] for s in self.stream_states()), default=0)
+        """Passes completed by this rank's slowest stream (of a mixture: its least-read source with weight > 0)."""
+        states = self.stream_states()
+        return min((s["epoch"] for state in states for s in self.dataset.source_states(state, active=True)), default=0)
+
+    def source_scalars(self) -> dict[str, float]:
+        """Per-source TensorBoard scalars of a mixture (`data/<source>/tokens`, `.../epoch`); none otherwise."""
+        return self.dataset.scalars(self.stream_states())
+
+
+def check_loader_arguments(
+    micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int, on_corrupt: str, shards_per_pool: int
+) -> None:
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+    if micro_batch_size < 1 or num_workers < 0 or shards_per_pool < 1:
+        raise ValueError("micro_batch_size and shards_per_pool must be >= 1 and num_workers >= 0")
 
 
 def build_train_loader(
@@ -289,12 +341,7 @@ def build_train_loader(
     vocab_padding_multiple: int = 1,
 ) -> TrainLoader:
     """Training loader over a manifest (path, folder or URL); checks it against the tokenizer/model first."""
-    if on_corrupt not in ON_CORRUPT:
-        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-    if micro_batch_size < 1 or num_workers < 0 or shards_per_pool < 1:
-        raise ValueError("micro_batch_size and shards_per_pool must be >= 1 and num_workers >= 0")
+    check_loader_arguments(micro_batch_size, dp_rank, dp_size, num_workers, on_corrupt, shards_per_pool)
     manifest = load_manifest(source, split="train")
     check_compatible(
         manifest,
@@ -320,62 +367,3 @@ def build_train_loader(
         on_corrupt=on_corrupt,
     )
     return TrainLoader(dataset, micro_batch_size, num_workers, prefetch_factor)
-
-
-def eval_batches(
-    source: str | os.PathLike,
-    micro_batch_size: int,
-    dp_rank: int = 0,
-    dp_size: int = 1,
-    max_batches: int | None = None,
-    *,
-    shard_base: str | None = None,
-    seq_length: int | None = None,
-    tokenizer_sha256: str | None = None,
-    vocab_size: int | None = None,
-    vocab_padding_multiple: int = 1,
-) -> Iterator[torch.Tensor]:
-    """One deterministic pass, no shuffle: rank r gets samples [r*n, (r+1)*n) with n = total // dp_size.
-
-    Every rank yields the same number of batches of the same shapes (the last may be smaller than
-    `micro_batch_size`), so collectives in the eval loop stay in step. A corrupt shard always
-    raises CorruptShardError: skipping would leave the ranks with different batch counts.
-    Bad arguments and incompatible shards raise here, before the first batch is asked for.
-    """
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    manifest = load_manifest(source, split="val")
-    check_compatible(
-        manifest,
-        tokenizer_sha256=tokenizer_sha256,
-        vocab_size=vocab_size,
-        seq_length=seq_length,
-        vocab_padding_multiple=vocab_padding_multiple,
-    )
-    per_rank = manifest.num_samples // dp_size
-    if per_rank == 0:
-        raise ValueError(f"{manifest.location}: {manifest.num_samples} samples cannot give each of {dp_size} ranks one")
-    begin = dp_rank * per_rank
-    end = begin + per_rank if max_batches is None else min(begin + per_rank, begin + max_batches * micro_batch_size)
-    return _eval_pass(manifest, shard_urls(manifest, shard_base), begin, end, micro_batch_size)
-
-
-def _eval_pass(
-    manifest: Manifest, urls: list[str], begin: int, end: int, micro_batch_size: int
-) -> Iterator[torch.Tensor]:
-    buffer: list[np.ndarray] = []
-    shard_start = 0
-    for url, info in zip(urls, manifest.shards):
-        lo, hi = max(begin, shard_start), min(end, shard_start + info.nsamples)
-        if lo < hi:
-            buffer.extend(read_shard(url, info, manifest)[lo - shard_start : hi - shard_start])
-            while len(buffer) >= micro_batch_size:
-                yield torch.from_numpy(np.stack(buffer[:micro_batch_size]).astype(np.int64))
-                del buffer[:micro_batch_size]
-        shard_start += info.nsamples
-        if shard_start >= end:
-            break
-    if buffer:
-        yield torch.from_numpy(np.stack(buffer).astype(np.int64))

@@ -9,7 +9,9 @@ each one becomes the byte token `<0x0A>`.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import random
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -38,12 +40,36 @@ def _training_lines(documents: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
+def weighted_lines(inputs: Sequence[str | os.PathLike], weights: Sequence[float], seed: int = 0) -> Iterator[str]:
+    """Training lines drawn from each input in proportion to its weight, as many as all inputs hold.
+
+    Input i gives round(share_i * total lines): every line once per whole repetition, then a seeded
+    sample of the rest (in file order), so a small input with a large weight is repeated and a large
+    one with a small weight is subsampled. Inputs with weight 0 are not read."""
+    if len(weights) != len(inputs):
+        raise ValueError(f"{len(weights)} weights for {len(inputs)} inputs: give one weight per input")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"input weights must be finite and >= 0 with a positive sum, got {list(weights)}")
+    per_input = [list(_training_lines(iter_documents(src))) if w > 0 else [] for src, w in zip(inputs, weights)]
+    total, weight_sum = sum(len(lines) for lines in per_input), float(sum(weights))
+    for index, (lines, weight) in enumerate(zip(per_input, weights)):
+        wanted = round(weight / weight_sum * total)
+        if not lines or wanted == 0:
+            continue
+        repeats, rest = divmod(wanted, len(lines))
+        for _ in range(repeats):
+            yield from lines
+        for line_index in sorted(random.Random(f"{seed}:{index}").sample(range(len(lines)), rest)):
+            yield lines[line_index]
+
+
 def train_tokenizer(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     out_prefix: str | os.PathLike,
     vocab_size: int = 8192,
     model_type: str = "bpe",
     *,
+    input_weights: Sequence[float] | None = None,
     num_threads: int | None = None,
     input_sentence_size: int = 0,
     max_sentence_length: int = 16384,
@@ -52,8 +78,9 @@ def train_tokenizer(
 ) -> Path:
     """Train on text files/globs (see `iter_documents`); writes `<out_prefix>.model` and `.vocab`.
 
-    `input_sentence_size` > 0 samples that many lines (the speed knob for unigram); 0 uses all.
-    Returns the path of the .model file.
+    `input_weights` (one per input: a file, glob or folder) sets each input's share of the training
+    lines (see `weighted_lines`); None takes every line once. `input_sentence_size` > 0 samples that
+    many lines (the speed knob for unigram); 0 uses all. Returns the path of the .model file.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
@@ -62,20 +89,24 @@ def train_tokenizer(
         raise ValueError(
             f"vocab_size={vocab_size} is too small: 4 special ids + 256 byte pieces need at least {minimum}"
         )
-    documents = iter_documents(inputs)
-    first = next(documents, None)
+    if input_weights is not None:
+        sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        lines = weighted_lines(sources, input_weights)
+    else:
+        lines = _training_lines(iter_documents(inputs))
+    first = next(lines, None)
     if first is None:
         raise ValueError(f"no text found in {inputs!s}: cannot train a tokenizer on empty input")
 
-    def all_documents() -> Iterator[str]:
+    def all_lines() -> Iterator[str]:
         yield first
-        yield from documents
+        yield from lines
 
     prefix = Path(out_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(all_documents()),
+            sentence_iterator=all_lines(),
             model_prefix=str(prefix),
             model_type=model_type,
             vocab_size=vocab_size,

@@ -32,6 +32,7 @@ def section_data(opts: BenchOptions, report: Report, log) -> None:
         enc1 = g.call("encode", threads=1)[0]
         enc2 = g.call("encode", threads=2)[0]
         loads = {w: g.call("load", num_workers=w, batches=opts.loader_batches)[0] for w in (0, 1)}
+        blend = g.call("load_mixture", num_workers=1, batches=opts.loader_batches)[0]
     rows = []
 
     def ratio(tps):
@@ -59,6 +60,16 @@ def section_data(opts: BenchOptions, report: Report, log) -> None:
                 ratio(tps),
             ]
         )
+    blend_tps = blend["tokens"] / blend["seconds"]
+    rows.append(
+        [
+            f"loader, {blend['sources']}-source mixture (0.5/0.3/0.2), num_workers=1",
+            f"{blend['tokens'] / 1e6:.2f} M tokens",
+            fmt_time(blend["seconds"]),
+            f"{blend_tps / 1e6:.2f} M",
+            ratio(blend_tps),
+        ]
+    )
     report.add(
         f"### Data path vs training consumption (corpus `{opts.corpus}`)",
         "",
@@ -72,4 +83,6 @@ def section_data(opts: BenchOptions, report: Report, log) -> None:
         "loader_tokens_per_s": loader_best,
         "encode_tokens_per_s": enc1["tokens"] / enc1["seconds"],
         "loader_vs_training": loader_best / consumed if consumed else None,
+        "mixture_tokens_per_s": blend_tps,
+        "mixture_vs_training": blend_tps / consumed if consumed else None,
     }

@@ -228,10 +228,12 @@ class DataPath:
                     f.write(json.dumps({"text": text}) + "\n")
             source = subset
         self.corpus, self.seq, self.micro_batch = corpus, seq, micro_batch
+        self.work = work
         self.documents = list(iter_documents(source))
         self.megabytes = sum(len(d.encode()) for d in self.documents) / 1e6
         model = train_tokenizer(source, os.path.join(work, "tok", corpus), vocab_size=vocab_size, model_type="bpe")
         self.tokenizer = Tokenizer(model)
+        self.tokenizer_model = model
         self.shards = os.path.join(work, "shards")
         preprocess(source, model, self.shards, seq_length=seq, samples_per_shard=64, num_workers=1, progress=False)
 
@@ -255,6 +257,44 @@ class DataPath:
             seconds = time.perf_counter() - start
             loader.close()
         return {"tokens": tokens, "seconds": seconds}
+
+    def load_mixture(self, num_workers: int, batches: int, weights: tuple = (0.5, 0.3, 0.2)) -> dict:
+        """The loader over a blend of as many shard sets as `weights` (the corpus's documents dealt out
+        round-robin, tokenized with the same tokenizer; built on first use)."""
+        import json
+
+        from loom.data.config import MixtureSource
+        from loom.data.mixture import build_mixture_loader
+        from loom.data.shards import preprocess
+
+        sources = []
+        for index, weight in enumerate(weights):
+            folder = os.path.join(self.work, f"mixture-{index}")
+            if not os.path.isdir(folder):
+                text = os.path.join(self.work, f"mixture-{index}.jsonl")
+                with open(text, "w", encoding="utf-8") as f:
+                    for document in self.documents[index :: len(weights)]:
+                        f.write(json.dumps({"text": document}) + "\n")
+                preprocess(
+                    text,
+                    self.tokenizer_model,
+                    folder,
+                    seq_length=self.seq,
+                    samples_per_shard=64,
+                    num_workers=1,
+                    progress=False,
+                )
+            sources.append(MixtureSource(folder, weight=weight, name=f"part{index}"))
+        loader = build_mixture_loader(sources, self.micro_batch, num_workers=num_workers, seed=0)
+        start = time.perf_counter()
+        tokens = 0
+        try:
+            for _ in range(batches):
+                tokens += next(loader).numel()
+        finally:
+            seconds = time.perf_counter() - start
+            loader.close()
+        return {"tokens": tokens, "seconds": seconds, "sources": len(weights)}
 
     def close(self) -> None:
         self.tmp.cleanup()

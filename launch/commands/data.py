@@ -11,9 +11,14 @@ import os
 import time
 
 
-def _add_source_args(parser: argparse.ArgumentParser, what: str) -> None:
+def _add_source_args(parser: argparse.ArgumentParser, what: str, several: bool = False) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--corpus", metavar="NAME", help=f"built-in corpus to {what} (see `loom data list`)")
+    source.add_argument(
+        "--corpus",
+        metavar="NAME",
+        nargs="+" if several else None,
+        help=f"built-in corpus{'/corpora' if several else ''} to {what} (see `loom data list`)",
+    )
     source.add_argument(
         "--input",
         metavar="PATH",
@@ -29,7 +34,8 @@ def _inputs(args: argparse.Namespace) -> list[str]:
     from loom.data.corpora import ensure_corpus
 
     if args.corpus:
-        return [str(ensure_corpus(args.corpus, args.cache_dir))]
+        names = args.corpus if isinstance(args.corpus, list) else [args.corpus]
+        return [str(ensure_corpus(name, args.cache_dir)) for name in names]
     return list(args.input)
 
 
@@ -74,6 +80,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         model_type=args.model_type,
         num_threads=args.threads,
         input_sentence_size=args.sample_lines,
+        input_weights=args.weights,
     )
     tok = Tokenizer(model)
     print(
@@ -132,12 +139,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tokenizer = subparsers.add_parser("tokenizer", help="SentencePiece tokenizer")
     tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", metavar="{train}", required=True)
     train = tok_sub.add_parser("train", help="train a SentencePiece model on text")
-    _add_source_args(train, "train on")
+    _add_source_args(train, "train on", several=True)
     train.add_argument("--vocab-size", type=int, default=8192)
     train.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
     train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     train.add_argument("--threads", type=int, default=None, help="trainer threads (default: all cores)")
     train.add_argument("--sample-lines", type=int, default=0, help="train on this many sampled lines (0 = all)")
+    train.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        metavar="W",
+        help="one sampling weight per --input/--corpus argument: its share of the training lines (default: all once)",
+    )
     train.set_defaults(func=cmd_tokenizer_train)
 
     pre = subparsers.add_parser("preprocess", help="tokenize text into packed .tar shards + manifest.json")

@@ -8,6 +8,7 @@ from collections import deque
 import torch.distributed as dist
 
 from loom.launch.checkpoint import store as checkpoint
+from loom.launch.train.run_data import evaluate_sources
 from loom.launch.train.tensorboard import MetricsWriter, ProgressBar, memory_scalars, system_scalars
 from loom.launch.train.trainer import Callback
 
@@ -92,6 +93,7 @@ class MonitorCallback(Callback):
                 "data/corrupt_shards_skipped": getattr(trainer.loader, "corrupt_shards_skipped", 0),
             }
         )
+        scalars.update(getattr(trainer.loader, "source_scalars", dict)())  # a mixture's data/<source>/...
         scalars.update(memory_scalars(self.device))
         scalars.update(system_scalars())
         scalars.update(trainer.module.technique_scalars())
@@ -129,13 +131,18 @@ class EvalCallback(Callback):
             return
         self._evaluated_at = trainer.state.step
         start = time.perf_counter()
-        result = trainer.module.evaluate(self.make_batches())
+        batches = self.make_batches()  # several held-out sets come as {name: (weight, batches)}
+        if isinstance(batches, dict):
+            result = evaluate_sources(trainer.module, batches)
+        else:
+            result = trainer.module.evaluate(batches)
         if not result:
             return
         self.last = result
         self.writer.scalars(result, trainer.state.step)
+        per_set = "".join(f" · {k[5:-5]} {v:.4f}" for k, v in result.items() if k.count("/") == 2 and "/loss" in k)
         self.log(
-            f"eval at step {trainer.state.step}: loss {result['eval/loss']:.4f} · "
+            f"eval at step {trainer.state.step}: loss {result['eval/loss']:.4f}{per_set} · "
             f"perplexity {result['eval/perplexity']:.2f} ({time.perf_counter() - start:.1f} s)"
         )
 

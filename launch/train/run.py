@@ -18,9 +18,9 @@ from loom.launch.config import RunConfig, load_config, to_dict, to_yaml
 from loom.launch.runtime.env import init_distributed, read_dist_env
 from loom.launch.runtime.run_lock import acquire_run_lock, discard_if_unused
 from loom.launch.runtime.watchdog import Heartbeat
-from loom.launch.train.baselines import unigram_cross_entropy
 from loom.launch.train.callbacks import CheckpointCallback, EvalCallback, MonitorCallback, SampleCallback
 from loom.launch.train.prepare_data import prepare_data
+from loom.launch.train.run_data import make_eval_batches, make_train_loader, unigram_baseline
 from loom.launch.train.tensorboard import MetricsWriter, flops_per_token, measure_peak_tflops
 from loom.launch.train.train_module import TrainModule
 from loom.launch.train.trainer import Trainer, TrainState
@@ -91,7 +91,6 @@ def _seed_everything(seed: int) -> None:
 
 
 def run(cfg: RunConfig) -> int:
-    from loom.data.loader import build_train_loader, eval_batches
     from loom.data.tokenizer import Tokenizer
     from loom.model.parallel import cpu_compat
     from loom.model.parallel.groups import describe_grid, init_parallel_groups
@@ -137,21 +136,7 @@ def run(cfg: RunConfig) -> int:
         compile=cfg.train.compile,
     )
     module = TrainModule(sharded, layout, cfg.train.micro_batch_size, cfg.model.seq_length, dtype, device)
-    loader = build_train_loader(
-        data.train,
-        cfg.train.micro_batch_size,
-        layout.dp_rank,
-        layout.dp,
-        cfg.data.num_workers,
-        cfg.data.seed,
-        cfg.data.on_corrupt,
-        shards_per_pool=cfg.data.shards_per_pool,
-        prefetch_factor=cfg.data.prefetch_factor,
-        shard_base=cfg.data.shard_base,
-        tokenizer_sha256=tokenizer.sha256,
-        vocab_size=cfg.model.vocab_size,
-        seq_length=cfg.model.seq_length,
-    )
+    loader = make_train_loader(cfg, data, layout.dp_rank, layout.dp, tokenizer.sha256)
     state = TrainState()
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.output_dir, log=log0)
     if resume_from is not None and convert_layout.is_start_point(resume_from):
@@ -221,15 +206,7 @@ def run(cfg: RunConfig) -> int:
     evaluator = None
     if data.eval:
         evaluator = EvalCallback(
-            lambda: eval_batches(
-                data.eval,
-                cfg.train.micro_batch_size,
-                layout.dp_rank,
-                layout.dp,
-                max_batches=cfg.data.eval_max_batches,
-                seq_length=cfg.model.seq_length,
-                tokenizer_sha256=tokenizer.sha256,
-            ),
+            make_eval_batches(cfg, data, layout.dp_rank, layout.dp, tokenizer.sha256),
             cfg.train.eval_every,
             writer,
             log=log0,
@@ -242,9 +219,7 @@ def run(cfg: RunConfig) -> int:
             cfg.train.sample_tokens,
             dtype,
             device,
-            baseline_fn=(lambda: unigram_cross_entropy(data.train, data.eval, cfg.model.vocab_size))
-            if data.eval
-            else None,
+            baseline_fn=unigram_baseline(data, cfg.model.vocab_size),
             eval_callback=evaluator,
             writer=writer,
             log=log0,

