@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_bench_quick_prints_every_table(tmp_path):
     # a fresh interpreter: the benchmark forks its workers from a parent that has never run a

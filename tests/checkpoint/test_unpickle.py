@@ -30,6 +30,7 @@ def test_allowlist_covers_real_checkpoints(layout_checkpoints, layout):
         load_deepspeed_file(path)
 
 
+@pytest.mark.slow  # layout_checkpoints trains six runs through torchrun
 @pytest.mark.parametrize("which", ["rank", "model", "optim"])
 def test_library_readers_refuse_a_payload(layout_checkpoints, tmp_path, which):
     _, target, marker = tampered_copy(layout_checkpoints["zero1_dp2"], tmp_path, which)

@@ -41,8 +41,8 @@ def tokenizer_model(ckpt_tp2_pp2) -> str:
 
 def _harness_checkpoint(tmp_path_factory, name, tokenizer, world, tp, pp, zero) -> tuple[str, dict]:
     """A real checkpoint (`launch.checkpoint.save`) from forked gloo ranks, and its live full weights.
-    Cheaper than torchrun on 2 cores, and it reaches ZeRO-3 with DP > 1, where `loom train` on CPU
-    trips a DeepSpeed batch-size check (zero.Init runs before deepspeed.comm is initialised)."""
+    Cheaper than torchrun on 2 cores, and the live weights come back for the comparison. (`loom train` itself
+    trains and resumes ZeRO-3 with DP > 1 too: tests/e2e/test_cli_claims.py.)"""
     from tests.harness import run_distributed
 
     run = tmp_path_factory.mktemp(name)

@@ -3,11 +3,14 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from loom.launch.checkpoint.consolidated import read_consolidated
 from loom.launch.checkpoint.reader import load
 from tests.e2e.runner import REPO, loom_env
+
+pytestmark = pytest.mark.slow  # every test here needs checkpoints that conftest.py trains through torchrun
 
 
 def test_align_embeddings_moves_directions_keeps_norms_and_the_rest(ckpt_tp2_pp2, tmp_path):

@@ -13,6 +13,8 @@ from loom.launch.checkpoint.reader import load
 from loom.launch.convert.consolidate import consolidate
 from tests.e2e.runner import run_loom
 
+pytestmark = pytest.mark.slow  # every test here needs checkpoints that conftest.py trains through torchrun
+
 
 @pytest.mark.parametrize("source", ["ckpt_dp2_zero2", "ckpt_zero3"])
 def test_consolidated_weights_equal_the_live_model(source, request, tmp_path):

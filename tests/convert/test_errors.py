@@ -21,6 +21,7 @@ def _fails(capsys, argv, expected: str) -> None:
     assert expected in lines[0], lines[0]
 
 
+@pytest.mark.slow  # needs a checkpoint conftest.py trains through torchrun
 def test_wrong_paths(capsys, tmp_path, ckpt_tp2_pp2):
     _fails(capsys, ["convert", "consolidate", str(tmp_path / "nope"), str(tmp_path / "o")], "no such file")
     (tmp_path / "empty").mkdir()
@@ -31,6 +32,7 @@ def test_wrong_paths(capsys, tmp_path, ckpt_tp2_pp2):
     _fails(capsys, ["convert", "consolidate", ckpt_tp2_pp2, str(tmp_path / "taken")], "already exists")
 
 
+@pytest.mark.slow  # needs a checkpoint conftest.py trains through torchrun
 def test_partial_and_corrupted_checkpoints(capsys, tmp_path, ckpt_tp2_pp2):
     partial = tmp_path / "partial"
     shutil.copytree(ckpt_tp2_pp2, partial)
@@ -49,6 +51,7 @@ def test_partial_and_corrupted_checkpoints(capsys, tmp_path, ckpt_tp2_pp2):
     _fails(capsys, ["convert", "reshard", str(run), str(tmp_path / "o")], "no complete checkpoint")
 
 
+@pytest.mark.slow  # needs a checkpoint conftest.py trains through torchrun
 def test_unsupported_combination_and_bad_layout(capsys, tmp_path, ckpt_techniques, ckpt_tp2_pp2):
     _fails(capsys, ["convert", "to-hf", ckpt_techniques, str(tmp_path / "o")], "pass --remote-code")
     _fails(capsys, ["convert", "reshard", ckpt_tp2_pp2, str(tmp_path / "o"), "--tensor", "3"], "not divisible")
@@ -64,6 +67,7 @@ def small_tokenizer(tmp_path_factory) -> str:
     return str(train_tokenizer([str(text)], folder / "small", vocab_size=300))
 
 
+@pytest.mark.slow  # needs a checkpoint conftest.py trains through torchrun
 def test_mismatched_tokenizers(capsys, tmp_path, ckpt_tp2_pp2, small_tokenizer):
     _fails(
         capsys,

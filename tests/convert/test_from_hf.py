@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from loom.launch.checkpoint.consolidated import Consolidated, read_consolidated, write_consolidated
 from loom.launch.convert.hf_export import to_hf
 from loom.launch.convert.hf_import import from_hf
+
+pytestmark = pytest.mark.slow  # every test here needs checkpoints that conftest.py trains through torchrun
 
 
 def _load_at_tp2_fn(rank, world_size, start: str):

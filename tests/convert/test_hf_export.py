@@ -32,6 +32,7 @@ def _load_hf(folder, remote_code=False):
     return model.eval()
 
 
+@pytest.mark.slow  # needs a checkpoint conftest.py trains through torchrun
 @pytest.mark.parametrize("source", ["ckpt_tp2_pp2", "ckpt_dp2_zero2", "ckpt_zero3"])
 def test_exported_llama_matches_loom_logits_and_generates(source, request, tmp_path):
     ckpt = request.getfixturevalue(source)
@@ -58,6 +59,7 @@ def test_exported_llama_matches_loom_logits_and_generates(source, request, tmp_p
         assert int(generated[0, 6]) == int(ref[0, 5].argmax())
 
 
+@pytest.mark.slow  # needs a checkpoint conftest.py trains through torchrun
 def test_exported_tokenizer_encodes_like_loom(ckpt_tp2_pp2, tmp_path):
     from transformers import AutoTokenizer
 
@@ -80,6 +82,7 @@ def test_exported_tokenizer_encodes_like_loom(ckpt_tp2_pp2, tmp_path):
     assert "adds no BOS" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow  # needs a checkpoint conftest.py trains through torchrun
 def test_trained_techniques_need_remote_code_and_match_loom(ckpt_techniques, tmp_path):
     from loom.launch.checkpoint.reader import load
 

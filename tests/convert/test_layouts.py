@@ -12,6 +12,8 @@ from loom.launch.convert.reshard import reshard
 from tests.convert.common import HARNESS_OVERRIDES, assert_weights_close, fixed_batches, layout_run_fn
 from tests.harness import run_distributed
 
+pytestmark = pytest.mark.slow  # every test here needs checkpoints that conftest.py trains through torchrun
+
 
 def test_reshard_chain_keeps_loss_and_optimizer_state(tmp_path, tokenizer_model):
     batches = fixed_batches(4)

@@ -126,6 +126,7 @@ def tiny_shards() -> Path:
     return Path(prepared.train).parent
 
 
+@pytest.mark.slow  # starts a training run: set-up passes, the first shard read fails
 @pytest.mark.parametrize("manifest", ["original", "rehashed"])
 def test_shards_of_random_bytes_under_a_valid_manifest_fail_before_training(tmp_path, tiny_shards, manifest):
     """The shards are replaced by random bytes of the same sizes. With the original manifest the sha256
