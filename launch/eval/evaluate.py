@@ -129,7 +129,7 @@ def _load_data(
     prepared = None
     if train_data is None or data is None or not tok_path.is_file():
         try:
-            prepared = prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=log.info)
+            prepared = prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size)
         except ValueError as exc:
             log.warning(f"the run's data could not be prepared ({exc})")
     tokenizer = Tokenizer(tok_path if tok_path.is_file() else prepared.tokenizer)

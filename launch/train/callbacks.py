@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 
 import torch.distributed as dist
 
-from loom.launch.checkpoint import store as checkpoint
+from loom.launch.checkpoint.errors import CheckpointError
+from loom.launch.train.callback import Callback
 from loom.launch.train.run_data import evaluate_sources
 from loom.launch.train.tensorboard import MetricsWriter, ProgressBar, memory_scalars, system_scalars
-from loom.launch.train.trainer import Callback
 
+log = logging.getLogger(__name__)
 
 ETA_WINDOW_STEPS = 50  # the ETA follows the pace of the last this-many steps (evaluations and saves included)
 
@@ -41,11 +43,10 @@ class MonitorCallback(Callback):
         world_size: int,
         device,
         progress: bool,
-        log=print,
     ):
         self.writer, self.log_every = writer, log_every
         self.flops_per_step, self.peak_tflops, self.world_size = flops_per_step, peak_tflops, world_size
-        self.device, self.progress_enabled, self.log = device, progress, log
+        self.device, self.progress_enabled = device, progress
         self.bar: ProgressBar | None = None
         self._window: list[tuple[float, float]] = []
         self.clock = time.monotonic
@@ -67,7 +68,6 @@ class MonitorCallback(Callback):
             per_step = (now - self._step_ends[0]) / (len(self._step_ends) - 1)
             text += f" · ETA {format_duration(per_step * (max_steps - step))}"
         return text
-
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         self._window.append((metrics["time/step_s"], metrics["time/data_wait_fraction"]))
@@ -110,7 +110,7 @@ class MonitorCallback(Callback):
         if self.bar.active:
             self.bar.write(line)
         else:
-            self.log(line)
+            log.info(line)
 
     def on_stop(self, trainer, reason: str) -> None:
         if self.bar is not None:
@@ -121,8 +121,8 @@ class MonitorCallback(Callback):
 class EvalCallback(Callback):
     """Held-out loss and perplexity every `every` steps and at the end."""
 
-    def __init__(self, make_batches, every: int, writer: MetricsWriter, log=print):
-        self.make_batches, self.every, self.writer, self.log = make_batches, every, writer, log
+    def __init__(self, make_batches, every: int, writer: MetricsWriter):
+        self.make_batches, self.every, self.writer = make_batches, every, writer
         self.last: dict = {}
         self._evaluated_at = -1
 
@@ -141,7 +141,7 @@ class EvalCallback(Callback):
         self.last = result
         self.writer.scalars(result, trainer.state.step)
         per_set = "".join(f" · {k[5:-5]} {v:.4f}" for k, v in result.items() if k.count("/") == 2 and "/loss" in k)
-        self.log(
+        log.info(
             f"eval at step {trainer.state.step}: loss {result['eval/loss']:.4f}{per_set} · "
             f"perplexity {result['eval/perplexity']:.2f} ({time.perf_counter() - start:.1f} s)"
         )
@@ -158,8 +158,8 @@ class EvalCallback(Callback):
 class CheckpointCallback(Callback):
     """Periodic checkpoints, and one when the run stops for any reason."""
 
-    def __init__(self, every: int, save_fn, stop_on_error: bool = False, log=print):
-        self.every, self.save_fn, self.stop_on_error, self.log = every, save_fn, stop_on_error, log
+    def __init__(self, every: int, save_fn, stop_on_error: bool = False):
+        self.every, self.save_fn, self.stop_on_error = every, save_fn, stop_on_error
         self._saved_at = -1
 
     def save(self, trainer) -> bool:
@@ -169,14 +169,14 @@ class CheckpointCallback(Callback):
         start = time.perf_counter()
         try:
             folder = self.save_fn(trainer)
-        except checkpoint.CheckpointError as exc:
-            self.log(f"error: {exc}")
+        except CheckpointError as exc:
+            log.error(str(exc))
             if self.stop_on_error:
                 trainer.request_stop("save_failed")
             return False
         self._saved_at = trainer.state.step
         if dist.get_rank() == 0:
-            self.log(f"checkpoint saved: {folder} ({time.perf_counter() - start:.1f} s)")
+            log.info(f"checkpoint saved: {folder} ({time.perf_counter() - start:.1f} s)")
         return True
 
     def on_step_end(self, trainer, metrics: dict) -> None:
@@ -204,11 +204,10 @@ class SampleCallback(Callback):
         baseline_fn=None,
         eval_callback: "EvalCallback | None" = None,
         writer: MetricsWriter | None = None,
-        log=print,
     ):
         self.prompt, self.tokenizer, self.max_new_tokens = prompt, tokenizer, max_new_tokens
         self.dtype, self.device, self.baseline_fn = dtype, device, baseline_fn
-        self.eval_callback, self.writer, self.log = eval_callback, writer, log
+        self.eval_callback, self.writer = eval_callback, writer
 
     def on_stop(self, trainer, reason: str) -> None:
         from loom.launch.train.sample import greedy_generate
@@ -218,7 +217,7 @@ class SampleCallback(Callback):
         if self.prompt:
             ids = self.tokenizer.encode(self.prompt)
             out = greedy_generate(trainer.module.module, ids, self.max_new_tokens, self.dtype, self.device)
-            self.log(f"sample: {self.prompt!r} → {self.tokenizer.decode(out[len(ids) :])!r}")
+            log.info(f"sample: {self.prompt!r} → {self.tokenizer.decode(out[len(ids) :])!r}")
         if (
             self.baseline_fn is not None
             and self.eval_callback is not None
@@ -229,4 +228,4 @@ class SampleCallback(Callback):
             loss = self.eval_callback.last["eval/loss"]
             if self.writer is not None:
                 self.writer.scalars({"eval/unigram_baseline": baseline}, trainer.state.step)
-            self.log(f"held-out loss {loss:.3f} nats/token vs unigram baseline {baseline:.3f} ({loss - baseline:+.3f})")
+            log.info(f"held-out loss {loss:.3f} nats/token vs unigram baseline {baseline:.3f} ({loss - baseline:+.3f})")

@@ -7,6 +7,7 @@ shard sets in the mixture, the tokenizer is `data.tokenizer` or the one stored n
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +17,8 @@ from filelock import FileLock
 
 from loom.data.config import DataConfig, MixtureSource
 from loom.data.corpora import default_cache_dir, ensure_corpus
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,6 @@ def _build_corpus_shards(
     tokenizer_model: Path | None,
     seq_length: int,
     vocab_size: int,
-    log,
     val_percent: float = 0.0,
     tokenizer_corpora: Sequence[str] = (),
 ) -> tuple[dict, Path]:
@@ -53,7 +55,7 @@ def _build_corpus_shards(
     # Separate jobs sharing the cache (a study's concurrent runs, users on one node) build it once.
     with FileLock(str(cache / ".prepare.lock")):
         return _build_corpus_shards_locked(
-            data, corpus, tokenizer_model, seq_length, vocab_size, log, val_percent, cache, tokenizer_corpora
+            data, corpus, tokenizer_model, seq_length, vocab_size, val_percent, cache, tokenizer_corpora
         )
 
 
@@ -63,7 +65,6 @@ def _build_corpus_shards_locked(
     tokenizer_model: Path | None,
     seq_length: int,
     vocab_size: int,
-    log,
     val_percent: float,
     cache: Path,
     tokenizer_corpora: Sequence[str],
@@ -84,7 +85,8 @@ def _build_corpus_shards_locked(
         tokenizer_model = folder / "tokenizer.model"
         if not tokenizer_model.is_file():
             texts = [ensure_corpus(name, cache) for name in tokenizer_corpora]
-            log(f"training a {data.tokenizer_type} tokenizer ({vocab_size} pieces) on {', '.join(map(str, texts))}")
+            on = ", ".join(map(str, texts))
+            log.info(f"training a {data.tokenizer_type} tokenizer ({vocab_size} pieces) on {on}")
             folder.mkdir(parents=True, exist_ok=True)
             train_tokenizer(
                 texts[0] if len(texts) == 1 else texts,
@@ -100,7 +102,7 @@ def _build_corpus_shards_locked(
         else {"train": shards / "manifest.json"}
     )
     if not all(p.is_file() for p in splits.values()):
-        log(f"tokenizing {corpus} into shards of {seq_length + 1} tokens under {shards}")
+        log.info(f"tokenizing {corpus} into shards of {seq_length + 1} tokens under {shards}")
         preprocess(
             text,
             tokenizer_model,
@@ -119,12 +121,12 @@ def _tokenizer_next_to(train: str) -> Path | None:
 
 
 def _eval_sources(
-    data: DataConfig, tokenizer: Path, key: Sequence[str], seq_length: int, vocab_size: int, log, held_out: list
+    data: DataConfig, tokenizer: Path, key: Sequence[str], seq_length: int, vocab_size: int, held_out: list
 ) -> list[MixtureSource]:
     """The held-out sets: data.eval_mixture, data.eval_data, data.eval_corpus, else the val splits."""
 
     def corpus_manifest(corpus: str) -> str:  # a whole corpus held out: its shards without a split
-        return _build_corpus_shards(data, corpus, tokenizer, seq_length, vocab_size, log, 0.0, key)[0]["train"]
+        return _build_corpus_shards(data, corpus, tokenizer, seq_length, vocab_size, 0.0, key)[0]["train"]
 
     if data.eval_mixture:
         return [
@@ -138,7 +140,7 @@ def _eval_sources(
     return held_out
 
 
-def _prepare_mixture(data: DataConfig, seq_length: int, vocab_size: int, log) -> tuple[list, Path, list, list]:
+def _prepare_mixture(data: DataConfig, seq_length: int, vocab_size: int) -> tuple[list, Path, list, list]:
     """(training sources, tokenizer, their held-out val splits, tokenizer corpora) of data.mixture."""
     tokenizer = Path(data.tokenizer) if data.tokenizer else None
     shard_sets = [e for e in data.mixture if not e.is_corpus()]
@@ -162,7 +164,7 @@ def _prepare_mixture(data: DataConfig, seq_length: int, vocab_size: int, log) ->
             sources.append(replace(entry, name=name))
             continue
         manifests, tokenizer = _build_corpus_shards(
-            data, entry.path, tokenizer, seq_length, vocab_size, log, data.val_percent, corpora
+            data, entry.path, tokenizer, seq_length, vocab_size, data.val_percent, corpora
         )
         sources.append(replace(entry, path=manifests["train"], name=name))
         if "val" in manifests:
@@ -170,10 +172,10 @@ def _prepare_mixture(data: DataConfig, seq_length: int, vocab_size: int, log) ->
     return sources, tokenizer, held_out, corpora
 
 
-def _prepare_on_this_rank(data: DataConfig, seq_length: int, vocab_size: int, log) -> PreparedData:
+def _prepare_on_this_rank(data: DataConfig, seq_length: int, vocab_size: int) -> PreparedData:
     if data.mixture:
-        sources, tokenizer, held_out, key = _prepare_mixture(data, seq_length, vocab_size, log)
-        evals = _eval_sources(data, tokenizer, key, seq_length, vocab_size, log, held_out)
+        sources, tokenizer, held_out, key = _prepare_mixture(data, seq_length, vocab_size)
+        evals = _eval_sources(data, tokenizer, key, seq_length, vocab_size, held_out)
         return PreparedData(
             train=sources[0].path,
             eval=evals[0].path if evals else None,
@@ -191,11 +193,11 @@ def _prepare_on_this_rank(data: DataConfig, seq_length: int, vocab_size: int, lo
         held_out = []
     else:
         manifests, tokenizer = _build_corpus_shards(
-            data, data.corpus, tokenizer, seq_length, vocab_size, log, data.val_percent
+            data, data.corpus, tokenizer, seq_length, vocab_size, data.val_percent
         )
         train = manifests["train"]
         held_out = [MixtureSource(path=manifests["val"], name=data.corpus)] if "val" in manifests else []
-    evals = _eval_sources(data, tokenizer, [data.corpus], seq_length, vocab_size, log, held_out)
+    evals = _eval_sources(data, tokenizer, [data.corpus], seq_length, vocab_size, held_out)
     return PreparedData(
         train=str(train),
         eval=evals[0].path if evals else None,
@@ -204,12 +206,12 @@ def _prepare_on_this_rank(data: DataConfig, seq_length: int, vocab_size: int, lo
     )
 
 
-def prepare_data(data: DataConfig, seq_length: int, vocab_size: int, log=print) -> PreparedData:
+def prepare_data(data: DataConfig, seq_length: int, vocab_size: int) -> PreparedData:
     """Collective: rank 0 prepares, everyone gets the paths (or rank 0's error)."""
     box: list = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = _prepare_on_this_rank(data, seq_length, vocab_size, log)
+            box[0] = _prepare_on_this_rank(data, seq_length, vocab_size)
         except (OSError, ValueError, RuntimeError) as exc:
             box[0] = f"{type(exc).__name__}: {exc}"
     dist.broadcast_object_list(box, src=0)

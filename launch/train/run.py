@@ -3,32 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from loom.launch.checkpoint import start_point as convert_layout
-from loom.launch.checkpoint import store as checkpoint
-from loom.launch.config import RunConfig, load_config, to_dict, to_yaml
+from loom.launch.checkpoint.layout import checkpoint_root
+from loom.launch.config import RunConfig, load_config, to_yaml
 from loom.launch.runtime.env import init_distributed, read_dist_env
 from loom.launch.runtime.run_lock import acquire_run_lock, discard_if_unused
 from loom.launch.runtime.watchdog import Heartbeat
 from loom.launch.train.callbacks import CheckpointCallback, EvalCallback, MonitorCallback, SampleCallback
 from loom.launch.train.prepare_data import prepare_data
+from loom.launch.train.resume import make_saver, restore
 from loom.launch.train.run_data import make_eval_batches, make_train_loader, unigram_baseline
 from loom.launch.train.tensorboard import MetricsWriter, flops_per_token, measure_peak_tflops
 from loom.launch.train.train_module import TrainModule
-from loom.launch.train.trainer import Trainer, TrainState
+from loom.launch.train.trainer import Trainer
 
-
-def log0(message: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(message, flush=True)
+log = logging.getLogger(__name__)
 
 
 def train_from_cli(config_path: str, overrides: list[str], resume: str | None = None) -> int:
@@ -39,17 +36,17 @@ def train_from_cli(config_path: str, overrides: list[str], resume: str | None = 
     backend = init_distributed(denv, cfg.parallel.timeout_s)
     heartbeat = Heartbeat() if denv.world_size > 1 else None
     try:
-        log0(f"loom: {cfg.name} · {denv.world_size} process(es) via {denv.launcher} · backend {backend}")
+        log.info(f"loom: {cfg.name} · {denv.world_size} process(es) via {denv.launcher} · backend {backend}")
         return run(cfg)
     except dist.DistError as exc:  # includes DistBackendError / DistNetworkError from gloo and NCCL
         if heartbeat is None:
             raise
-        print(f"error: rank {denv.rank}: {heartbeat.explain(exc)}", file=sys.stderr, flush=True)
+        log.error(f"rank {denv.rank}: {heartbeat.explain(exc)}")
         return 1
     except RuntimeError as exc:
         if heartbeat is None or not _looks_like_lost_peer(exc):
             raise
-        print(f"error: rank {denv.rank}: {heartbeat.explain(exc)}", file=sys.stderr, flush=True)
+        log.error(f"rank {denv.rank}: {heartbeat.explain(exc)}")
         return 1
     finally:
         if fresh_run_dir:
@@ -100,13 +97,13 @@ def run(cfg: RunConfig) -> int:
     cpu_compat.apply()
     layout = init_parallel_groups(cfg.parallel)
     grid = describe_grid()
-    log0(f"layout: DP {layout.dp} × PP {layout.pp} × TP {layout.tp}, ZeRO-{cfg.parallel.zero_stage}\n{grid}")
+    log.info(f"layout: DP {layout.dp} × PP {layout.pp} × TP {layout.tp}, ZeRO-{cfg.parallel.zero_stage}\n{grid}")
     _seed_everything(cfg.train.seed)
     run_dir = Path(cfg.output_dir)
     acquire_run_lock(cfg.output_dir)
     if dist.get_rank() == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    data = prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=log0)
+    data = prepare_data(cfg.data, cfg.model.seq_length, cfg.model.vocab_size)
     tokenizer = Tokenizer(data.tokenizer)
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise ValueError(
@@ -137,31 +134,7 @@ def run(cfg: RunConfig) -> int:
     )
     module = TrainModule(sharded, layout, cfg.train.micro_batch_size, cfg.model.seq_length, dtype, device)
     loader = make_train_loader(cfg, data, layout.dp_rank, layout.dp, tokenizer.sha256)
-    state = TrainState()
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.output_dir, log=log0)
-    if resume_from is not None and convert_layout.is_start_point(resume_from):
-        # consolidated weights (and optimizer state) re-sliced for this layout: a layout change
-        meta = convert_layout.load_start_point(
-            sharded, resume_from, cfg.model, tokenizer.sha256, optimizer=True, log=log0
-        )
-        state = TrainState(**meta["state"])
-        log0(f"resumed from start point {resume_from} at step {state.step} at this layout; the data stream restarts")
-    elif resume_from is not None:
-        meta, rank_state = checkpoint.load(sharded.engine, resume_from)
-        state = TrainState(**meta["state"])
-        if rank_state is not None:
-            loader.load_state_dict(rank_state["loader"])
-            checkpoint.set_rng_state(rank_state["rng"])
-            if sharded.module.hcma is not None:
-                sharded.module.hcma.load_state_dict(rank_state.get("hcma", {}))
-        else:
-            log0("warning: the checkpoint was written by a different number of ranks; the data stream restarts")
-        log0(f"resumed from {resume_from} at step {state.step} ({state.consumed_tokens:,} tokens)")
-    elif cfg.model.init_from:
-        convert_layout.load_start_point(
-            sharded, cfg.model.init_from, cfg.model, tokenizer.sha256, optimizer=False, log=log0
-        )
-        log0(f"initialised weights from {cfg.model.init_from}")
+    state = restore(cfg, sharded, loader, tokenizer.sha256)
 
     tokens_per_step = cfg.train.micro_batch_size * cfg.parallel.microbatches * layout.dp * cfg.model.seq_length
     peak = cfg.train.mfu_peak_tflops or measure_peak_tflops(dtype, device)
@@ -169,28 +142,7 @@ def run(cfg: RunConfig) -> int:
     writer.text("config", "```\n" + to_yaml(cfg) + "\n```")
     writer.text("layout", "```\n" + grid + "\n```")
 
-    def save(trainer) -> Path:
-        meta = {
-            "state": trainer.state.as_dict(),
-            "world_size": layout.world_size,
-            "config": to_dict(cfg),
-            "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero": cfg.parallel.zero_stage},
-        }
-        rank_state = {
-            "loader": loader.state_dict(),
-            "rng": checkpoint.rng_state(),
-            "hcma": sharded.module.hcma.state_dict() if sharded.module.hcma is not None else {},
-        }
-        return checkpoint.save(
-            sharded.engine,
-            cfg.output_dir,
-            trainer.state.step,
-            rank_state,
-            meta,
-            data.tokenizer,
-            cfg.checkpoint.keep_last,
-        )
-
+    save = make_saver(cfg, layout, sharded, loader, data.tokenizer)
     callbacks = [
         MonitorCallback(
             writer,
@@ -200,7 +152,6 @@ def run(cfg: RunConfig) -> int:
             layout.world_size,
             device,
             progress=dist.get_rank() == 0 and os.isatty(2),
-            log=log0,
         )
     ]
     evaluator = None
@@ -209,7 +160,6 @@ def run(cfg: RunConfig) -> int:
             make_eval_batches(cfg, data, layout.dp_rank, layout.dp, tokenizer.sha256),
             cfg.train.eval_every,
             writer,
-            log=log0,
         )
         callbacks.append(evaluator)
     callbacks.append(
@@ -222,16 +172,15 @@ def run(cfg: RunConfig) -> int:
             baseline_fn=unigram_baseline(data, cfg.model.vocab_size),
             eval_callback=evaluator,
             writer=writer,
-            log=log0,
         )
     )
-    callbacks.append(CheckpointCallback(cfg.checkpoint.every, save, cfg.checkpoint.on_save_error == "stop", log=log0))
-    trainer = Trainer(cfg, module, loader, state, callbacks, tokens_per_step, log=log0)
+    callbacks.append(CheckpointCallback(cfg.checkpoint.every, save, cfg.checkpoint.on_save_error == "stop"))
+    trainer = Trainer(cfg, module, loader, state, callbacks, tokens_per_step)
     code = trainer.fit()
     writer.close()
-    log0(
+    log.info(
         f"finished at step {state.step} (exit code {code}) · run directory {run_dir.resolve()}\n"
-        f"  checkpoints: {checkpoint.checkpoint_root(run_dir).resolve()}\n"
+        f"  checkpoints: {checkpoint_root(run_dir).resolve()}\n"
         f"  TensorBoard: tensorboard --logdir {(run_dir / 'tensorboard').resolve()}"
     )
     return code

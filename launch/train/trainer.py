@@ -7,6 +7,7 @@ all ranks at a step boundary, so every rank saves the same checkpoint and exits 
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ import torch
 import torch.distributed as dist
 
 from loom.launch.runtime.faults import maybe_kill
+from loom.launch.train.callback import Callback
 from loom.launch.train.lr_schedule import learning_rate
+
+log = logging.getLogger(__name__)
 
 EXIT_DONE = 0
 EXIT_NONFINITE = 3
@@ -34,14 +38,6 @@ class TrainState:
         return dict(self.__dict__)
 
 
-class Callback:
-    def on_start(self, trainer: "Trainer") -> None: ...
-
-    def on_step_end(self, trainer: "Trainer", metrics: dict) -> None: ...
-
-    def on_stop(self, trainer: "Trainer", reason: str) -> None: ...
-
-
 class StopSignals:
     """Remembers SIGTERM/SIGUSR1 (Slurm preemption or time limit) until the next step boundary."""
 
@@ -55,11 +51,9 @@ class StopSignals:
 
 
 class Trainer:
-    def __init__(
-        self, cfg, module, loader, state: TrainState, callbacks: list[Callback], tokens_per_step: int, log=print
-    ):
+    def __init__(self, cfg, module, loader, state: TrainState, callbacks: list[Callback], tokens_per_step: int):
         self.cfg, self.module, self.loader, self.state = cfg, module, loader, state
-        self.callbacks, self.tokens_per_step, self.log = callbacks, tokens_per_step, log
+        self.callbacks, self.tokens_per_step = callbacks, tokens_per_step
         self.signals = StopSignals()
         self.started = time.monotonic()
         self._requested: str | None = None
@@ -116,8 +110,8 @@ class Trainer:
         else:
             s.skipped_steps += 1
             s.consecutive_nonfinite += 1
-            self.log(
-                f"warning: step {s.step}: non-finite loss or gradient norm "
+            log.warning(
+                f"step {s.step}: non-finite loss or gradient norm "
                 f"(loss {metrics['train/loss']}, grad norm {metrics['train/grad_norm']}); step skipped"
             )
         metrics.update({"train/consumed_tokens": s.consumed_tokens, "train/skipped_steps": s.skipped_steps})

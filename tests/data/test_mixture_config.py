@@ -92,7 +92,7 @@ def fake_corpora(tmp_path) -> Path:
 
 def prepare(**fields):
     settings = dict(samples_per_shard=8, preprocess_workers=1, eval_corpus=None) | fields
-    return _prepare_on_this_rank(DataConfig(**settings), 15, 320, log=lambda *_: None)
+    return _prepare_on_this_rank(DataConfig(**settings), 15, 320)
 
 
 def test_built_in_corpora_in_a_mixture_share_one_tokenizer(fake_corpora):

@@ -217,7 +217,7 @@ def tiny_data():
     from loom.launch.train.prepare_data import _prepare_on_this_rank
 
     cfg = load_config(str(REPO / TINY), [], world_size=1, check_files=False)
-    _prepare_on_this_rank(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=lambda *_: None)
+    _prepare_on_this_rank(cfg.data, cfg.model.seq_length, cfg.model.vocab_size)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):

@@ -122,7 +122,7 @@ def tiny_shards() -> Path:
     from loom.launch.train.prepare_data import _prepare_on_this_rank
 
     cfg = load_config(TINY, [], world_size=1, check_files=False)
-    prepared = _prepare_on_this_rank(cfg.data, cfg.model.seq_length, cfg.model.vocab_size, log=lambda *_: None)
+    prepared = _prepare_on_this_rank(cfg.data, cfg.model.seq_length, cfg.model.vocab_size)
     return Path(prepared.train).parent
 
 

@@ -132,7 +132,7 @@ def test_full_disk_during_save_keeps_the_last_good_checkpoint(small_disk, policy
     out = _fault_run(run, 8, [f"checkpoint.on_save_error={policy}"], {FILL_DISK: str(full_at)})
     log = out.stdout[-3000:] + out.stderr[-3000:]
     assert out.returncode == code, log
-    assert re.search(rf"error: checkpoint save failed while \w+ \.tmp-step_{full_at:08d}", out.stdout), log
+    assert re.search(rf"error: checkpoint save failed while \w+ \.tmp-step_{full_at:08d}", out.stderr), log
     assert _saved_steps(out.stdout) == saved, log
     assert f"finished at step {trained} (exit code {code})" in out.stdout, log
     assert sorted(read_scalars(run / "tensorboard")["train/loss"]) == list(range(1, trained + 1))

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.harness import run_distributed
+from tests.logs import captured_lines
 
 
 def _train_fn(rank, world_size, max_steps: int, every: int, stop_on_error: bool, failing: list[tuple[int, int]]):
@@ -36,10 +37,10 @@ def _train_fn(rank, world_size, max_steps: int, every: int, stop_on_error: bool,
         parallel=SimpleNamespace(microbatches=1),
         optim=SimpleNamespace(lr=1e-3, min_lr=1e-4, warmup_steps=1, schedule="cosine"),
     )
-    log: list[str] = []
-    callbacks = [CheckpointCallback(every, save, stop_on_error=stop_on_error, log=log.append)]
-    trainer = Trainer(cfg, Module(), iter(range(10**6)), TrainState(), callbacks, tokens_per_step=1, log=log.append)
-    code = trainer.fit()
+    callbacks = [CheckpointCallback(every, save, stop_on_error=stop_on_error)]
+    trainer = Trainer(cfg, Module(), iter(range(10**6)), TrainState(), callbacks, tokens_per_step=1)
+    with captured_lines() as log:
+        code = trainer.fit()
     return {"code": code, "step": trainer.state.step, "saved": saved, "errors": [x for x in log if "error:" in x]}
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loom.launch.train.callbacks import ETA_WINDOW_STEPS, MonitorCallback, format_duration
+from tests.logs import captured_lines
 
 
 @pytest.mark.parametrize(
@@ -32,11 +33,16 @@ class FakeWriter:
     def flush(self) -> None: ...
 
 
-def _monitor_and_trainer(max_steps: int, log_every: int = 1):
-    lines: list[str] = []
+@pytest.fixture
+def lines():
+    with captured_lines() as captured:
+        yield captured
+
+
+def _monitor_and_trainer(lines: list, max_steps: int, log_every: int = 1):
     monitor = MonitorCallback(
         FakeWriter(), log_every, flops_per_step=1e9, peak_tflops=1.0, world_size=1,
-        device=torch.device("cpu"), progress=False, log=lines.append,
+        device=torch.device("cpu"), progress=False,
     )  # fmt: skip
     clock = monitor.clock = FakeClock()
     trainer = SimpleNamespace(
@@ -63,8 +69,8 @@ def _step(monitor, trainer, clock, wall_s: float) -> None:
     monitor.on_step_end(trainer, metrics)
 
 
-def test_line_shows_elapsed_time_and_an_eta_from_the_recent_steps():
-    monitor, trainer, clock, lines = _monitor_and_trainer(max_steps=300)
+def test_line_shows_elapsed_time_and_an_eta_from_the_recent_steps(lines):
+    monitor, trainer, clock, _ = _monitor_and_trainer(lines, max_steps=300)
     monitor.on_start(trainer)
     clock.now += 30.0  # start-up before the first step counts as elapsed
     for _ in range(100):
@@ -74,8 +80,8 @@ def test_line_shows_elapsed_time_and_an_eta_from_the_recent_steps():
     assert lines[-1].endswith(" · 51,200 tokens · 3m50s elapsed · ETA 6m40s"), lines[-1]
 
 
-def test_eta_follows_the_recent_pace_not_the_whole_run():
-    monitor, trainer, clock, lines = _monitor_and_trainer(max_steps=200)
+def test_eta_follows_the_recent_pace_not_the_whole_run(lines):
+    monitor, trainer, clock, _ = _monitor_and_trainer(lines, max_steps=200)
     monitor.on_start(trainer)
     for _ in range(100):
         _step(monitor, trainer, clock, 10.0)
@@ -84,8 +90,8 @@ def test_eta_follows_the_recent_pace_not_the_whole_run():
     assert lines[-1].endswith(f"{format_duration(1050)} elapsed · ETA {format_duration(50 * 1.0)}"), lines[-1]
 
 
-def test_the_first_line_and_the_last_line():
-    monitor, trainer, clock, lines = _monitor_and_trainer(max_steps=4, log_every=2)
+def test_the_first_line_and_the_last_line(lines):
+    monitor, trainer, clock, _ = _monitor_and_trainer(lines, max_steps=4, log_every=2)
     monitor.on_start(trainer)
     _step(monitor, trainer, clock, 3.0)
     assert lines == []  # not a logging step
