@@ -21,6 +21,12 @@ class BenchOptions:
     data_docs: int | None = None
     loader_batches: int = 400
     quiet_wait: float = 0.0
+    device: str = "cpu"
+    """cpu: the CPU sections; cuda: the `gpu` section (section_gpu) on the GPU."""
+    dry_run: bool = False
+    """With device cuda: the gpu section's wiring on the CPU at a tiny shape."""
+    time_limit: float = 0.0
+    """Seconds the gpu section may take (configurations that would not fit are skipped); 0: no limit."""
 
     @classmethod
     def make(cls, quick: bool = False, large: bool = False, **overrides) -> "BenchOptions":

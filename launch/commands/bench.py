@@ -7,7 +7,7 @@ import sys
 
 
 def _sections(text: str) -> tuple:
-    from loom.launch.bench import SECTIONS
+    from loom.launch.bench.sections import SECTIONS
 
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [n for n in names if n not in SECTIONS]
@@ -29,7 +29,7 @@ def command_line(args: argparse.Namespace) -> str:
     for flag in ("quick", "large"):
         if getattr(args, flag):
             parts.append(f"--{flag}")
-    for name in ("rounds", "steps", "warmup", "threads", "corpus", "quiet_wait"):
+    for name in ("rounds", "steps", "warmup", "threads", "corpus", "quiet_wait", "device", "time_limit"):
         value = getattr(args, name)
         if value is not None:
             parts.append(
@@ -39,22 +39,44 @@ def command_line(args: argparse.Namespace) -> str:
             )
     if args.sections:
         parts.append("--sections " + ",".join(args.sections))
+    if args.dry_run:
+        parts.append("--dry-run")
     return " ".join(parts)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from loom.launch.bench import BenchOptions, run_bench
+    from loom.launch.bench.options import BenchOptions
+    from loom.launch.bench.run import run_bench
 
+    sections, defaults = args.sections, {}
+    if args.device == "cuda":
+        import os
+
+        import torch
+
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # asking must not initialise CUDA here
+        if not args.dry_run and not torch.cuda.is_available():
+            raise ValueError("--device cuda: torch sees no CUDA device (--dry-run runs the gpu section on the CPU)")
+        sections = sections or ("gpu",)
+        from loom.launch.bench.section_gpu import header_options
+
+        defaults = header_options(args.dry_run)
+    elif args.dry_run:
+        raise ValueError("--dry-run goes with --device cuda (it runs the gpu section's wiring on the CPU)")
     opts = BenchOptions.make(
         quick=args.quick,
         large=args.large,
-        rounds=args.rounds,
-        steps=args.steps,
-        warmup=args.warmup,
+        shape=defaults.get("shape"),
+        rounds=args.rounds or defaults.get("rounds"),
+        steps=args.steps or defaults.get("steps"),
+        warmup=args.warmup if args.warmup is not None else defaults.get("warmup"),
         threads=args.threads,
-        sections=args.sections,
+        sections=sections,
         corpus=args.corpus,
         quiet_wait=args.quiet_wait,
+        device=args.device,
+        dry_run=args.dry_run or None,
+        time_limit=args.time_limit,
     )
     log = (lambda line: None) if args.silent else (lambda line: print(line, file=sys.stderr, flush=True))
     report = run_bench(opts, log=log)
@@ -90,7 +112,7 @@ def add_commands(sub) -> None:
         "--sections",
         type=_sections,
         default=None,
-        help="comma list of peers,techniques,layouts,zero,data (default: all)",
+        help="comma list of peers,techniques,layouts,zero,data,gpu (default: all but gpu; gpu with --device cuda)",
     )
     p.add_argument("--corpus", default=None, help="corpus of the data-path section (default linuxdoc)")
     p.add_argument(
@@ -99,6 +121,20 @@ def add_commands(sub) -> None:
         default=None,
         metavar="SECONDS",
         help="before each round wait up to this long for the rest of the machine to go idle (default 0)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="cuda: the gpu section (~1B Llama shape: Loom vs HF, technique overhead, MFU; docs/gpu.md)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="with --device cuda: the gpu section on the CPU, tiny shape")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the gpu section skips configurations that would not fit in this many seconds",
     )
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
