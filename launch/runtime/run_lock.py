@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from loom.model.parallel import comm
+
 _held = []
 
 
@@ -32,7 +34,7 @@ def acquire_run_lock(run_dir: str) -> None:
             owner = handle.read().strip() or "unknown"
             handle.close()
             problem[0] = f"{run_dir} is in use by another run (pid {owner}); choose another output_dir"
-    dist.broadcast_object_list(problem, src=0)
+    problem[0] = comm.broadcast_object(problem[0])
     if problem[0]:
         raise ValueError(problem[0])
 

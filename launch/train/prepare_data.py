@@ -17,6 +17,7 @@ from filelock import FileLock
 
 from loom.data.config import DataConfig, MixtureSource
 from loom.data.corpora import default_cache_dir, ensure_corpus
+from loom.model.parallel import comm
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def prepare_data(data: DataConfig, seq_length: int, vocab_size: int) -> Prepared
             box[0] = _prepare_on_this_rank(data, seq_length, vocab_size)
         except (OSError, ValueError, RuntimeError) as exc:
             box[0] = f"{type(exc).__name__}: {exc}"
-    dist.broadcast_object_list(box, src=0)
+    box[0] = comm.broadcast_object(box[0])
     if isinstance(box[0], str):
         raise ValueError(f"data preparation failed: {box[0]}")
     return box[0]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from loom.launch.runtime.faults import nan_injection
+from loom.model.parallel import comm
 from loom.model.parallel.groups import Layout
 from loom.model.parallel.pipeline import forward_only
 from loom.model.parallel.zero import ShardedStage
@@ -69,8 +69,8 @@ class TrainModule:
                 total += torch.tensor([float(out[0]) * tokens, tokens], dtype=torch.float64)
         module.train()
         if self.layout.pp > 1:
-            dist.all_reduce(total, group=pp_group)
-        dist.all_reduce(total, group=self.sharded.dp_group)
+            comm.all_reduce(total, group=pp_group)
+        comm.all_reduce(total, group=self.sharded.dp_group)
         if total[1] == 0:
             return {}
         loss = float(total[0] / total[1])
@@ -91,7 +91,6 @@ class TrainModule:
             for key, value in hcma.metrics().items():
                 out[f"techniques/hcma/{key}"] = float(value.detach()) if torch.is_tensor(value) else float(value)
         if self.layout.pp > 1:
-            stages = [None] * self.layout.pp
-            dist.all_gather_object(stages, out, group=self.sharded.pp_group)
+            stages = comm.all_gather_object(out, group=self.sharded.pp_group)
             out = {k: v for stage in stages for k, v in stage.items()}
         return out

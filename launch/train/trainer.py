@@ -12,12 +12,10 @@ import signal
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
 from loom.launch.runtime.faults import maybe_kill
 from loom.launch.train.callback import Callback
 from loom.launch.train.lr_schedule import learning_rate
+from loom.model.parallel import comm
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +118,14 @@ class Trainer:
         if self._requested:
             return self._requested
         limit = self.cfg.train.max_minutes
-        flags = torch.tensor(
+        flags = comm.all_reduce_values(
             [
                 1.0 if self.signals.received else 0.0,
                 1.0 if limit > 0 and time.monotonic() - self.started > limit * 60 else 0.0,
                 1.0 if self.state.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite else 0.0,
-            ]
+            ],
+            op=comm.ReduceOp.MAX,
         )
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0]:
             return "signal"
         if flags[1]:

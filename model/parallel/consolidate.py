@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from loom.model.parallel import comm
 from loom.model.parallel.zero_state import gathered
 from loom.model.precision import at_least_fp32
 
@@ -23,9 +24,7 @@ def full_state_dict(module: torch.nn.Module, include_buffers: bool = True) -> di
         for name, param in module.named_parameters():
             value = param.detach()
             if getattr(param, "tensor_model_parallel", False) and tp > 1:
-                parts = [torch.empty_like(value) for _ in range(tp)]
-                dist.all_gather(parts, value.contiguous(), group=tp_group)
-                value = torch.cat(parts, dim=param.partition_dim)
+                value = torch.cat(comm.all_gather(value, group=tp_group), dim=param.partition_dim)
             local[name] = at_least_fp32(value).cpu().clone()
     if include_buffers:  # persistent buffers only (SCA statistics, HCMA state), not RoPE tables
         params = dict(module.named_parameters())
@@ -35,8 +34,7 @@ def full_state_dict(module: torch.nn.Module, include_buffers: bool = True) -> di
     pp_group = ps.get_pipeline_model_parallel_group()
     if dist.get_world_size(pp_group) == 1:
         return local
-    stages: list = [None] * dist.get_world_size(pp_group)
-    dist.all_gather_object(stages, local, group=pp_group)
+    stages = comm.all_gather_object(local, group=pp_group)
     merged: dict[str, torch.Tensor] = {}
     for stage_dict in stages:
         merged.update(stage_dict)

@@ -70,9 +70,9 @@ def current_layout() -> Layout:
 
 def describe_grid() -> str:
     """One line per rank (gathered), for the start-of-run log."""
-    lines = [None] * dist.get_world_size()
-    dist.all_gather_object(lines, current_layout().describe())
-    return "\n".join(lines)
+    from loom.model.parallel import comm
+
+    return "\n".join(comm.all_gather_object(current_layout().describe()))
 
 
 class MegatronMPU:
