@@ -151,8 +151,8 @@ def test_weights_with_nan_are_never_saved(tmp_path):
     out = _fault_run(run, 6, [], {NAN_WEIGHTS: "4"})
     log = out.stdout[-3000:] + out.stderr[-3000:]
     assert out.returncode == 4, log
-    assert out.stdout.count("refusing to save step 4: the weights contain NaN") == 1, log
-    assert out.stdout.count("refusing to save step 6: the weights contain NaN") == 2, log  # periodic, then final
+    assert out.stderr.count("error: refusing to save step 4: the weights contain NaN") == 1, log
+    assert out.stderr.count("error: refusing to save step 6: the weights contain NaN") == 2, log  # periodic, final
     assert _saved_steps(out.stdout) == [2], log
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
     good = find_resumable(run)
