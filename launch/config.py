@@ -8,6 +8,7 @@ group starts.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -202,6 +203,8 @@ def load_config(
     problems += validate(cfg, world_size, check_files)
     if problems:
         raise ConfigError(problems)
+    for warning in cfg.techniques.warnings(cfg.model.num_layers, max(cfg.parallel.pipeline, 1)):
+        logging.getLogger(__name__).warning(f"techniques.{warning}")
     return cfg
 
 

@@ -42,5 +42,11 @@ class ForwardContext:
         return torch.stack(slots, dim=2)
 
     def readable_slots(self, point: int) -> list[int]:
+        """Bank slots the CMR target at h^point reads; every one of them holds a capture (a zero template
+        slot would take a share of the softmax as if it were a state)."""
         first = self.stage_first_point if self.plan.cmr_stage_local else None
-        return self.plan.slots_before(point, first)
+        slots = self.plan.slots_before(point, first)
+        empty = [slot for slot in slots if self.bank[slot] is None]
+        if empty:
+            raise RuntimeError(f"CMR target h^{point} would read bank slots {empty} that hold no captured state")
+        return slots

@@ -1,6 +1,6 @@
 """Where each technique sits in the network, resolved once from the config.
 
-Layer numbering follows TECHNIQUES.md: h^0 is the embedding output and h^ℓ (ℓ = 1..L) the output of
+Layer numbering follows docs/techniques.md: h^0 is the embedding output and h^ℓ (ℓ = 1..L) the output of
 block ℓ. Loom's blocks are 0-based, so block i produces h^(i+1). LCM and SCR select blocks by their
 0-based index; CMR sources/targets and SCA heads name residual-stream points h^ℓ.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.techniques.config import TechniquesConfig
+from loom.techniques.config import TechniquesConfig, captured_on_stage
 from loom.techniques.selection import resolve_layers
 
 
@@ -33,12 +33,14 @@ class TechniquePlan:
         return TechniquePlan(num_layers, lcm, scr, sources, targets, tech.cmr.stage_local, sca)
 
     def slots_before(self, point: int, stage_first_point: int | None = None) -> list[int]:
-        """Bank slots a CMR target at h^point may read: sources strictly below it (and, when
-        stage-local, captured on the same pipeline stage)."""
+        """Bank slots a CMR target at h^point may read: sources strictly below it and, when a stage's input
+        state h^stage_first_point is given (stage-local CMR), captured on that stage itself: its input was
+        captured, if at all, on the previous stage, so it is never read (`captured_on_stage`). Empty means
+        the target's reweave is skipped."""
         return [
             slot
             for slot, src in enumerate(self.cmr_sources)
-            if src < point and (stage_first_point is None or src >= stage_first_point)
+            if src < point and (stage_first_point is None or captured_on_stage(src, stage_first_point))
         ]
 
     def carries_rho(self, tech: TechniquesConfig) -> bool:

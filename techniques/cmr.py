@@ -60,6 +60,13 @@ class LayerCapture(nn.Module):
         return dict(self._last)
 
 
+def _selects_nothing(available: SlotSelection) -> bool:
+    """An empty slot list or an all-False mask (None selects every slot)."""
+    if isinstance(available, torch.Tensor) and available.dtype == torch.bool:
+        return not bool(available.any())
+    return available is not None and len(available) == 0
+
+
 class Reweave(nn.Module):
     """``h <- h + W_u sum_j softmax_j(q . c_j / sqrt(r) + beta_j) c_j`` over the available bank slots.
 
@@ -90,17 +97,22 @@ class Reweave(nn.Module):
                 raise ValueError(f"available mask must have shape ({self.n_slots},), got {tuple(mask.shape)}")
         else:
             slots = [int(i) for i in available]
-            if not slots or any(not 0 <= i < self.n_slots for i in slots):
-                raise ValueError(f"available slots {slots} must be a non-empty subset of 0..{self.n_slots - 1}")
+            if any(not 0 <= i < self.n_slots for i in slots):
+                raise ValueError(f"available slots {slots} must be a subset of 0..{self.n_slots - 1}")
             mask = torch.zeros(self.n_slots, dtype=torch.bool, device=device)
             mask[slots] = True
         return mask
 
     def forward(self, h: torch.Tensor, bank: torch.Tensor, available: SlotSelection = None) -> torch.Tensor:
         """``bank`` is ``[s, b, n_slots, r]``; ``available`` (bool ``[n_slots]`` or slot indices,
-        None = all) names the slots already captured; the others get zero attention."""
+        None = all) names the slots already captured; the others get zero attention. With no
+        available slot (a stage-local target whose stage captures no source) the reweave is skipped:
+        the output is ``h`` itself."""
         if bank.shape[2] != self.n_slots:
             raise ValueError(f"bank has {bank.shape[2]} slots, this Reweave expects {self.n_slots}")
+        if _selects_nothing(available):
+            self._last = {}
+            return h
         mask = self._slot_mask(available, h.device)
         bank_f = bank.float()
         query = rms_normed_linear(h, self.norm, self.query.weight)

@@ -26,6 +26,23 @@ from loom.techniques.selection import (
 )
 
 _PLACEMENTS = ("post_mlp", "post_attn")
+
+
+def captured_on_stage(source: int, stage_first_point: int) -> bool:
+    """Whether the pipeline stage whose input is ``h^stage_first_point`` captures the CMR source ``h^source``
+    itself (stage-local CMR reads only such sources). The stage's blocks produce the states after its
+    input; the input is the previous stage's output and captured there, except the embedding output
+    ``h^0``, which the first stage captures."""
+    return source > stage_first_point or source == stage_first_point == 0
+
+
+def stage_first_point(point: int, num_layers: int, pipeline: int) -> int:
+    """The input state ``h^first`` of the pipeline stage (of ``pipeline`` equal stages) whose blocks produce
+    ``h^point`` (``point >= 1``)."""
+    per_stage = num_layers // pipeline
+    return (point - 1) // per_stage * per_stage
+
+
 _SP_REFUSAL = (
     "{name} under sequence/context parallelism needs {need}, which is not implemented; "
     "disable {name} or sequence/context parallelism"
@@ -153,7 +170,9 @@ class CMRConfig:
     cross_position: CMRCrossPositionConfig = field(default_factory=CMRCrossPositionConfig)
     """Cross-position mode (not implemented: window and topk must be 0)."""
     stage_local: bool = False
-    """Restrict each target to sources in its own pipeline stage, so no bank crosses stages."""
+    """Restrict each target to the sources its own pipeline stage captures, so no bank crosses stages (a stage's
+    input state is captured by the previous stage, so it is not readable; a target left with no source is the
+    identity)."""
 
     def sources(self, num_layers: int) -> list[int]:
         """Sorted source states h^l; bank slot i holds sources(num_layers)[i]."""
@@ -176,9 +195,31 @@ class CMRConfig:
         """Bank slot that holds the capture of state h^source."""
         return self.sources(num_layers).index(source)
 
-    def available_slots(self, target: int, num_layers: int) -> list[int]:
-        """Bank slots a target h^target may read: sources strictly before it."""
-        return [slot for slot, src in enumerate(self.sources(num_layers)) if src < target]
+    def available_slots(self, target: int, num_layers: int, pipeline: int = 1) -> list[int]:
+        """Bank slots a target h^target may read: sources strictly before it and, when ``stage_local``,
+        captured on the target's own stage of a ``pipeline``-stage layout (``captured_on_stage``)."""
+        first = stage_first_point(target, num_layers, pipeline) if self.stage_local else None
+        return [
+            slot
+            for slot, src in enumerate(self.sources(num_layers))
+            if src < target and (first is None or captured_on_stage(src, first))
+        ]
+
+    def stage_local_warnings(self, num_layers: int, pipeline: int) -> list[str]:
+        """Targets that stage-local CMR leaves without a readable source at this pipeline size: their
+        reweave is skipped (the identity), which is allowed but rarely intended."""
+        if not self.stage_local or pipeline <= 1 or num_layers % pipeline:
+            return []
+        out = []
+        for target in self.targets(num_layers):
+            if not self.available_slots(target, num_layers, pipeline):
+                first = stage_first_point(target, num_layers, pipeline)
+                out.append(
+                    f"stage_local: target h^{target} reads no source at pipeline {pipeline} (its stage captures "
+                    f"h^{first + 1}..h^{first + num_layers // pipeline}, the sources are {self.sources(num_layers)}), "
+                    f"so its reweave is skipped (identity); move a source into that stage or turn stage_local off"
+                )
+        return out
 
     def validate(self, num_layers: int) -> list[str]:
         """Problems with this config for a model of ``num_layers`` blocks; empty when usable."""
@@ -367,6 +408,10 @@ class TechniquesConfig:
     """Statistical Coherence Alignment."""
     hcma: HCMAConfig = field(default_factory=HCMAConfig)
     """Hierarchical Contextual Manifold Alignment."""
+
+    def warnings(self, num_layers: int, pipeline: int = 1) -> list[str]:
+        """Usable but probably unintended settings of the enabled techniques (``"cmr: ..."``), for a log line."""
+        return [f"cmr: {w}" for w in self.cmr.stage_local_warnings(num_layers, pipeline)] if self.cmr.enabled else []
 
     def validate(self, num_layers: int, *, sequence_parallel: bool = False) -> list[str]:
         """Problems of the enabled techniques, each prefixed with its namespace (``"lcm: ..."``)."""

@@ -146,6 +146,8 @@ def test_remote_code_cmr_slots_follow_the_saved_pipeline_when_stage_local():
     tech.cmr.enabled = True  # sources h^0, h^2, h^4, h^5; targets h^6, h^8
     everywhere = remote_code_techniques(tech, cfg, source_pp=2)["cmr"]["readable"]
     assert everywhere == {"6": [0, 1, 2, 3], "8": [0, 1, 2, 3]}
-    tech.cmr.stage_local = True  # with PP=2 the second stage holds blocks 4..7, its first state is h^4
-    local = remote_code_techniques(tech, cfg, source_pp=2)["cmr"]
-    assert local["readable"] == {"6": [2, 3], "8": [2, 3]} and local["reset_bank_at"] == [4]
+    tech.cmr.stage_local = True  # with PP=2 the second stage holds blocks 4..7: its input h^4 is captured on
+    local = remote_code_techniques(tech, cfg, source_pp=2)["cmr"]  # the first stage, so only h^5 is readable
+    assert local["readable"] == {"6": [3], "8": [3]} and local["reset_bank_at"] == [4]
+    four = remote_code_techniques(tech, cfg, source_pp=4)["cmr"]  # blocks 6..7 capture no source: h^8 is skipped
+    assert four["readable"] == {"6": [3], "8": []} and four["reset_bank_at"] == [2, 4, 6]

@@ -291,8 +291,9 @@ class Block(nn.Module):
 
 
 def residual_point(owner, h, ctx: dict):
-    """CMR at state h^point: reweave from the bank, then capture into it."""
-    if getattr(owner, "reweave", None) is not None:
+    """CMR at state h^point: reweave from the bank, then capture into it. A stage-local target whose
+    saved pipeline stage captured no source reads nothing and is skipped (the identity)."""
+    if getattr(owner, "reweave", None) is not None and owner.readable:
         h = owner.reweave(h, ctx["bank_tensor"](), owner.readable)
     if getattr(owner, "capture", None) is not None:
         ctx["bank"][owner.capture_slot] = owner.capture(h)
