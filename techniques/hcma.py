@@ -1,6 +1,6 @@
 """HCMA: pull the directions of input-embedding rows toward a density-weighted cluster hierarchy.
 
-Spec section 7. A periodic, non-differentiable refresh builds a two-level spherical k-means
+docs/techniques.md, HCMA. A periodic, non-differentiable refresh builds a two-level spherical k-means
 hierarchy on a random projection of the unit-normalised table, a kNN density weight ``pi`` per
 row, full-space centroids and a trust-region anchor. Between refreshes either a differentiable
 regulariser (``loss``) or an optimizer-free realignment (``offline_align``) uses them.
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from loom.model.precision import at_least_fp32
 from loom.techniques.config import HCMAConfig
 
 _STATE_TENSORS = ("assign_coarse", "assign_fine", "pi", "centroids_coarse", "centroids_fine", "anchor")
@@ -49,7 +50,8 @@ def _group_size(group: Optional[dist.ProcessGroup]) -> int:
 
 
 def _gradient_wrt_unit_rows(E, pi, w, centroids, assigns, anchor, lambda_anchor):
-    """Gradient of the per-row loss ``sum_l w_l pi ||E - mu_l||^2 + lambda_a ||E - E0||^2`` w.r.t. ``E``."""
+    """Per-row gradient of ``L_HCMA``: of each row's own summand ``sum_l w_l pi ||E - mu_l||^2 + lambda_a ||E - E0||^2``
+    w.r.t. that row of ``E`` (the loss's mean over rows scales it by ``1 / V``)."""
     grad = lambda_anchor * (E - anchor)
     for weight, cent, assign in zip(w, centroids, assigns):
         grad = grad + (weight * pi)[:, None] * (E - cent[assign])
@@ -62,13 +64,13 @@ class _RegulariserLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight_real, hcma: "HCMA"):
         state, cfg, n_global = hcma._state, hcma.cfg, hcma._state["num_real_global"]
-        terms = torch.zeros(3, dtype=torch.float32, device=weight_real.device)  # coarse, fine, anchor
+        terms = torch.zeros(3, dtype=torch.promote_types(weight_real.dtype, torch.float32), device=weight_real.device)
         for rows in hcma._row_chunks(weight_real.shape[0]):
-            E = F.normalize(weight_real[rows].float(), dim=-1)
+            E = F.normalize(at_least_fp32(weight_real[rows]), dim=-1)
             pi = state["pi"][rows]
             for level, (cent, assign) in enumerate(hcma._levels(rows)):
                 terms[level] += cfg.w[level] * ((E - cent[assign]).pow(2).sum(-1) * pi).sum()
-            terms[2] += cfg.lambda_anchor * (E - state["anchor"][rows].float()).pow(2).sum()
+            terms[2] += cfg.lambda_anchor * (E - state["anchor"][rows].to(E.dtype)).pow(2).sum()
         terms /= n_global
         ctx.mark_non_differentiable(terms)
         ctx.hcma = hcma
@@ -80,15 +82,15 @@ class _RegulariserLoss(torch.autograd.Function):
         (weight_real,) = ctx.saved_tensors
         hcma = ctx.hcma
         state, cfg = hcma._state, hcma.cfg
-        scale = grad_total.float() / state["num_real_global"]
+        scale = at_least_fp32(grad_total) / state["num_real_global"]
         grad = torch.empty_like(weight_real)
         for rows in hcma._row_chunks(weight_real.shape[0]):
-            W = weight_real[rows].float()
+            W = at_least_fp32(weight_real[rows])
             norm = W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             E = W / norm
             levels = list(zip(*hcma._levels(rows)))
             g_E = scale * _gradient_wrt_unit_rows(
-                E, state["pi"][rows], cfg.w, levels[0], levels[1], state["anchor"][rows].float(), cfg.lambda_anchor
+                E, state["pi"][rows], cfg.w, levels[0], levels[1], state["anchor"][rows].to(E.dtype), cfg.lambda_anchor
             )
             grad[rows] = ((g_E - (g_E * E).sum(-1, keepdim=True) * E) / norm).to(grad.dtype)
         return grad, None
@@ -137,8 +139,8 @@ class HCMA:
         n_local = int(num_real_rows_local)
         if not 0 <= n_local <= weight_local.shape[0]:
             raise ValueError(f"num_real_rows_local={n_local} outside 0..{weight_local.shape[0]}")
-        E = F.normalize(weight_local[:n_local].float(), dim=-1)
-        Y = F.normalize(E @ self.projection.to(device), dim=-1)
+        E = F.normalize(at_least_fp32(weight_local[:n_local]), dim=-1)
+        Y = F.normalize(E @ self.projection.to(device=device, dtype=E.dtype), dim=-1)
         layout = self._layout(weight_local.shape[0], vocab_start, n_local, tp_group, device)
         Y_all = self._gather_real(Y, layout, tp_group)
         n_global = Y_all.shape[0]
@@ -154,12 +156,12 @@ class HCMA:
         mine = slice(layout["offset"], layout["offset"] + n_local)
         centroids = []
         for assign, k in ((assign_coarse, cfg.K1), (assign_fine, cfg.K2)):
-            sums = torch.zeros(k, E.shape[1], dtype=torch.float32, device=device).index_add_(0, assign[mine], E)
+            sums = torch.zeros(k, E.shape[1], dtype=E.dtype, device=device).index_add_(0, assign[mine], E)
             if _group_size(tp_group) > 1:
                 dist.all_reduce(sums, group=tp_group)
             centroids.append(F.normalize(sums, dim=-1))
 
-        anchor_dtype = torch.bfloat16 if cfg.anchor_dtype == "bfloat16" else torch.float32
+        anchor_dtype = torch.bfloat16 if cfg.anchor_dtype == "bfloat16" else E.dtype
         self._state = {
             "assign_coarse": assign_coarse[mine].clone(),
             "assign_fine": assign_fine[mine].clone(),
@@ -201,7 +203,7 @@ class HCMA:
 
     def _knn_density(self, Y: torch.Tensor, Y_all: torch.Tensor, offset: int) -> torch.Tensor:
         """``rho_v = 1 / max(mean cosine distance to the k nearest other rows, 1e-6)`` for the local rows."""
-        rho = torch.empty(Y.shape[0], dtype=torch.float32, device=Y.device)
+        rho = torch.empty(Y.shape[0], dtype=Y.dtype, device=Y.device)
         for rows in self._row_chunks(Y.shape[0]):
             sim = Y[rows] @ Y_all.T
             local = torch.arange(sim.shape[0], device=Y.device)
@@ -295,23 +297,25 @@ class HCMA:
 
     @torch.no_grad()
     def offline_align(self, weight_local: torch.Tensor) -> torch.Tensor:
-        """New values for the shard: ``offline.iters`` steps ``E <- E - eta grad`` on the unit rows,
-        then the original row norms re-applied. Padding rows are returned unchanged.
+        """HCMA's offline step: new values for the shard. Starting from the refresh, ``T = offline.iters``
+        gradient steps on the unit rows ``Ê ← Ê − η ∇_Ê L_HCMA(Ê)`` (``η = offline.eta``) with the centroids,
+        assignments, ``π`` and anchor held fixed, then the original norms re-applied,
+        ``E_v ← ‖E_v‖ · Ê_v / ‖Ê_v‖``. Padding rows are returned unchanged.
 
-        The step uses the gradient of each row's own loss term (the paper's per-token update
-        ``e_i <- e_i - eta grad_{e_i} L(e_i)``); with the 1/V of the mean it would be a no-op at
-        any real vocabulary size. Writing the result into the fp32 master and the working copy
-        (``safe_set_full_fp32_param``) is the caller's job.
+        ``∇`` is the per-row gradient: the gradient of row ``v``'s own summand,
+        ``2 Σ_l w_l π_v (Ê_v − μ^(l)_{a_l(v)}) + 2 λ_a (Ê_v − Ê⁰_v)``, i.e. ``V`` times the gradient of the
+        mean over rows, whose ``1/V`` would make the step vanish at real vocabulary sizes. Writing the
+        result into the fp32 master and the working copy (``set_full_fp32_param``) is the caller's job.
         """
         self._require_state(weight_local)
         cfg, state = self.cfg, self._state
         new = weight_local.detach().clone()
         for rows in self._row_chunks(state["num_real_local"]):
-            W = new[rows].float()
+            W = at_least_fp32(new[rows])
             norm = W.norm(dim=-1, keepdim=True)
             E = W / norm.clamp_min(1e-12)
             levels = list(zip(*self._levels(rows)))
-            anchor, pi = state["anchor"][rows].float(), state["pi"][rows]
+            anchor, pi = state["anchor"][rows].to(W.dtype), state["pi"][rows]
             for _ in range(cfg.offline.iters):
                 E = E - cfg.offline.eta * _gradient_wrt_unit_rows(
                     E, pi, cfg.w, levels[0], levels[1], anchor, cfg.lambda_anchor

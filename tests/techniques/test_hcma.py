@@ -83,24 +83,42 @@ def test_padding_rows_are_excluded():
     assert torch.all(weight.grad[V:] == 0)
 
 
-def test_offline_align_is_the_per_row_gradient_step_and_keeps_norms():
-    table = _moved(_table())
+def test_offline_step_follows_the_spec_per_row_gradient_step():
+    """docs/techniques.md, HCMA offline mode, written out here: from the refresh, T steps
+    Ê ← Ê − η ∇_Ê L_HCMA(Ê) with centroids, assignments, π and anchor fixed, ∇ the per-row gradient (the
+    gradient of row v's own summand: V times the gradient of the mean), then E_v ← ‖E_v‖ Ê_v / ‖Ê_v‖."""
+    eta, iters, w, lambda_a = 0.07, 3, [0.3, 0.7], 0.5  # not the defaults, so a swapped knob shows
+    table = _moved(_table())  # a few steps after the refresh: the anchor term is not zero
     padded = torch.cat([table, torch.randn(3, D)])
-    hcma = HCMA(_cfg(offline=HCMAOfflineConfig(eta=0.1, iters=1)), D)
+    hcma = HCMA(_cfg(w=w, lambda_anchor=lambda_a, offline=HCMAOfflineConfig(eta=eta, iters=iters)), D)
     hcma.refresh(_table(), 0, V)
     new = hcma.offline_align(padded)
-    assert torch.equal(new[V:], padded[V:])
-    assert torch.allclose(new.norm(dim=-1), padded.norm(dim=-1), rtol=1e-5)
+    assert torch.equal(new[V:], padded[V:]), "padding rows must not move"
 
     state = hcma.state_dict()
-    E = F.normalize(table, dim=-1).requires_grad_()
-    per_row = 0.5 * state["pi"] * (E - state["centroids_coarse"][state["assign_coarse"]]).pow(2).sum(-1)
-    per_row = per_row + 1.0 * state["pi"] * (E - state["centroids_fine"][state["assign_fine"]]).pow(2).sum(-1)
-    per_row = per_row + (E - state["anchor"]).pow(2).sum(-1)
-    (grad,) = torch.autograd.grad(per_row.sum(), E)
-    step = E.detach() - 0.1 * grad
-    expected = table.norm(dim=-1, keepdim=True) * F.normalize(step, dim=-1)
+    pi = state["pi"][:, None]
+    mu_coarse = state["centroids_coarse"][state["assign_coarse"]]
+    mu_fine = state["centroids_fine"][state["assign_fine"]]
+    anchor = state["anchor"]
+
+    def per_row_gradient(E_hat):
+        return 2 * w[0] * pi * (E_hat - mu_coarse) + 2 * w[1] * pi * (E_hat - mu_fine) + 2 * lambda_a * (E_hat - anchor)
+
+    E_hat = table / table.norm(dim=-1, keepdim=True)
+    first_gradient = per_row_gradient(E_hat)
+    for _ in range(iters):
+        E_hat = E_hat - eta * per_row_gradient(E_hat)
+    expected = table.norm(dim=-1, keepdim=True) * E_hat / E_hat.norm(dim=-1, keepdim=True)
     assert torch.allclose(new[:V], expected, atol=1e-6)
+    assert torch.allclose(new.norm(dim=-1), padded.norm(dim=-1), rtol=1e-5)
+
+    # the per-row gradient is V times the gradient of L_HCMA as a mean over rows
+    E = F.normalize(table, dim=-1).requires_grad_()
+    loss = w[0] * (pi[:, 0] * (E - mu_coarse).pow(2).sum(-1)).mean()
+    loss = loss + w[1] * (pi[:, 0] * (E - mu_fine).pow(2).sum(-1)).mean()
+    loss = loss + lambda_a * (E - anchor).pow(2).sum(-1).mean()
+    (grad_of_mean,) = torch.autograd.grad(loss, E)
+    assert torch.allclose(V * grad_of_mean, first_gradient, atol=1e-6)
 
     longer = HCMA(_cfg(), D)  # default 10 iterations
     longer.load_state_dict(state)
