@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loom.launch.train.tensorboard import GRAD_NORM_EVERY_STEP
 from loom.techniques.metrics import attention as attn_m
 from loom.techniques.metrics import entropy as ent_m
 from loom.techniques.metrics import geometry as geo_m
@@ -241,13 +242,8 @@ def _embedding_metrics(merged: dict, ev, fam: set, out: dict) -> None:
 
 def _run_log_metrics(run_logs: dict, ev, fam: set, out: dict) -> None:
     s = ev.s
-    if "smoothness" in fam and run_logs.get("train/grad_norm"):
-        g = [v for _, v in sorted(run_logs["train/grad_norm"].items())]
-        out["smoothness/grad_norm_cv"] = opt_m.grad_norm_cv(g, s.smooth_window)
-        out["smoothness/grad_norm_spikes"] = float(opt_m.grad_norm_spikes(g, 3.0, s.smooth_window))
-        out["smoothness/logged_steps"] = float(len(g))
-    elif "smoothness" in fam:
-        ev.notes.append("smoothness: the run's TensorBoard has no train/grad_norm")
+    if "smoothness" in fam:
+        _smoothness_metrics(run_logs, ev, s.smooth_window, out)
     if "overhead" in fam:
         for tag, key in (
             ("throughput/tokens_per_s", "train_tokens_per_s"),
@@ -259,6 +255,28 @@ def _run_log_metrics(run_logs: dict, ev, fam: set, out: dict) -> None:
                 vals = [v for _, v in sorted(run_logs[tag].items())]
                 tail = vals[len(vals) // 2 :] or vals  # the second half: past start-up effects
                 out[f"overhead/{key}"] = float(max(tail) if "memory" in tag else np.median(tail))
+
+
+def _smoothness_metrics(run_logs: dict, ev, window: int, out: dict) -> None:
+    """Grad-norm CV and spikes over `window`-step windows of every step's norm (`GRAD_NORM_EVERY_STEP`). A
+    run logged before that series existed has only every `log_every`-th step's `train/grad_norm`: used
+    then, with a note, since its windows span `log_every` times as many steps and spikes go unseen."""
+    series = run_logs.get(GRAD_NORM_EVERY_STEP)
+    if not series and run_logs.get("train/grad_norm"):
+        series = run_logs["train/grad_norm"]
+        ev.notes.append(
+            f"smoothness: the run logged no {GRAD_NORM_EVERY_STEP}; computed from the logged steps of "
+            "train/grad_norm only (windows span more steps, spikes between logged steps are missed)"
+        )
+    if not series:
+        ev.notes.append(f"smoothness: the run's TensorBoard has no {GRAD_NORM_EVERY_STEP} or train/grad_norm")
+        return
+    steps = sorted(series)
+    g = [series[step] for step in steps]
+    out["smoothness/grad_norm_cv"] = opt_m.grad_norm_cv(g, window)
+    out["smoothness/grad_norm_spikes"] = float(opt_m.grad_norm_spikes(g, 3.0, window))
+    out["smoothness/logged_steps"] = float(len(g))
+    out["smoothness/every_step"] = float(len(steps) == steps[-1] - steps[0] + 1)
 
 
 def read_run_logs(run_dir: Path) -> dict[str, dict[int, float]]:

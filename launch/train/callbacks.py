@@ -11,7 +11,13 @@ import torch.distributed as dist
 from loom.launch.checkpoint.errors import CheckpointError
 from loom.launch.train.callback import Callback
 from loom.launch.train.run_data import evaluate_sources
-from loom.launch.train.tensorboard import MetricsWriter, ProgressBar, memory_scalars, system_scalars
+from loom.launch.train.tensorboard import (
+    GRAD_NORM_EVERY_STEP,
+    MetricsWriter,
+    ProgressBar,
+    memory_scalars,
+    system_scalars,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ class MonitorCallback(Callback):
         self._window.append((metrics["time/step_s"], metrics["time/data_wait_fraction"]))
         self._step_ends.append(self.clock())
         step = trainer.state.step
+        self.writer.scalars({GRAD_NORM_EVERY_STEP: metrics["train/grad_norm"]}, step)  # flushed with the next log
         step_time = metrics["time/step_s"]
         tokens_per_s = trainer.tokens_per_step / step_time
         tflops = self.flops_per_step / step_time / self.world_size / 1e12

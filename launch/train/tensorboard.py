@@ -61,6 +61,11 @@ def system_scalars() -> dict[str, float]:
     }
 
 
+GRAD_NORM_EVERY_STEP = "train/grad_norm_every_step"
+"""The global gradient norm of every optimizer step (the other train/ scalars come every `log_every` steps):
+optimisation smoothness counts spikes against a 100-step running median, which one sample in ten would miss."""
+
+
 class MetricsWriter:
     """Rank 0 writes; other ranks hold a no-op writer so call sites need no rank checks."""
 
