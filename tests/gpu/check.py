@@ -153,6 +153,19 @@ def _summary(results: list[Result], args, started: str, elapsed: float, data: di
     return "\n".join(lines) + "\n"
 
 
+def _bundle_logs(out: Path) -> None:
+    """logs/ and checks/ as one logs.tar.gz: the device tool brings back only a few files per run
+    (results.json holds every check's result anyway)."""
+    import tarfile
+
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+        for sub in ("logs", "checks"):
+            if (out / sub).is_dir():
+                tar.add(out / sub, arcname=sub)
+    for sub in ("logs", "checks"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="on the CPU at tiny shapes (proves the wiring)")
@@ -184,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in [c.name for c in CHECKS] + ["data"]:  # a previous run's checkpoints would be resumed
         shutil.rmtree(Path(args.work) / name, ignore_errors=True)
     data = _prepare_data(args, Path(args.work))
-    data_json = out / "data.json"
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    data_json = Path(args.work) / "data.json"
     data_json.write_text(json.dumps(data, indent=1))
     scale = 3.0 if args.dry_run else 1.0
     jobs = args.jobs or (2 if args.dry_run else 8)
@@ -221,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = _summary(results, args, started, elapsed, data)
     (out / "summary.md").write_text(summary)
+    _bundle_logs(out)
     print("\n" + summary.split("## Benchmark")[0], flush=True)
-    print(f"results: {out / 'results.json'}, {out / 'summary.md'}, logs in {out / 'logs'}", flush=True)
+    print(f"results: {out / 'results.json'}, {out / 'summary.md'}, logs in {out / 'logs.tar.gz'}", flush=True)
     return 0 if all(r.status in ("pass", "xfail", "skip") for r in results) else 1
 
 

@@ -172,7 +172,8 @@ class LayoutTrainer:
             self.trainer.step()
             losses.append(float(self.trainer.last["train/loss"]))
         device = next(self.trainer.sharded.module.parameters()).device
-        return {"losses": losses, "device": str(device)}
+        grid = self.trainer.layout
+        return {"losses": losses, "device": str(device), "tp": grid.tp, "pp": grid.pp}
 
 
 def _shape(dry: bool):
@@ -245,6 +246,8 @@ def layout(ctx: Context, tp: int, pp: int) -> Result:
             ctx.log(str(exc))
             return result.fail(f"raw gloo: {result.details['raw_gloo_error']}; staged: {_failing_collective(str(exc))}")
     result.details["layout"] = run
+    if (run["tp"], run["pp"]) != (tp, pp):
+        return result.fail(f"the workers ran TP={run['tp']} PP={run['pp']}, not TP={tp} PP={pp}")
     ref, got = reference["losses"], run["losses"]
     rel = [abs(a - b) / abs(a) for a, b in zip(ref, got)]
     result.details["relative_loss_diff"] = rel

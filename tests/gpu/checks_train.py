@@ -98,14 +98,15 @@ def train(ctx: Context, config: Path, run_dir: Path, resume: bool, launcher: lis
     return run_command(ctx, launcher + args)
 
 
-def train_with_fallback(ctx: Context, config: Path, run_dir: Path, result: Result):
-    """The plain CLI; on the GPU, if it fails like a CPU tensor in an NCCL collective, once more with the
-    mixed default group. Returns (run, launcher) of the run the check continues with."""
-    plain = loom_args()
-    run = train(ctx, config, run_dir, False, plain)
-    result.details["plain_cli"] = "ok" if run.returncode == 0 else f"exit {run.returncode}: {run.error_line()}"
+def train_with_fallback(ctx: Context, config: Path, run_dir: Path, result: Result, launcher: list[str] | None = None):
+    """The plain CLI (or `launcher`); on the GPU, if it fails like a CPU tensor in an NCCL collective, once
+    more with the mixed default group. Returns (run, launcher) of the run the check continues with."""
+    launcher = launcher or loom_args()
+    run = train(ctx, config, run_dir, False, launcher)
+    if launcher == loom_args():
+        result.details["plain_cli"] = "ok" if run.returncode == 0 else f"exit {run.returncode}: {run.error_line()}"
     if run.returncode == 0 or ctx.dry or not any(s in run.output for s in CPU_TENSOR_ON_NCCL):
-        return run, plain
+        return run, launcher
     mixed = [sys.executable, "-m", "tests.gpu.train_cli"]
     shutil.rmtree(run_dir, ignore_errors=True)
     run = train(ctx, config, run_dir, False, mixed)
@@ -147,7 +148,7 @@ def train_zero(ctx: Context, zero: int) -> Result:
         result.details.setdefault("technique_failures", []).append(failure)
         config = write_config(ctx, zero, 2 * k, k, without=without)
         shutil.rmtree(first, ignore_errors=True)
-        run = train(ctx, config, first, False, launcher)
+        run, launcher = train_with_fallback(ctx, config, first, result, launcher)
     reference, scalars = losses(first)
     result.details.update(_run_numbers(scalars, first))
     checkpoint = first / "checkpoints" / f"step_{k:08d}"
@@ -170,9 +171,10 @@ def train_zero(ctx: Context, zero: int) -> Result:
             f"first step {diffs[0]:.3g} (limit {first_tol:g})"
         )
     if without:
+        mixed = " (default group cuda:nccl,cpu:gloo)" if result.details.get("launcher") else ""
         return result.fail(
-            f"{'; '.join(result.details['technique_failures'])}; without {', '.join(without).upper()}: the run "
-            f"and its resume work (max |Δloss| {max(diffs):.2g})"
+            f"{'; '.join(result.details['technique_failures'])}; without {', '.join(without).upper()}{mixed}: "
+            f"the run and its resume work (max |Δloss| {max(diffs):.2g})"
         )
     if result.details.get("launcher"):
         return result.fail(

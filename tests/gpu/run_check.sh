@@ -7,8 +7,8 @@
 #
 # On the GPU machine it installs the carried wheels and Loom itself (no network) into /tmp/site,
 # puts that first on PYTHONPATH and runs `python -m tests.gpu.check` within the wall-clock budget
-# GPU_CHECK_BUDGET (seconds, default 510, install included). Results go to $OUT (the device tool's
-# folder; ./gpu-out when unset): results.json, summary.md, bench.md, logs/. Other arguments
+# GPU_CHECK_BUDGET (seconds, default 480, install included). Results go to $OUT (the device tool's
+# folder; ./gpu-out when unset): results.json, summary.md, bench.md, logs.tar.gz. Other arguments
 # (--budget, --jobs, --only, --data) pass through to tests/gpu/check.py.
 #
 # The dry run cannot install for Python 3.12 here, so it proves the install step by installing the
@@ -23,7 +23,8 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export OUT
-install_log="$OUT/install.log"
+mkdir -p "$OUT/logs"
+install_log="$OUT/logs/install.log"
 : >"$install_log"
 
 install_wheels() {  # $1: python, $2: target folder, rest: extra pip options
@@ -51,7 +52,7 @@ if [ "$dry" = 1 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
   PY=${PYTHON:-python3}
-  budget=${GPU_CHECK_BUDGET:-510}
+  budget=${GPU_CHECK_BUDGET:-480}
   SITE=${GPU_CHECK_SITE:-/tmp/site}
   mkdir -p "$SITE"
   install_wheels "$PY" "$SITE" && echo "installed $(ls .whl/*.whl | wc -l) wheels into $SITE" | tee -a "$install_log"
@@ -68,7 +69,7 @@ else
   fi
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" LOOM_GPU_SITE="$SITE"
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-  nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
+  nvidia-smi >"$OUT/logs/nvidia-smi.txt" 2>&1 || true
 fi
 export PYTORCH_NVML_BASED_CUDA_CHECK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 left=$((budget - ($(date +%s) - started)))
