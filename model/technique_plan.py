@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loom.techniques.config import TechniquesConfig, captured_on_stage
+from loom.techniques.cmr_stages import captured_on_stage
+from loom.techniques.config import TechniquesConfig
 from loom.techniques.selection import resolve_layers
 
 

@@ -1,4 +1,4 @@
-"""Structured (OmegaConf) configuration for the five techniques of TECHNIQUES.md.
+"""Structured (OmegaConf) configuration for the five techniques (docs/techniques.md).
 
 Defaults are the spec's. Two index conventions exist because the spec uses two:
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from loom.techniques.cmr_stages import readable_sources, unread_target_warnings
 from loom.techniques.selection import (
     layer_selection_problems,
     parse_relevance_noise,
@@ -26,23 +27,6 @@ from loom.techniques.selection import (
 )
 
 _PLACEMENTS = ("post_mlp", "post_attn")
-
-
-def captured_on_stage(source: int, stage_first_point: int) -> bool:
-    """Whether the pipeline stage whose input is ``h^stage_first_point`` captures the CMR source ``h^source``
-    itself (stage-local CMR reads only such sources). The stage's blocks produce the states after its
-    input; the input is the previous stage's output and captured there, except the embedding output
-    ``h^0``, which the first stage captures."""
-    return source > stage_first_point or source == stage_first_point == 0
-
-
-def stage_first_point(point: int, num_layers: int, pipeline: int) -> int:
-    """The input state ``h^first`` of the pipeline stage (of ``pipeline`` equal stages) whose blocks produce
-    ``h^point`` (``point >= 1``)."""
-    per_stage = num_layers // pipeline
-    return (point - 1) // per_stage * per_stage
-
-
 _SP_REFUSAL = (
     "{name} under sequence/context parallelism needs {need}, which is not implemented; "
     "disable {name} or sequence/context parallelism"
@@ -170,9 +154,8 @@ class CMRConfig:
     cross_position: CMRCrossPositionConfig = field(default_factory=CMRCrossPositionConfig)
     """Cross-position mode (not implemented: window and topk must be 0)."""
     stage_local: bool = False
-    """Restrict each target to the sources its own pipeline stage captures, so no bank crosses stages (a stage's
-    input state is captured by the previous stage, so it is not readable; a target left with no source is the
-    identity)."""
+    """Restrict each target to the sources its own pipeline stage captures (not the stage's input state), so no
+    bank crosses stages; a target left with no source is the identity."""
 
     def sources(self, num_layers: int) -> list[int]:
         """Sorted source states h^l; bank slot i holds sources(num_layers)[i]."""
@@ -197,29 +180,16 @@ class CMRConfig:
 
     def available_slots(self, target: int, num_layers: int, pipeline: int = 1) -> list[int]:
         """Bank slots a target h^target may read: sources strictly before it and, when ``stage_local``,
-        captured on the target's own stage of a ``pipeline``-stage layout (``captured_on_stage``)."""
-        first = stage_first_point(target, num_layers, pipeline) if self.stage_local else None
-        return [
-            slot
-            for slot, src in enumerate(self.sources(num_layers))
-            if src < target and (first is None or captured_on_stage(src, first))
-        ]
+        captured on the target's own stage of a ``pipeline``-stage layout (``techniques.cmr_stages``)."""
+        if self.stage_local:
+            return readable_sources(self.sources(num_layers), target, num_layers, pipeline)
+        return [slot for slot, src in enumerate(self.sources(num_layers)) if src < target]
 
     def stage_local_warnings(self, num_layers: int, pipeline: int) -> list[str]:
-        """Targets that stage-local CMR leaves without a readable source at this pipeline size: their
-        reweave is skipped (the identity), which is allowed but rarely intended."""
+        """Targets that stage-local CMR leaves without a readable source at this pipeline size."""
         if not self.stage_local or pipeline <= 1 or num_layers % pipeline:
             return []
-        out = []
-        for target in self.targets(num_layers):
-            if not self.available_slots(target, num_layers, pipeline):
-                first = stage_first_point(target, num_layers, pipeline)
-                out.append(
-                    f"stage_local: target h^{target} reads no source at pipeline {pipeline} (its stage captures "
-                    f"h^{first + 1}..h^{first + num_layers // pipeline}, the sources are {self.sources(num_layers)}), "
-                    f"so its reweave is skipped (identity); move a source into that stage or turn stage_local off"
-                )
-        return out
+        return unread_target_warnings(self.sources(num_layers), self.targets(num_layers), num_layers, pipeline)
 
     def validate(self, num_layers: int) -> list[str]:
         """Problems with this config for a model of ``num_layers`` blocks; empty when usable."""
