@@ -39,12 +39,19 @@ def add_commands(sub) -> None:
         help="training shard manifest for the frequency buckets (default: the run's training data)",
     )
     ev.add_argument(
+        "--profile",
+        default="spec",
+        choices=["spec", "quick"],
+        help="evaluation sizes: spec (the sizes docs/techniques.md's metrics ask for: hours on a CPU; default) or "
+        "quick (a small model in about a minute on a CPU); --set overrides single knobs on top",
+    )
+    ev.add_argument(
         "--set",
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="evaluation sizes and knobs, e.g. gen_tokens=512 kv_samples=500 "
-        "(see EvalSettings in launch/eval/settings.py)",
+        help="evaluation sizes and knobs on top of the profile, e.g. gen_tokens=128 kv_samples=50 "
+        "reference=CKPT (the kNN overlap's reference table; see EvalSettings in launch/eval/settings.py)",
     )
     ev.add_argument("--list", action="store_true", help="list the metric families and exit")
     ev.add_argument(

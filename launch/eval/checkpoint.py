@@ -73,10 +73,13 @@ def initial_embedding_table(cfg, tp: int) -> torch.Tensor:
     return initial_value("embedding.weight", shape, cfg.model, cfg.train.seed)[: cfg.model.vocab_size]
 
 
-def before_alignment_table(reference: str, cfg, tp: int) -> torch.Tensor:
-    """The "before" embedding of the kNN overlap: `reference`'s table, or the run's own initial one."""
+def before_alignment_table(reference: str, cfg, tp: int) -> tuple[torch.Tensor, str]:
+    """The "before" embedding of the kNN overlap and what it is: `reference`'s table (`loom study` passes the
+    same seed's baseline, so the overlap is structure kept relative to training without the technique), or
+    the run's own step-0 table, whose overlap only measures drift from a random initialisation."""
     from loom.launch.checkpoint.locate import locate_checkpoint
 
     if reference:
-        return reference_embedding_table(locate_checkpoint(reference), cfg.model.vocab_size)
-    return initial_embedding_table(cfg, tp)
+        folder = locate_checkpoint(reference)
+        return reference_embedding_table(folder, cfg.model.vocab_size), f"checkpoint {folder.resolve()}"
+    return initial_embedding_table(cfg, tp), f"the run's own step-0 table (random init, seed {cfg.train.seed})"

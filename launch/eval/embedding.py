@@ -107,7 +107,12 @@ class EmbeddingPasses:
             self.record("geo", ("silhouette_coarse", geo_m.silhouette_cosine(table, coarse)))
         except ValueError as exc:
             self.notes.append(f"geometry: no clustering ({exc})")
-        before = before_alignment_table(self.s.reference, cfg, self.m.layout.tp)
+        before, self.knn_reference = before_alignment_table(self.s.reference, cfg, self.m.layout.tp)
+        if not self.s.reference:
+            self.notes.append(
+                f"geometry: kNN@{self.s.knn_k} overlap is against {self.knn_reference}: drift from a random init, "
+                "not structure kept; pass --set reference=<checkpoint> (loom study uses the same seed's baseline)"
+            )
         self.record("geo", ("knn10_overlap", geo_m.knn_overlap(before, table, self.s.knn_k)))
         self.record(
             "geo",

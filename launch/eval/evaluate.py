@@ -1,4 +1,4 @@
-"""`loom eval`: held-out loss and every evaluation metric of TECHNIQUES.md on a checkpoint.
+"""`loom eval`: held-out loss and every evaluation metric of docs/techniques.md on a checkpoint.
 
 The checkpoint's network is rebuilt at its own tensor/pipeline layout (`meta.json` holds the resolved
 run config and the layout). A ZeRO 0-2 checkpoint's weights are read from the DeepSpeed model-state
@@ -12,9 +12,10 @@ layer, and all per-rank records are gathered to global rank 0, which computes th
 pure functions of `techniques.metrics` and writes JSON and TensorBoard scalars.
 
 Metric families (`--metrics`, default all; `loom eval --list` describes them) are listed in
-`FAMILIES`. Sizes default to a few documents and short generations so a small model evaluates in
-about a minute on a CPU; `--set KEY=VALUE` scales every knob of `EvalSettings` (e.g.
-`--set gen_tokens=512 kv_samples=500` for the spec's sizes).
+`FAMILIES`. Sizes come from a named profile (`--profile`): `spec`, the default, has the sizes the metrics'
+definitions ask for (hours on a CPU); `quick` evaluates a small model in about a minute on a CPU. `--set
+KEY=VALUE` overrides single knobs of `EvalSettings` on top. The results name the profile, and what the
+kNN overlap compared with (`--set reference=CHECKPOINT`, else the run's own step-0 table).
 
 The pieces, in the order one evaluation uses them:
 
@@ -57,6 +58,7 @@ from loom.launch.eval.settings import (
     EvalSettings,
     parse_families,
     parse_settings,
+    profile_overrides,
 )
 
 log = logging.getLogger(__name__)
@@ -104,8 +106,11 @@ def evaluate(
         "data": held.source,
         "families": families,
         "layout": {"dp": model.layout.dp, "pp": model.layout.pp, "tp": model.layout.tp},
+        "profile": settings.profile,
+        "overrides": profile_overrides(settings),
         "settings": asdict(settings),
         "rare_gap": ev.rare_gap,
+        "knn_reference": ev.knn_reference,
         "notes": notes,
         "metrics": {k: json_safe(float(v)) for k, v in sorted(metrics.items())},
         "wall_s": round(time.perf_counter() - start, 1),
@@ -161,7 +166,7 @@ def eval_from_cli(args) -> int:
     if not args.checkpoint:
         raise ValueError("give a checkpoint folder (or run directory)")
     families = parse_families(args.metrics)
-    settings = parse_settings(args.set or [])
+    settings = parse_settings(args.set or [], args.profile)
     locate_checkpoint(args.checkpoint)  # fail before any process group
     denv = read_dist_env()
     init_distributed(denv, 1800.0)

@@ -39,6 +39,10 @@ def write_tensorboard(metrics: dict[str, float], tb_dir: str, step: int) -> None
 def print_summary(result: dict) -> None:
     m = result["metrics"]
     print(f"eval: {len(m)} scalars in {result['wall_s']} s → {result['out']} (TensorBoard: {result['tb']})")
+    overrides = " ".join(f"{k}={v}" for k, v in (result.get("overrides") or {}).items())
+    print(f"  profile: {result['profile']}" + (f" with --set {overrides}" if overrides else ""))
+    if result.get("knn_reference"):
+        print(f"  kNN overlap reference: {result['knn_reference']}")
     for key in (
         "loss/heldout_nll",
         "loss/perplexity",

@@ -41,6 +41,13 @@ class Evaluator(TeacherForcedPasses, AttentionPass, ProbePasses, EmbeddingPasses
         self.records: dict[str, Any] = {}
         self.notes: list[str] = []
         self.rare_gap = settings.rare_gap or min(256, self.seq // 2)
+        if self.rare_gap >= self.seq and "rare_recall" in families:
+            self.notes.append(
+                f"rare_recall: a gap of {self.rare_gap} tokens needs a context longer than seq_length {self.seq}; "
+                "no position qualifies (set rare_gap lower to measure a shorter gap)"
+            )
+        self.knn_reference: Optional[str] = None
+        """What the kNN overlap compared with (set by the geometry family on rank 0)."""
         sca_points = model.cfg.techniques.sca.resolved_layers(self.L)
         self.sca_layer = sca_points[0] if sca_points else self.L // 2
 

@@ -46,10 +46,11 @@ class StudyConfig:
     """Arm name → dotted overrides that switch its techniques on. `baseline` is the reference."""
     only: List[str] = field(default_factory=list)
     """Run only these arms (empty: all); the baseline is always included."""
-    seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
+    seeds: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     """Seeds; each sets train.seed and data.seed, identically for every arm."""
-    min_seeds: int = 3
-    """Refuse to run with fewer seeds (lower it only for tests)."""
+    min_seeds: int = 5
+    """Refuse to run with fewer seeds (lower it only for tests): with 3 seeds a paired t-test has 2 degrees of
+    freedom and almost no power after a multiple-comparison correction."""
     nproc: int = 1
     """Processes per run (torchrun when > 1)."""
     parallel_runs: int = 1
@@ -59,11 +60,14 @@ class StudyConfig:
     """Held-out data for `loom eval --data` (None: each run's own eval data)."""
     eval_metrics: str = "all"
     """Metric families for `loom eval --metrics`."""
+    eval_profile: str = "spec"
+    """`loom eval --profile`: `spec` (the metrics' own sizes; hours per evaluation on a CPU) or `quick` (CPU sizes)."""
     eval_settings: List[str] = field(default_factory=list)
-    """`loom eval --set` items (sizes and knobs)."""
+    """`loom eval --set` items on top of the profile (sizes and knobs). `reference` is set by the study itself: every
+    run's kNN overlap compares with the same seed's baseline."""
     alpha: float = 0.05
-    """Significance level marked in the report (Welch and paired t-tests, two-sided, no multiple-comparison
-    correction)."""
+    """Significance level of the report: the claims' verdicts use paired t-tests with the Holm correction over all
+    the claims' tests (family-wise); the all-metrics table marks uncorrected p-values."""
     run_timeout_s: float = 7200.0
     """A training or evaluation run that takes longer than this is stopped and reported as failed."""
 
@@ -103,6 +107,12 @@ def load_study_config(path: str, overrides: List[str]) -> StudyConfig:
         problems.append(
             f"study config: {len(cfg.seeds)} seed(s) given; the study needs at least {cfg.min_seeds} (min_seeds)"
         )
+    from loom.launch.eval.settings import PROFILES
+
+    if cfg.eval_profile not in PROFILES:
+        problems.append(f"study config: eval_profile must be one of {list(PROFILES)}, got {cfg.eval_profile!r}")
+    if any(item.startswith("reference=") for item in cfg.eval_settings):
+        problems.append("study config: eval_settings must not set reference (each run is compared with its baseline)")
     if cfg.nproc < 1:
         problems.append("study config: nproc must be >= 1")
     if cfg.parallel_runs < 1:

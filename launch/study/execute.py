@@ -1,9 +1,9 @@
 """`loom study CONFIG [overrides]`: the techniques' study — training and evaluating every run.
 
 Trains every arm (the baseline, each technique alone, all five together) on the same data, the
-same number of tokens and the same seeds, evaluates every run with `loom eval`, and writes
-`report.md` with the mean ± std over seeds of every metric, a Welch and a paired (by seed) t-test of
-each arm against the baseline, and PNG plots (loss curves and the key metrics of each technique's claims).
+same number of tokens and the same seeds, evaluates every run with `loom eval` (the study's
+`eval_profile`; each run's kNN overlap against the same seed's baseline, so it measures the structure a
+technique keeps or changes, not drift from a random init), and writes `report.md` (`launch.study.report`).
 
 Layout of `<output_dir>/`:
 
@@ -97,18 +97,32 @@ def execute(cfg: StudyConfig) -> dict:
     status = load_status(cfg)
     specs = plan_runs(cfg)
     lock = threading.Lock()
+    baselines = {spec.seed: spec.folder for spec in specs if spec.arm == "baseline"}
+    baseline_done = {seed: threading.Event() for seed in baselines}
+
+    def baseline_reference(seed: int) -> Optional[Path]:
+        # baselines are queued first, so every one has started before a run waits here
+        baseline_done[seed].wait()
+        return baselines[seed] if _final_step(baselines[seed]) is not None else None
 
     def one(numbered):
         i, spec = numbered
-        _execute_run(cfg, spec, f"({i}/{len(specs)}) {spec.arm}/seed{spec.seed}", status, lock)
+        try:
+            _execute_run(cfg, spec, f"({i}/{len(specs)}) {spec.arm}/seed{spec.seed}", status, lock, baseline_reference)
+        finally:
+            if spec.arm == "baseline":
+                baseline_done[spec.seed].set()
 
     with ThreadPoolExecutor(max_workers=cfg.parallel_runs) as pool:
         list(pool.map(one, enumerate(specs, 1)))
     return status
 
 
-def _execute_run(cfg: StudyConfig, spec: RunSpec, label: str, status: dict, lock: threading.Lock) -> None:
-    """Train (or resume) one run, then evaluate it; records wall times and errors in `status`."""
+def _execute_run(
+    cfg: StudyConfig, spec: RunSpec, label: str, status: dict, lock: threading.Lock, baseline_reference
+) -> None:
+    """Train (or resume) one run, then evaluate it against its seed's baseline (`baseline_reference(seed)`:
+    the baseline's run folder once it has trained, None if it failed); records wall times and errors."""
     from loom.launch.config import load_config, to_yaml
 
     key = f"{spec.arm}/seed{spec.seed}"
@@ -146,14 +160,21 @@ def _execute_run(cfg: StudyConfig, spec: RunSpec, label: str, status: dict, lock
     with lock:
         entry.pop("error", None)
     eval_json = spec.folder / "eval.json"
-    if eval_json.is_file() and json.loads(eval_json.read_text()).get("step") == done:
+    reference = (
+        spec.folder if spec.arm == "baseline" else baseline_reference(spec.seed)
+    )  # the baseline: 1 by definition
+    settings = list(cfg.eval_settings) + ([f"reference={reference}"] if reference is not None else [])
+    if reference is None:
+        _log(f"  {key}: no baseline checkpoint for seed {spec.seed}: kNN overlap against the run's own step-0 table")
+    if _evaluated(eval_json, done, cfg.eval_profile, str(reference or "")):
         _log(f"  {key}: evaluated, skipping")
     else:
         args = ["eval", str(spec.folder), "--out", str(eval_json), "--metrics", cfg.eval_metrics]
+        args += ["--profile", cfg.eval_profile]
         if cfg.eval_data:
             args += ["--data", cfg.eval_data]
-        if cfg.eval_settings:
-            args += ["--set", *cfg.eval_settings]
+        if settings:
+            args += ["--set", *settings]
         code, wall = _run_logged(_loom(args, cfg.nproc), spec.folder / "eval.log", cfg.run_timeout_s)
         with lock:
             entry["eval_wall_s"] = round(wall, 1)
@@ -164,6 +185,18 @@ def _execute_run(cfg: StudyConfig, spec: RunSpec, label: str, status: dict, lock
                 _log(f"  {key}: evaluated in {wall:.0f} s")
     with lock:
         save_status(cfg, status)
+
+
+def _evaluated(eval_json: Path, step: Optional[int], profile: str, reference: str) -> bool:
+    """Whether `eval_json` already holds this run's evaluation at `step` with this profile and reference."""
+    if not eval_json.is_file():
+        return False
+    result = json.loads(eval_json.read_text())
+    return (
+        result.get("step") == step
+        and result.get("profile") == profile
+        and (result.get("settings") or {}).get("reference", "") == reference
+    )
 
 
 def study_from_cli(config: str, overrides: List[str], report_only: bool = False) -> int:

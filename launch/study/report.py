@@ -1,15 +1,29 @@
-"""The techniques study's report: collect every run's evaluation and training curves, summarise each
-metric over seeds with a Welch and a paired (by seed) t-test against the baseline, draw the plots
-and write `report.md` (see `launch/study/execute.py` for running the study)."""
+"""The techniques study's report: collect every run's evaluation and training curves; per claim, each arm's
+paired (by seed) difference from the baseline with its 95 % interval, the paired t-test, the Holm
+correction over all the claims' tests and a helps / no effect / hurts verdict; every metric's mean ± std
+with uncorrected tests; the plots (`launch.study.plots`); `report.md` (`launch/study/execute.py` runs the
+study, `launch.study.stats` holds the statistics)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Dict, List
 
 from loom.launch.study.config import StudyConfig, arms_of, load_status, plan_runs
+from loom.launch.study.plots import write_plots
+from loom.launch.study.stats import (
+    benjamini_hochberg,
+    holm,
+    paired,
+    paired_difference,
+    summarise,
+    values,
+    values_by_seed,
+    verdict,
+    welch,
+)
 
 KEY_METRICS: List[tuple] = [
     # (metric key, claim tested, technique, better direction)
@@ -47,17 +61,16 @@ KEY_METRICS: List[tuple] = [
     ("robustness/token_delta_nll", "adversarial robustness (token ΔNLL)", "HCMA", "lower"),
     ("robustness/fgsm_drop", "adversarial robustness (FGSM drop)", "HCMA", "lower"),
     ("geometry/silhouette_fine", "cluster structure (silhouette)", "HCMA", "higher"),
-    ("geometry/knn10_overlap", "structure kept vs initial table", "HCMA", "context"),
+    ("geometry/knn10_overlap", "kNN@10 structure vs the same seed's baseline (1 = same)", "HCMA", "context"),
     ("geometry/low_density_fraction", "fewer fragmented tokens", "HCMA", "lower"),
     ("overhead/train_tokens_per_s", "training overhead (tokens/s)", "all", "higher"),
     ("overhead/inference_ms_per_token", "inference overhead (ms/token)", "all", "lower"),
 ]
-PLOT_METRICS = [k for k, *_ in KEY_METRICS if not k.startswith("loss/perplexity")]
 
 
 def collect(cfg: StudyConfig) -> dict:
-    """{arm: {seed: {"metrics": {...}, "curves": {tag: {step: value}}, "status": {...}}}}"""
-    from loom.launch.eval.evaluate import read_run_logs
+    """{arm: {seed: {"metrics", "notes", "profile", "overrides", "knn_reference", "curves", "status"}}}"""
+    from loom.launch.eval.aggregate import read_run_logs
 
     status = load_status(cfg)
     data: Dict[str, Dict[int, dict]] = {}
@@ -68,60 +81,12 @@ def collect(cfg: StudyConfig) -> dict:
             result = json.loads(ev.read_text())
             item["metrics"] = result.get("metrics", {})
             item["notes"] = result.get("notes", [])
+            for key in ("profile", "overrides", "knn_reference"):
+                item[key] = result.get(key)
         logs = read_run_logs(spec.folder)
         item["curves"] = {k: v for k, v in logs.items() if k in ("train/loss", "eval/loss", "train/grad_norm")}
         data.setdefault(spec.arm, {})[spec.seed] = item
     return data
-
-
-def _values_by_seed(data: dict, arm: str, key: str) -> Dict[Any, float]:
-    out = {}
-    for seed, item in data.get(arm, {}).items():
-        v = item.get("metrics", {}).get(key)
-        if v is not None and isinstance(v, (int, float)) and math.isfinite(v):
-            out[seed] = float(v)
-    return out
-
-
-def _values(data: dict, arm: str, key: str) -> List[float]:
-    return list(_values_by_seed(data, arm, key).values())
-
-
-def summarise(values: List[float]) -> tuple[float, float, int]:
-    """Mean, sample std (ddof = 1; 0 for one value) and count."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std, n
-
-
-def welch(a: List[float], b: List[float]) -> float:
-    """Two-sided Welch t-test p-value of `a` against `b` (NaN when undefined)."""
-    if len(a) < 2 or len(b) < 2:
-        return float("nan")
-    from scipy import stats
-
-    if max(a) == min(a) and max(b) == min(b):
-        return 1.0 if a[0] == b[0] else 0.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def paired(a: Dict[Any, float], b: Dict[Any, float]) -> float:
-    """Two-sided paired t-test p-value over the seeds both arms have (NaN with fewer than 2).
-
-    Every arm trains with the same seeds (weights, data order), so a seed's baseline is the matched
-    control of that seed's arm; pairing removes the between-seed spread from the comparison."""
-    seeds = sorted(set(a) & set(b), key=str)
-    if len(seeds) < 2:
-        return float("nan")
-    from scipy import stats
-
-    diffs = [a[s] - b[s] for s in seeds]
-    if max(diffs) == min(diffs):  # no spread: identical runs (1) or an undefined test (a discrete metric's step)
-        return 1.0 if diffs[0] == 0 else float("nan")
-    return float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
 
 
 def _fmt(x: float) -> str:
@@ -134,148 +99,103 @@ def _fmt(x: float) -> str:
 
 
 def _cell(data, arm, key, alpha) -> str:
-    vals = _values(data, arm, key)
+    """mean ± std over seeds, and for an arm the uncorrected Welch (p) and paired (pp) p-values."""
+    vals = values(data, arm, key)
     mean, std, n = summarise(vals)
     if n == 0:
         return "–"
     text = f"{_fmt(mean)} ± {_fmt(std)}"
     if arm != "baseline":
-        p = welch(vals, _values(data, "baseline", key))
-        pp = paired(_values_by_seed(data, arm, key), _values_by_seed(data, "baseline", key))
+        p = welch(vals, values(data, "baseline", key))
+        pp = paired(values_by_seed(data, arm, key), values_by_seed(data, "baseline", key))
         tests = [f"{name}={v:.2g}{'*' if v < alpha else ''}" for name, v in (("p", p), ("pp", pp)) if math.isfinite(v)]
         if tests:
             text += f" ({' · '.join(tests)})"
     return text
 
 
-def write_plots(cfg: StudyConfig, data: dict, out: Path) -> List[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    arms = [a for a in arms_of(cfg) if a in data]
-    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
-    files = []
-
-    def save(fig, ax, name, xlabel, ylabel, title):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        files.append(name)
-
-    # loss curves: mean over seeds with a min–max band
-    for tag, name, title in (
-        ("train/loss", "loss_curves.png", "training loss"),
-        ("eval/loss", "eval_loss_curves.png", "held-out loss during training"),
-    ):
-        fig, ax = plt.subplots(figsize=(8, 5))
-        drew = False
-        for arm in arms:
-            curves = [item["curves"].get(tag, {}) for item in data[arm].values() if item["curves"].get(tag)]
-            if not curves:
+def claim_tests(data: dict, arms: List[str], alpha: float) -> List[dict]:
+    """One row per (claim, arm tested for it): the technique's own arm and the all-five arm (every arm for a
+    claim of all techniques), with the paired difference, its interval, the paired p-value, the Holm and
+    Benjamini-Hochberg adjusted p-values over every row, and the verdict from the Holm-adjusted p-value."""
+    rows = []
+    for key, claim, technique, better in KEY_METRICS:
+        named = [t.strip().lower() for t in technique.split(",")]
+        tested = [a for a in arms if a != "baseline" and (a in named or a == "all" or "all" in named)]
+        base = values_by_seed(data, "baseline", key)
+        for arm in tested:
+            mine = values_by_seed(data, arm, key)
+            if not mine or not base:
                 continue
-            steps = sorted(set.intersection(*[set(c) for c in curves]))
-            if not steps:
-                continue
-            arr = np.array([[c[s] for s in steps] for c in curves])
-            ax.plot(steps, arr.mean(0), label=f"{arm} (n={len(curves)})", color=colors[arm], lw=1.4)
-            if len(curves) > 1:
-                ax.fill_between(steps, arr.min(0), arr.max(0), color=colors[arm], alpha=0.15)
-            drew = True
-        if drew:
-            save(fig, ax, name, "step", "loss (nats/token)", f"{cfg.name}: {title} (mean over seeds, band = min–max)")
-        plt.close(fig)
+            mean, low, high, n = paired_difference(mine, base)
+            rows.append(
+                dict(key=key, claim=claim, technique=technique, better=better, arm=arm, n=n, diff=mean, low=low,
+                     high=high, p=paired(mine, base), base=summarise(list(base.values())),
+                     value=summarise(list(mine.values())))
+            )  # fmt: skip
+    for row, p_holm, q_bh in zip(rows, holm([r["p"] for r in rows]), benjamini_hochberg([r["p"] for r in rows])):
+        row["p_holm"], row["q_bh"] = p_holm, q_bh
+        row["verdict"] = verdict(row["diff"], p_holm, row["better"], alpha)
+    return rows
 
-    # key metrics: one panel per metric, bars = mean, error bars = std, dots = seeds
-    keys = [k for k in PLOT_METRICS if any(_values(data, a, k) for a in arms)]
-    if keys:
-        cols = 4
-        rows = math.ceil(len(keys) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
-        for ax, key in zip(axes.flat, keys):
-            for x, arm in enumerate(arms):
-                vals = _values(data, arm, key)
-                if not vals:
-                    continue
-                mean, std, _ = summarise(vals)
-                ax.bar(x, mean, yerr=std, color=colors[arm], alpha=0.7, capsize=3)
-                ax.scatter([x] * len(vals), vals, color="k", s=8, zorder=3)
-            ax.set_xticks(range(len(arms)))
-            ax.set_xticklabels(arms, rotation=45, fontsize=7)
-            ax.set_title(key, fontsize=8)
-            ax.tick_params(axis="y", labelsize=7)
-        for ax in list(axes.flat)[len(keys) :]:
-            ax.axis("off")
-        fig.suptitle(f"{cfg.name}: key metrics (mean ± std over seeds; dots = seeds)", fontsize=10)
-        fig.tight_layout(rect=(0, 0, 1, 0.97))
-        fig.savefig(out / "key_metrics.png", dpi=100)
-        plt.close(fig)
-        files.append("key_metrics.png")
 
-    # recall against length and retrieval by frequency bucket
-    def series_plot(prefix_fn, xs, xlabel, name, title, ylabel):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        drew = False
-        for arm in arms:
-            means, stds, xs_ok = [], [], []
-            for x in xs:
-                vals = _values(data, arm, prefix_fn(x))
-                if vals:
-                    m, s, _ = summarise(vals)
-                    means.append(m)
-                    stds.append(s)
-                    xs_ok.append(x)
-            if xs_ok:
-                pos = [xs.index(x) for x in xs_ok]
-                ax.errorbar(pos, means, yerr=stds, label=arm, color=colors[arm], marker="o", capsize=3, lw=1.2)
-                drew = True
-        if drew:
-            ax.set_xticks(range(len(xs)))
-            ax.set_xticklabels([str(x) for x in xs])
-            save(fig, ax, name, xlabel, ylabel, title)
-        plt.close(fig)
+def _claims_section(rows: List[dict], alpha: float) -> List[str]:
+    m = sum(1 for r in rows if math.isfinite(r["p"]))
+    lines = [
+        "## Claims: each arm against the baseline",
+        "",
+        f"One row per claim and arm tested for it (the technique's own arm and all five together). Δ is the paired "
+        "difference arm − baseline, seed by seed, with its 95 % t-interval; `p` the two-sided paired t-test "
+        f"(`scipy.stats.ttest_1samp` of the differences); `p (Holm)` the Holm–Bonferroni adjusted p-value over all "
+        f"m = {m} tests of this table (family-wise error rate {alpha}); `q (BH)` the Benjamini–Hochberg adjusted "
+        f"p-value over the same tests, for reference. Verdict from the Holm-adjusted p: **helps** / **hurts** "
+        f"when it is below {alpha} and Δ goes the claim's way / against it, *differs* for a metric without a better "
+        "direction, *no effect* otherwise (not distinguishable at this many seeds, which is not proof of no effect).",
+        "",
+        "| claim | metric | better | arm | baseline | arm | Δ [95 % CI] | p | p (Holm) | q (BH) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ci = f"{_fmt(r['diff'])} [{_fmt(r['low'])}, {_fmt(r['high'])}]"
+        verdict_text = f"**{r['verdict']}**" if r["verdict"] in ("helps", "hurts") else r["verdict"]
+        lines.append(
+            f"| {r['claim']} | `{r['key']}` | {r['better']} | {r['arm']} | {_fmt(r['base'][0])} ± {_fmt(r['base'][1])} "
+            f"| {_fmt(r['value'][0])} ± {_fmt(r['value'][1])} | {ci} | {_fmt(r['p'])} | {_fmt(r['p_holm'])} "
+            f"| {_fmt(r['q_bh'])} | {verdict_text} |"
+        )
+    return lines + [""]
 
-    lengths = sorted(
-        {
-            int(k.split("/")[1][1:])
-            for a in arms
-            for item in data[a].values()
-            for k in item.get("metrics", {})
-            if k.startswith("kv_recall/N")
-        }
+
+def _evaluation_line(data: dict) -> str:
+    """How the runs were evaluated: the profile, --set overrides and the kNN reference, as the eval.json say."""
+    profiles = sorted({
+        f"{item.get('profile') or 'unknown'}"
+        + ("" if not item.get("overrides") else " with " + ", ".join(
+            f"{k}={v}" for k, v in sorted(item["overrides"].items()) if k != "reference"))
+        for runs in data.values() for item in runs.values() if item.get("metrics")
+    })  # fmt: skip
+    against_baseline = all(
+        (item.get("overrides") or {}).get("reference")
+        for runs in data.values()
+        for item in runs.values()
+        if item.get("metrics")
     )
-    series_plot(
-        lambda n: f"kv_recall/N{n}/teacher_forced",
-        lengths,
-        "context length N (tokens)",
-        "kv_recall.png",
-        "key-value recall (teacher-forced top-1 over value tokens)",
-        "accuracy",
+    knn = (
+        "every run against the same seed's baseline (the baseline itself: 1)"
+        if against_baseline
+        else "not every run against its baseline (see the evaluation notes)"
     )
-    from loom.techniques.metrics.recall import BUCKET_NAMES
-
-    series_plot(
-        lambda b: f"retrieval/logit/{b}/top10",
-        list(BUCKET_NAMES),
-        "training frequency",
-        "retrieval.png",
-        "next-token retrieval@10 by training-frequency bucket",
-        "top-10 accuracy",
-    )
-    return files
+    return f"Evaluation profile: {'; '.join(profiles) or '–'}. kNN@10 overlap: {knn}."
 
 
 def write_report(cfg: StudyConfig, command: str, config_text: str) -> Path:
     out = Path(cfg.output_dir)
     data = collect(cfg)
-    plots = write_plots(cfg, data, out)
     arms = [a for a in arms_of(cfg) if a in data]
+    claims = claim_tests(data, arms, cfg.alpha)
+    marked = {(r["arm"], r["key"]) for r in claims if math.isfinite(r["p_holm"]) and r["p_holm"] < cfg.alpha}
+    forest = [(key, better) for key, _, _, better in KEY_METRICS if key != "loss/perplexity"]
+    plots = write_plots(cfg.name, arms, data, forest, lambda arm, key: (arm, key) in marked, out)
     lines = [f"# {cfg.name}: techniques study", ""]
     n_runs = sum(len(v) for v in data.values())
     n_eval = sum(1 for v in data.values() for item in v.values() if item.get("metrics"))
@@ -284,16 +204,13 @@ def write_report(cfg: StudyConfig, command: str, config_text: str) -> Path:
         "",
         f"Arms: {', '.join(arms)} · seeds: {cfg.seeds} · runs planned: {n_runs} · evaluated: {n_eval}",
         "",
+        _evaluation_line(data),
+        "",
         "Every arm trains on the same data with the same seeds (each seed sets `train.seed` and `data.seed`) "
-        "for the same number of steps and tokens; only the technique switches differ. Cells are "
-        "mean ± sample std (ddof = 1) over seeds; `p` is the two-sided Welch t-test "
-        "(`scipy.stats.ttest_ind(equal_var=False)`) against the baseline, `pp` the two-sided paired t-test "
-        "over the seeds both arms share (`scipy.stats.ttest_rel`; a seed's baseline run is that seed's "
-        f"matched control, so pairing removes the between-seed spread); `*` marks a p-value < {cfg.alpha}. "
-        "No correction for multiple comparisons: with this many metrics some p < 0.05 are expected by chance, "
-        "and with few seeds the test has little power. Metric definitions: TECHNIQUES.md §3.14–§7.14 and "
-        "`techniques/metrics/`. Timing metrics (`overhead/*`, `*/ms_per_token`, wall times) are only "
-        "comparable between runs made on an otherwise idle machine.",
+        "for the same number of steps and tokens; only the technique switches differ, so a seed's baseline run "
+        "is the matched control of that seed's arm. Metric definitions: docs/techniques.md (each technique's "
+        "evaluation metrics) and `techniques/metrics/`. Timing metrics (`overhead/*`, `*/ms_per_token`, wall "
+        "times) are only comparable between runs made on an otherwise idle machine.",
         "",
     ]
     failures = [
@@ -307,21 +224,7 @@ def write_report(cfg: StudyConfig, command: str, config_text: str) -> Path:
             f"* {a} seed {s}: no evaluation" for a, s in missing if (a, s) not in {(x, y) for x, y, _ in failures}
         ]
         lines.append("")
-    lines += [
-        "## Key metrics (one per claim)",
-        "",
-        "| metric | claim | technique | better | " + " | ".join(arms) + " |",
-        "|---|---|---|---|" + "---|" * len(arms),
-    ]
-    for key, claim, tech, better in KEY_METRICS:
-        if not any(_values(data, a, key) for a in arms):
-            continue
-        lines.append(
-            f"| `{key}` | {claim} | {tech} | {better} | "
-            + " | ".join(_cell(data, a, key, cfg.alpha) for a in arms)
-            + " |"
-        )
-    lines.append("")
+    lines += _claims_section(claims, cfg.alpha)
     lines += [
         "## Wall time per run (s)",
         "",
@@ -338,7 +241,17 @@ def write_report(cfg: StudyConfig, command: str, config_text: str) -> Path:
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     all_keys = sorted({k for a in arms for item in data[a].values() for k in item.get("metrics", {})})
-    lines += ["## All metrics", "", "| metric | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    lines += [
+        "## All metrics (uncorrected)",
+        "",
+        "Mean ± sample std (ddof = 1) over seeds; for an arm, `p` is the two-sided Welch t-test "
+        "(`scipy.stats.ttest_ind(equal_var=False)`) against the baseline and `pp` the two-sided paired t-test "
+        f"over the seeds both arms share; `*` marks p < {cfg.alpha} **without** correction for the many metrics "
+        "(exploratory: some are expected by chance; the claims table above is the corrected one).",
+        "",
+        "| metric | " + " | ".join(arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
     for key in all_keys:
         if key.endswith(
             ("/count", "/samples", "/documents", "/dialogues", "/sequences", "/segments_1x", "/segments_2x", "/tokens")

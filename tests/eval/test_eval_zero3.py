@@ -74,6 +74,8 @@ def _heldout_nll(ckpt: Path, text: str, out: Path) -> float:
             text,
             "--metrics",
             "loss",
+            "--profile",
+            "quick",
             "--out",
             str(out),
             "--tb",

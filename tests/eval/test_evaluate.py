@@ -9,7 +9,7 @@ import torch
 
 from loom.launch.eval.attention import attention_maps
 from loom.launch.eval.data import split_docs
-from loom.launch.eval.settings import FAMILIES, parse_families, parse_lengths, parse_settings
+from loom.launch.eval.settings import FAMILIES, parse_families, parse_lengths, parse_settings, profile_overrides
 from tests.e2e.runner import TINY, read_scalars, run_loom
 from tests.harness import run_distributed
 
@@ -63,6 +63,39 @@ def test_settings_and_families_parse():
         parse_settings(["nope=1"])
 
 
+def test_profiles_spec_by_default_quick_on_request_and_set_on_top():
+    spec = parse_settings([])
+    assert spec.profile == "spec" and (spec.gen_tokens, spec.kv_samples, spec.rare_gap) == (512, 500, 256)
+    assert spec.min_doc_tokens >= 2048 and parse_lengths(spec.kv_lengths, 256) == [
+        500,
+        1000,
+        1500,
+        2000,
+        2500,
+        512,
+        1024,
+    ]
+    assert parse_lengths(spec.num_lengths, 256) == [500, 1000, 1500, 2000, 2500]
+    quick = parse_settings([], "quick")  # the CPU sizes tests and small runs use
+    assert (quick.profile, quick.gen_tokens, quick.kv_samples, quick.max_doc_tokens) == ("quick", 64, 8, 1024)
+    tuned = parse_settings(["gen_tokens=16", "reference=/ckpt"], "quick")
+    assert tuned.gen_tokens == 16 and tuned.kv_samples == 8 and tuned.profile == "quick"
+    assert profile_overrides(tuned) == {"gen_tokens": 16, "reference": "/ckpt"} and profile_overrides(quick) == {}
+    with pytest.raises(ValueError, match="unknown eval profile"):
+        parse_settings([], "huge")
+
+
+def test_the_knn_reference_is_named():
+    """Without --set reference the kNN overlap compares with the run's own random step-0 table, and says so."""
+    from loom.launch.config import RunConfig
+    from loom.launch.eval.checkpoint import before_alignment_table
+
+    cfg = RunConfig()
+    cfg.model.vocab_size, cfg.model.hidden_size, cfg.train.seed = 64, 32, 5
+    table, what = before_alignment_table("", cfg, tp=1)
+    assert table.shape == (64, 32) and what == "the run's own step-0 table (random init, seed 5)"
+
+
 def test_document_splitting_keeps_a_cut_tail():
     stream = np.array([5, 6, 3, 7, 8, 9, 3, 10, 11])
     docs = split_docs(stream, 3, complete_tail=True)
@@ -100,10 +133,14 @@ def test_loom_eval_writes_every_metric_and_tensorboard_scalars(tmp_path):
         ]
     )
     out = tmp_path / "eval.json"
-    proc = run_loom(["eval", str(run), "--out", str(out), "--set", *SMALL])
-    assert "eval:" in proc.stdout
+    proc = run_loom(["eval", str(run), "--out", str(out), "--profile", "quick", "--set", *SMALL])
+    assert "eval:" in proc.stdout and "profile: quick with --set" in proc.stdout
+    assert "kNN overlap reference: the run's own step-0 table" in proc.stdout
     result = json.loads(out.read_text())
     assert result["step"] == 2 and result["layout"] == {"dp": 1, "pp": 1, "tp": 1}
+    assert result["profile"] == "quick" and result["overrides"]["max_docs"] == 4
+    assert result["knn_reference"].startswith("the run's own step-0 table")
+    assert any("kNN@10 overlap is against the run's own step-0 table" in note for note in result["notes"])
     metrics = result["metrics"]
     families = {k.split("/")[0] for k in metrics}
     assert families == set(FAMILIES), set(FAMILIES) - families
@@ -180,7 +217,7 @@ def test_eval_agrees_across_tensor_pipeline_and_data_parallel_layouts(tmp_path):
         "pp2": (runs[(1, 2)], 2),
     }.items():
         out = tmp_path / f"{name}.json"
-        run_loom(["eval", str(run), "--out", str(out), "--set", *SMALL], nproc=nproc)
+        run_loom(["eval", str(run), "--out", str(out), "--profile", "quick", "--set", *SMALL], nproc=nproc)
         results[name] = json.loads(out.read_text())["metrics"]
     base = results["single"]
     for name in ("dp2", "tp2", "pp2"):
