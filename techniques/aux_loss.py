@@ -22,11 +22,6 @@ def set_aux_loss_scale(scale: Union[float, torch.Tensor]) -> None:
     _scale = scale.detach() if isinstance(scale, torch.Tensor) else float(scale)
 
 
-def get_aux_loss_scale() -> Union[float, torch.Tensor]:
-    """The scale currently seeded into attached aux losses."""
-    return _scale
-
-
 class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:

@@ -37,15 +37,3 @@ def document_metadata(tokens: torch.Tensor, eos_id: Optional[int]) -> DocumentMe
     if eos_id is not None and tokens.shape[0] > 1:
         start[1:] = tokens[:-1] == eos_id
     return _from_start(start)
-
-
-def metadata_from_positions(pos: torch.Tensor) -> DocumentMetadata:
-    """Metadata from ``[s, b]`` position ids that restart at 0 per document (``reset_position_ids``).
-
-    The positions are kept as given, so a sequence shard that begins inside a document keeps its
-    true positions; its leading partial document gets index 0.
-    """
-    if pos.dim() != 2:
-        raise ValueError(f"position ids must be [s, b], got shape {tuple(pos.shape)}")
-    start = pos == 0
-    return DocumentMetadata(pos=pos.long(), start=start, doc=start.long().cumsum(0))

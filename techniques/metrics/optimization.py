@@ -38,8 +38,3 @@ def grad_norm_spikes(values: Sequence[float], factor: float = 3.0, window: int =
         if history.size >= min_history and np.isfinite(x[i]) and x[i] > factor * np.median(history):
             spikes += 1
     return spikes
-
-
-def relative_overhead(value: float, baseline: float) -> float:
-    """`value / baseline − 1` (e.g. +0.08 for 8 % more step time than the baseline)."""
-    return float(value) / float(baseline) - 1.0 if baseline else float("nan")

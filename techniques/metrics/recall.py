@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -275,20 +275,3 @@ def frequency_of(targets, counts: np.ndarray) -> np.ndarray:
     ok = (t >= 0) & (t < len(counts))
     f[ok] = counts[t[ok]]
     return f
-
-
-def oracle_kv_answer(
-    context: Sequence[int],
-    encode: Callable[[str], list[int]],
-    key: str,
-    answer_len: int,
-    value_prefix: Optional[Sequence[int]] = None,
-) -> list[int]:
-    """What a perfect-recall model would answer: find the fact "The secret code of <key> is" in
-    the context (not the final query) and copy the tokens after it. Used by the oracle test."""
-    pattern = encode(KV_QUERY.format(key=key))
-    ctx = list(context)
-    for i in range(len(ctx) - len(pattern) - answer_len, -1, -1):
-        if ctx[i : i + len(pattern)] == pattern and i + len(pattern) < len(ctx) - 1:
-            return ctx[i + len(pattern) : i + len(pattern) + answer_len]
-    return []

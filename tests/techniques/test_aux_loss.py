@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from loom.techniques.aux_loss import attach_aux_loss, get_aux_loss_scale, set_aux_loss_scale
+from loom.techniques.aux_loss import attach_aux_loss, set_aux_loss_scale
 
 
 @pytest.fixture(autouse=True)
@@ -24,8 +24,10 @@ def test_forward_is_identity_and_backward_adds_scaled_aux_grad():
 
 
 def test_default_scale_and_tensor_scale():
-    assert get_aux_loss_scale() == 1.0
     w = torch.ones(2, requires_grad=True)
+    attach_aux_loss(torch.zeros(2, requires_grad=True), (w * w).sum()).sum().backward()
+    assert torch.equal(w.grad, torch.full((2,), 2.0))  # scale 1 until a step sets one
+    w.grad = None
     set_aux_loss_scale(torch.tensor(0.5))
     attach_aux_loss(torch.zeros(2, requires_grad=True), w.sum()).sum().backward()
     assert torch.equal(w.grad, torch.full((2,), 0.5))

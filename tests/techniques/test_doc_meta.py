@@ -1,6 +1,6 @@
 import torch
 
-from loom.techniques.doc_meta import document_metadata, metadata_from_positions
+from loom.techniques.doc_meta import document_metadata
 
 
 def _loop_positions(tokens, eos):
@@ -29,8 +29,10 @@ def test_eos_ends_document_and_none_means_single_document():
     assert document_metadata(tokens, eos_id=None).pos[:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
-def test_from_positions_round_trip():
+def test_positions_restart_where_documents_start():
+    """The three tensors agree with each other: pos restarts at 0 exactly where start is set (Megatron's
+    reset_position_ids), and doc counts the starts."""
     tokens = torch.randint(0, 4, (50, 2))
     meta = document_metadata(tokens, eos_id=0)
-    again = metadata_from_positions(meta.pos)
-    assert all(torch.equal(x, y) for x, y in zip(meta, again))
+    assert torch.equal(meta.pos == 0, meta.start)
+    assert torch.equal(meta.doc, meta.start.long().cumsum(0))
