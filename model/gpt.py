@@ -15,8 +15,10 @@ from loom.model.attention import _no_init
 from loom.model.block import Block, residual_point
 from loom.model.config import ModelConfig
 from loom.model.context import ForwardContext
-from loom.model.init import block_seed, mark_tensor_parallel
+from loom.model.init import block_seed
 from loom.model.norm import RMSNorm
+from loom.model.parallel.tp_rules import mark_tensor_parallel
+from loom.model.precision import at_least_fp32
 from loom.model.rope import RotaryEmbedding
 from loom.model.technique_plan import TechniquePlan
 from loom.techniques.aux_loss import attach_aux_loss
@@ -132,7 +134,7 @@ class GPTStage(nn.Module):
         logits = self.logits(h)
         if return_logits:
             return logits
-        loss = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())
+        loss = vocab_parallel_cross_entropy(at_least_fp32(logits), labels.t().contiguous())
         return loss.mean()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -174,7 +176,8 @@ class GPTStage(nn.Module):
     def _stage_output(self, h: torch.Tensor, ctx: ForwardContext) -> dict:
         out = {"hidden": h}
         if self.plan.carries_rho(self.tech):
-            out["rho"] = ctx.rho if ctx.rho is not None else torch.zeros(ctx.tokens.shape, device=h.device)
+            zeros = torch.zeros(ctx.tokens.shape, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+            out["rho"] = ctx.rho if ctx.rho is not None else zeros
         if self.plan.carries_bank():
             out["bank"] = ctx.bank_tensor()
         return out
@@ -183,7 +186,7 @@ class GPTStage(nn.Module):
         """Name → (shape, dtype) of every tensor sent between stages; the same on all stages."""
         specs = {"hidden": ((seq_len, micro_batch, self.cfg.hidden_size), dtype)}
         if self.plan.carries_rho(self.tech):
-            specs["rho"] = ((seq_len, micro_batch), torch.float32)
+            specs["rho"] = ((seq_len, micro_batch), torch.promote_types(dtype, torch.float32))  # SCR's fp32 island
         if self.plan.carries_bank():
             specs["bank"] = ((seq_len, micro_batch, len(self.plan.cmr_sources), self.tech.cmr.rank), dtype)
         return specs

@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from loom.model.precision import at_least_fp32
 from loom.techniques import init
 from loom.techniques.aux_loss import attach_aux_loss
 from loom.techniques.normed_linear import rms_normed_linear
@@ -50,7 +51,7 @@ class LayerCapture(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # the gate logit and the rank-r state read RMSNorm(h) through one fused projection
         heads = rms_normed_linear(h, self.norm, torch.cat([self.gate.weight, self.proj.weight]))
-        gate = torch.sigmoid(heads[..., :1] + self.gate.bias.float())  # [s, b, 1]
+        gate = torch.sigmoid(heads[..., :1] + at_least_fp32(self.gate.bias))  # [s, b, 1]
         with torch.no_grad():
             self._last["gate_mean"] = gate.mean()
         return (gate * heads[..., 1:]).to(h.dtype)
@@ -114,9 +115,9 @@ class Reweave(nn.Module):
             self._last = {}
             return h
         mask = self._slot_mask(available, h.device)
-        bank_f = bank.float()
+        bank_f = at_least_fp32(bank)
         query = rms_normed_linear(h, self.norm, self.query.weight)
-        logits = torch.einsum("sbr,sbnr->sbn", query, bank_f) * self.rank**-0.5 + self.slot_bias.float()
+        logits = torch.einsum("sbr,sbnr->sbn", query, bank_f) * self.rank**-0.5 + at_least_fp32(self.slot_bias)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         weights = logits.softmax(-1)
@@ -137,7 +138,7 @@ class Reweave(nn.Module):
     def _reconstruction_loss(
         self, rebuilt: torch.Tensor, bank: torch.Tensor, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        decoded = torch.einsum("sbr,nqr->sbnq", rebuilt, self.rec_maps.float())  # P_j c_hat for every slot
+        decoded = torch.einsum("sbr,nqr->sbnq", rebuilt, at_least_fp32(self.rec_maps))  # P_j c_hat for every slot
         per_slot = (decoded - bank).pow(2).sum(-1)  # [s, b, n_slots]
         if mask is not None:
             per_slot = per_slot * mask.to(per_slot.dtype)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loom.model.precision import at_least_fp32
 from loom.techniques.aux_loss import attach_aux_loss
 from loom.techniques.config import LCMConfig
 from loom.techniques.normed_linear import rms_normed_linear
@@ -94,11 +95,11 @@ class LCM(nn.Module):
 
     def strength(self) -> torch.Tensor:
         """Per-channel modulation strength ``a`` in fp32."""
-        a = self.a_max * torch.tanh(self.alpha.float())
+        a = self.a_max * torch.tanh(at_least_fp32(self.alpha))
         return a.clamp(min=0.0) if self.clamp else a
 
     def forward(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        hf = h.float()
+        hf = at_least_fp32(h)
         anchor = causal_anchor(hf, pos, lag_taps(self.K, self.beta, h.device))
         a = self.strength()
         if self.use_gate:

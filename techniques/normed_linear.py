@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.model.precision import at_least_fp32
+
 
 def rms_normed_linear(
     h: torch.Tensor, norm: nn.RMSNorm, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """`F.linear(norm(h), weight, bias)` in fp32: `[..., d] -> [..., out]`."""
-    hf = h.float()
+    hf = at_least_fp32(h)
     mean_square = torch.linalg.vector_norm(hf, dim=-1, keepdim=True).square() / hf.shape[-1]
-    out = F.linear(hf, weight.float() * norm.weight.float()) * torch.rsqrt(mean_square + norm.eps)
-    return out if bias is None else out + bias.float()
+    out = F.linear(hf, at_least_fp32(weight) * at_least_fp32(norm.weight)) * torch.rsqrt(mean_square + norm.eps)
+    return out if bias is None else out + at_least_fp32(bias)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loom.model.precision import at_least_fp32
 from loom.techniques import init
 from loom.techniques.config import SCAConfig
 
@@ -58,8 +59,9 @@ class SCAHead(nn.Module):
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Unit-norm fp32 states ``z = normalize(W_z RMSNorm(h))``, ``[s, b, r]``."""
-        u = F.rms_norm(h.float(), self.norm.normalized_shape, self.norm.weight.float(), self.norm.eps).to(h.dtype)
-        return F.normalize(self.proj(u).float(), dim=-1)
+        weight = at_least_fp32(self.norm.weight)
+        u = F.rms_norm(at_least_fp32(h), self.norm.normalized_shape, weight, self.norm.eps).to(h.dtype)
+        return F.normalize(at_least_fp32(self.proj(u)), dim=-1)
 
     def forward(
         self, h: torch.Tensor, tokens: torch.Tensor, doc: torch.Tensor, step: int, update_ema: bool = True

@@ -22,9 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loom.model.precision import at_least_fp32
 from loom.techniques import init
-from loom.techniques.config import SCRConfig, parse_relevance_noise
+from loom.techniques.config import SCRConfig
 from loom.techniques.normed_linear import rms_normed_linear
+from loom.techniques.selection import parse_relevance_noise
 
 SCAN_BLOCK = 64
 """Tokens per block of the segmented scan."""
@@ -91,7 +93,7 @@ class SCR(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # the relevance logit and the rank-r values read RMSNorm(h) through one fused projection
         heads = rms_normed_linear(h, self.norm, torch.cat([self.relevance.weight, self.down.weight]))
-        logit, v = heads[..., 0] + self.relevance.bias.float(), heads[..., 1:]  # [s, b], [s, b, r]
+        logit, v = heads[..., 0] + at_least_fp32(self.relevance.bias), heads[..., 1:]  # [s, b], [s, b, r]
         if self.noise_tau is not None and self.training:
             uniform = torch.rand_like(logit).clamp(1e-6, 1.0 - 1e-6)
             logit = (logit + torch.log(uniform) - torch.log1p(-uniform)) / self.noise_tau
@@ -99,7 +101,7 @@ class SCR(nn.Module):
         if rho_prev is None or self.gamma == 0:
             rho = relevance
         else:
-            rho = self.gamma * rho_prev.float() + (1.0 - self.gamma) * relevance
+            rho = self.gamma * at_least_fp32(rho_prev) + (1.0 - self.gamma) * relevance
         sums = segmented_cumsum(torch.cat([rho[..., None] * v, rho[..., None]], dim=-1), start, self.decay)
         summary = sums[..., :-1] / (sums[..., -1:] + 1e-6)
         with torch.no_grad():

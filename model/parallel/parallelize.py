@@ -29,10 +29,12 @@ def default_device() -> torch.device:
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
-    """'auto' is bf16 where the GPU has it and fp32 on CPU (fp32 keeps CPU tests exact)."""
+    """'auto' is bf16 where the GPU has it and fp32 on CPU (fp32 keeps CPU tests exact). 'fp64' is for
+    the layout-equivalence tests only (train.precision does not offer it): in float64 a different
+    reduction order between layouts stays at rounding level whatever the CPU's kernels."""
     if precision == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[precision]
 
 
 def build_stage(
@@ -66,6 +68,8 @@ def parallelize(
 ) -> ShardedStage:
     """This rank's stage in its DeepSpeed engine; `compile` applies `compile_blocks` before wrapping."""
     dtype = resolve_dtype(precision)
+    if dtype == torch.float64 and parallel.zero_stage == 3:
+        raise ValueError("fp64 needs ZeRO 0-2: DeepSpeed's zero.Init builds half, bf16 or fp32 parameters only")
     ds_config = deepspeed_config(
         parallel, micro_batch_size, layout.dp, dtype == torch.bfloat16, optim.grad_clip, deepspeed_overlay
     )

@@ -122,6 +122,8 @@ class ShardedStage:
         self.model_parallel_group = ps.get_model_parallel_group()
         self.own_clipping = parallel.zero_stage == 0 and not ds_config["bf16"]["enabled"]
         self.grad_clip = grad_clip
+        # losses and Loom's own grad norm reduce in fp32, or in float64 for a float64 model (the equivalence tests)
+        self.reduce_dtype = torch.float64 if next(stage.parameters()).dtype == torch.float64 else torch.float32
         self._own_norm = 0.0
         if self.own_clipping:
             self._guard_optimizer_step()
@@ -195,7 +197,7 @@ class ShardedStage:
     def _clip_global_grad_norm(self) -> float:
         """The norm over TP, PP and DP exactly once per weight: sharded weights on every TP rank,
         replicated ones on TP rank 0, a tied pipeline copy only on its first stage."""
-        squares = torch.zeros((), dtype=torch.float32, device=torch.device(self.engine.device))
+        squares = torch.zeros((), dtype=self.reduce_dtype, device=torch.device(self.engine.device))
         grads = []
         for p in self.engine.module.parameters():
             if p.grad is None:
@@ -204,7 +206,7 @@ class ShardedStage:
             if getattr(p, "ds_pipe_replicated", False):
                 continue
             if getattr(p, "tensor_model_parallel", False) or self.layout.tp_rank == 0:
-                squares += p.grad.detach().float().pow(2).sum()
+                squares += p.grad.detach().to(self.reduce_dtype).pow(2).sum()
         dist.all_reduce(squares, group=self.model_parallel_group)
         norm = float(squares.sqrt())
         if self.grad_clip > 0 and math.isfinite(norm) and norm > self.grad_clip:
@@ -250,7 +252,8 @@ class ShardedStage:
 
     def _global_mean_loss(self, losses: list[torch.Tensor], device) -> float:
         """Mean micro-batch loss over the DP group, known on every rank (losses live on the last stage)."""
-        local = torch.stack(losses).mean().float() if losses else torch.zeros((), device=device)
+        dtype = self.reduce_dtype
+        local = torch.stack(losses).mean().to(dtype) if losses else torch.zeros((), dtype=dtype, device=device)
         if self.layout.pp > 1:
             dist.all_reduce(local, group=self.pp_group)
         if self.layout.dp > 1:

@@ -1,5 +1,6 @@
-"""Every TP×PP×DP layout (world ≤ 4) and ZeRO stage reproduces the single-process model:
-per-step loss, global grad norm (with clipping active) and the updated weights."""
+"""Every TP×PP×DP layout (world ≤ 4) and ZeRO stage reproduces the single-process model: per-step
+loss, global grad norm (with clipping active), every gradient and the updated weights (in float64
+where DeepSpeed allows it, so the bounds hold on any CPU; `tests/parallel/traces.py`)."""
 
 import pytest
 

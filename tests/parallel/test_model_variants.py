@@ -2,6 +2,7 @@
 attention split over TP, activation checkpointing, bf16, and a short run that learns at TP2×PP2."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -100,14 +101,23 @@ def _compiled_trace(rank, world_size, cfg, tech, steps, n_steps, tp, pp, zeros, 
     return out
 
 
+def _inductor_cache_for_these_kernels() -> str:
+    """Inductor's on-disk cache (its precompiled header) does not tell ATEN_CPU_CAPABILITY settings
+    apart: code cached under one fails to compile under another ('at::vec has not been declared'),
+    so each setting gets its own cache, kept warm between runs."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.join(default_cache_dir(), f"loom-tests-{torch.backends.cpu.get_cpu_capability().lower()}")
+
+
 @pytest.mark.distributed
-def test_compiled_blocks_match_eager_reference(tmp_path):
+def test_compiled_blocks_match_eager_reference(monkeypatch):
     """train.compile=true (inductor, no graph-break fallback allowed) at TP2 gives the eager
-    single-process losses, gradient norms and weights."""
+    single-process losses, gradient norms, gradients and weights."""
+    cache = _inductor_cache_for_these_kernels()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", cache)  # the forked ranks inherit it
     cfg, tech = tiny_model(), TechniquesConfig()
     steps = [fixed_batches(4, cfg.vocab_size, seed=s) for s in range(2)]
     ref = run_distributed(reference_trace, 1, cfg, tech, steps, STEPS)[0]
-    for rank_traces in run_distributed(
-        _compiled_trace, 2, cfg, tech, steps, STEPS, 2, 1, [1], str(tmp_path), timeout=600
-    ):
+    for rank_traces in run_distributed(_compiled_trace, 2, cfg, tech, steps, STEPS, 2, 1, [1], cache, timeout=600):
         assert_traces_match(ref, rank_traces[1], what="compiled blocks tp2 zero1")
