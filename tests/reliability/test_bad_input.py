@@ -31,9 +31,7 @@ VALUES = st.one_of(
 KEYISH = st.one_of(st.sampled_from(KEYS), st.text(alphabet="abcdefghijklmnopqrstuvwxyz._", min_size=1, max_size=20))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(KEYISH, VALUES, max_size=6))
-def test_random_configs_give_a_config_error_or_a_valid_config(tmp_path_factory, entries):
+def _config_error_or_valid_config(entries: dict) -> None:
     overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v!r}" for k, v in entries.items()]
     try:
         cfg = load_config(TINY, overrides, world_size=2, check_files=False)
@@ -41,6 +39,22 @@ def test_random_configs_give_a_config_error_or_a_valid_config(tmp_path_factory, 
         assert exc.problems and all(isinstance(p, str) and p and "\n" not in p for p in exc.problems)
         return
     assert isinstance(cfg, RunConfig)
+
+
+RANDOM_OVERRIDES = st.dictionaries(KEYISH, VALUES, max_size=6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(RANDOM_OVERRIDES)
+def test_random_configs_give_a_config_error_or_a_valid_config(tmp_path_factory, entries):
+    _config_error_or_valid_config(entries)
+
+
+@pytest.mark.slow  # the README's 300 sets; the quick loop tries 40
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(RANDOM_OVERRIDES)
+def test_300_random_configs_give_a_config_error_or_a_valid_config(tmp_path_factory, entries):
+    _config_error_or_valid_config(entries)
 
 
 @settings(max_examples=100, deadline=None)
@@ -105,7 +119,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,args", CASES, ids=[c[0] for c in CASES])
+SLOW_CASES = {"shards folder without a manifest", "unreadable checkpoint"}  # they reach the run's set-up
+
+
+@pytest.mark.parametrize(
+    "name,args",
+    [pytest.param(*c, marks=[pytest.mark.slow] if c[0] in SLOW_CASES else []) for c in CASES],
+    ids=[c[0] for c in CASES],
+)
 def test_cli_bad_input_is_one_clear_line(tmp_path, name, args):
     (tmp_path / "input.txt").write_text("A document of plain text.\n")
     (tmp_path / "README.model").write_text("# not a SentencePiece model\n")
