@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from loom.data.config import DataConfig
 from loom.model.config import ModelConfig
 from loom.model.parallel.config import ParallelConfig
+from loom.model.parallel.optim import OptimConfig
 from loom.techniques.config import TechniquesConfig
 
 
@@ -29,28 +30,6 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    """Peak learning rate."""
-    min_lr: float = 3e-5
-    """Learning rate at the end of the decay."""
-    schedule: str = "cosine"
-    """Decay after warmup: cosine, linear or constant."""
-    warmup_steps: int = 100
-    """Linear warmup steps from 0 to the peak learning rate."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices (vectors such as norms are not decayed)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm (over TP, PP and DP) to this value; 0 disables clipping."""
 
 
 @dataclass

@@ -35,8 +35,8 @@ class LoomTrainer(Workload):
         import torch
 
         from loom.model.parallel.config import ParallelConfig
+        from loom.model.parallel.optim import OptimConfig
         from loom.model.parallel.parallelize import parallelize
-        from loom.model.parallel.zero import OptimizerSettings
         from loom.techniques.config import TechniquesConfig
 
         self.layout = layout = init_grid(tp, pp)
@@ -61,13 +61,13 @@ class LoomTrainer(Workload):
                 self.tech,
                 layout,
                 parallel,
-                OptimizerSettings(),
-                self.micro,
-                seed,
+                optim=OptimConfig(),
+                micro_batch_size=self.micro,
+                seed=seed,
                 precision="fp32",
                 compile=compile,
             )
-        self.lr = OptimizerSettings().lr
+        self.lr = OptimConfig().lr
         self.module = TrainModule(self.sharded, layout, self.micro, shape.seq, torch.float32, default_device())
         full = token_batch(shape, shape.batch)
         mine = full[layout.dp_rank * per_rank : (layout.dp_rank + 1) * per_rank]

@@ -28,14 +28,14 @@ def adamw(params, lr: float = 3e-4):
     """The optimizer every model gets: Loom's AdamW groups (no decay on vectors), fused when possible."""
     import torch
 
-    from loom.model.parallel.zero import OptimizerSettings, build_optimizer
+    from loom.model.parallel.optim import OptimConfig, build_optimizer
 
     class _Holder(torch.nn.Module):
         def __init__(self, ps):
             super().__init__()
             self.ps = torch.nn.ParameterList(ps)
 
-    return build_optimizer(_Holder(list(params)), OptimizerSettings(lr=lr))
+    return build_optimizer(_Holder(list(params)), OptimConfig(lr=lr))
 
 
 class Workload(abc.ABC):

@@ -92,7 +92,6 @@ def run(cfg: RunConfig) -> int:
     from loom.model.parallel import cpu_compat
     from loom.model.parallel.groups import describe_grid, init_parallel_groups
     from loom.model.parallel.parallelize import default_device, parallelize, resolve_dtype
-    from loom.model.parallel.zero import OptimizerSettings
 
     cpu_compat.apply()
     layout = init_parallel_groups(cfg.parallel)
@@ -114,23 +113,19 @@ def run(cfg: RunConfig) -> int:
         raise ValueError(f"tokenizer EOS id {tokenizer.eos_id} != model.eos_id {cfg.model.eos_id}")
 
     device, dtype = default_device(), resolve_dtype(cfg.train.precision)
-    o = cfg.optim
-    optim = OptimizerSettings(
-        lr=o.lr, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, eps=o.eps, grad_clip=o.grad_clip
-    )
     overlay = json.loads(Path(cfg.deepspeed_json).read_text()) if cfg.deepspeed_json else None
     sharded = parallelize(
         cfg.model,
         cfg.techniques,
         layout,
         cfg.parallel,
-        optim,
-        cfg.train.micro_batch_size,
-        cfg.train.seed,
-        cfg.train.precision,
-        overlay,
-        compile_cache=_compile_cache(cfg),
+        optim=cfg.optim,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seed=cfg.train.seed,
+        precision=cfg.train.precision,
+        deepspeed_overlay=overlay,
         compile=cfg.train.compile,
+        compile_cache=_compile_cache(cfg),
     )
     module = TrainModule(sharded, layout, cfg.train.micro_batch_size, cfg.model.seq_length, dtype, device)
     loader = make_train_loader(cfg, data, layout.dp_rank, layout.dp, tokenizer.sha256)

@@ -12,10 +12,9 @@ from loom.model.init import init_tensor_parallel_weights
 from loom.model.parallel.compile import compile_blocks
 from loom.model.parallel.config import ParallelConfig
 from loom.model.parallel.groups import Layout, megatron_layer_config
+from loom.model.parallel.optim import OptimConfig, build_optimizer
 from loom.model.parallel.zero import (
-    OptimizerSettings,
     ShardedStage,
-    build_optimizer,
     deepspeed_config,
     zero3_init_context,
 )
@@ -58,15 +57,25 @@ def parallelize(
     tech: TechniquesConfig,
     layout: Layout,
     parallel: ParallelConfig,
-    optim: OptimizerSettings,
+    *,
+    optim: OptimConfig,
     micro_batch_size: int,
     seed: int,
     precision: str = "auto",
     deepspeed_overlay: dict | None = None,
-    compile_cache: str | None = None,
     compile: bool = False,
+    compile_cache: str | None = None,
 ) -> ShardedStage:
-    """This rank's stage in its DeepSpeed engine; `compile` applies `compile_blocks` before wrapping."""
+    """This rank's stage of the model, in its DeepSpeed engine, in the order the layout needs:
+
+    1. the stage (this PP rank's blocks) with megatron-core's TP layers, weights identical at every
+       layout (`build_stage`; under ZeRO-3 built inside `zero.Init`, so partitioned as it is built);
+    2. torch.compile of every block's attention and MLP when `compile` (`compile_blocks`);
+    3. the DeepSpeed engine over the DP group (ZeRO `parallel.zero_stage`) with Loom's AdamW.
+
+    `micro_batch_size` is per DP rank; `seed` keys the initial weights; `precision` is auto, fp32 or bf16
+    (fp64 for the layout-equivalence tests); `deepspeed_overlay` adds engine options Loom does not model;
+    `compile_cache` is inductor's on-disk cache."""
     dtype = resolve_dtype(precision)
     if dtype == torch.float64 and parallel.zero_stage == 3:
         raise ValueError("fp64 needs ZeRO 0-2: DeepSpeed's zero.Init builds half, bf16 or fp32 parameters only")
@@ -84,11 +93,9 @@ def parallelize(
 
 
 def _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype) -> GPTStage:
-    """Under zero.Init each parameter is partitioned as soon as its module is built, so the
-    initial values are written through GatheredParameters (every DP rank computes the same)."""
+    """Under zero.Init each parameter is partitioned as soon as its module is built, so the initial
+    values are written through gathered parameters (every DP rank computes the same)."""
     import deepspeed
-
-    from loom.model.init import initial_value
 
     deepspeed.init_distributed()  # zero.Init reads DeepSpeed's own view of the (existing) process group
     with zero3_init_context(parallel, ds_config):
@@ -101,12 +108,5 @@ def _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype) -> G
             pp_rank=layout.pp_rank,
             seed=seed,
         )
-    for name, param in stage.named_parameters():
-        if not getattr(param, "tensor_model_parallel", False):
-            continue
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            full_shape = list(param.ds_shape)
-            full_shape[param.partition_dim] *= layout.tp
-            full = initial_value(name, tuple(full_shape), cfg, seed)
-            param.data.copy_(full.chunk(layout.tp, dim=param.partition_dim)[layout.tp_rank])
+    init_tensor_parallel_weights(stage, cfg, seed, layout.tp_rank, layout.tp)
     return stage.to(device=default_device(), dtype=dtype)

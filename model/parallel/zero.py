@@ -13,21 +13,16 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from loom.model.parallel import comm
 from loom.model.parallel.config import ParallelConfig
 from loom.model.parallel.groups import Layout, MegatronMPU
 from loom.model.parallel.pipeline import forward_backward_1f1b
-
-
-@dataclass
-class OptimizerSettings:
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+from loom.model.parallel.zero_state import (
+    zero1_reduce_after_pipeline,
+    zero2_begin_micro_batch,
+    zero2_end_micro_batch,
+)
 
 
 def deepspeed_config(
@@ -59,22 +54,6 @@ def deepspeed_config(
     for key, value in (overlay or {}).items():
         cfg[key] = value
     return cfg
-
-
-def build_optimizer(module: torch.nn.Module, opt: OptimizerSettings) -> torch.optim.Optimizer:
-    """AdamW with no decay on vectors (norms, gates, technique scalars), as Megatron does."""
-
-    def ndim(p):  # ZeRO-3 partitioned parameters keep their true shape in ds_shape
-        return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
-
-    decay = [p for p in module.parameters() if p.requires_grad and ndim(p) >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and ndim(p) < 2]
-    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # fused kernels are missing for some device/dtype pairs
-        return torch.optim.AdamW(groups, **kwargs)
 
 
 def zero3_init_context(parallel: ParallelConfig, ds_config: dict):
@@ -181,7 +160,7 @@ class ShardedStage:
             losses = forward_backward_1f1b(stage_forward, microbatches, self.pp_group, specs, device)
             self._sync_tied_embedding_grads()
             if self.parallel.zero_stage == 1:
-                engine.optimizer.reduce_gradients(pipeline_parallel=True)
+                zero1_reduce_after_pipeline(engine)
             else:
                 engine.allreduce_gradients()
             self._optimizer_step(True)
@@ -207,7 +186,7 @@ class ShardedStage:
                 continue
             if getattr(p, "tensor_model_parallel", False) or self.layout.tp_rank == 0:
                 squares += p.grad.detach().to(self.reduce_dtype).pow(2).sum()
-        dist.all_reduce(squares, group=self.model_parallel_group)
+        comm.all_reduce(squares, group=self.model_parallel_group)
         norm = float(squares.sqrt())
         if self.grad_clip > 0 and math.isfinite(norm) and norm > self.grad_clip:
             torch._foreach_mul_(grads, self.grad_clip / (norm + 1e-6))
@@ -228,18 +207,10 @@ class ShardedStage:
         optimizer.step = guarded_step
 
     def _zero2_before_backward(self, index: int, is_last: bool) -> None:
-        # what engine.backward() does around each micro-batch for ZeRO-2's per-bucket reduction
-        zo = self.engine.optimizer
-        zo.set_gradient_accumulation_boundary(is_last)
-        for dtype, bucket in zo.ipg_buckets.items():
-            if zo.contiguous_gradients and not bucket.buffer:
-                bucket.buffer.append(
-                    torch.empty(int(zo.reduce_bucket_size), dtype=dtype, device=torch.device(self.engine.device))
-                )
-                bucket.index = 0
+        zero2_begin_micro_batch(self.engine, is_last)
 
     def _zero2_after_backward(self, index: int, is_last: bool) -> None:
-        self.engine.optimizer.overlapping_partition_gradients_reduce_epilogue()
+        zero2_end_micro_batch(self.engine)
 
     def _sync_tied_embedding_grads(self) -> None:
         module = self.engine.module
@@ -248,15 +219,15 @@ class ShardedStage:
         weight = module.embedding.weight if module.is_first else module.output_layer.weight
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        dist.all_reduce(weight.grad, group=self.embedding_group)
+        comm.all_reduce(weight.grad, group=self.embedding_group)
 
     def _global_mean_loss(self, losses: list[torch.Tensor], device) -> float:
         """Mean micro-batch loss over the DP group, known on every rank (losses live on the last stage)."""
         dtype = self.reduce_dtype
         local = torch.stack(losses).mean().to(dtype) if losses else torch.zeros((), dtype=dtype, device=device)
         if self.layout.pp > 1:
-            dist.all_reduce(local, group=self.pp_group)
+            comm.all_reduce(local, group=self.pp_group)
         if self.layout.dp > 1:
-            dist.all_reduce(local, group=self.dp_group)
+            comm.all_reduce(local, group=self.dp_group)
             local /= self.layout.dp
         return float(local)

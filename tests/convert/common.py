@@ -123,7 +123,14 @@ def layout_run_fn(
     )
     parallel = ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=1)
     sharded = parallelize(
-        cfg.model, cfg.techniques, layout, parallel, copy.copy(OPTIM), MICRO_BATCH, seed, precision=precision
+        cfg.model,
+        cfg.techniques,
+        layout,
+        parallel,
+        optim=copy.copy(OPTIM),
+        micro_batch_size=MICRO_BATCH,
+        seed=seed,
+        precision=precision,
     )
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     step = 0

@@ -33,7 +33,14 @@ def _load_at_tp2_fn(rank, world_size, start: str):
     tech.lcm.enabled, tech.scr.enabled, tech.cmr.enabled = True, True, True
     tech.scr.rank, tech.cmr.rank = 8, 8
     sharded = parallelize(
-        data.model, tech, layout, ParallelConfig(tensor=2, zero_stage=1), copy.copy(OPTIM), 2, 0, precision="fp32"
+        data.model,
+        tech,
+        layout,
+        ParallelConfig(tensor=2, zero_stage=1),
+        optim=copy.copy(OPTIM),
+        micro_batch_size=2,
+        seed=0,
+        precision="fp32",
     )
     meta = load_start_point(sharded, start, data.model, tokenizer_sha256=data.tokenizer_sha256())
     from omegaconf import OmegaConf

@@ -16,15 +16,22 @@ def _engine_facts(rank, world, zero: int, pp: int) -> dict:
     import torch
 
     from loom.model.parallel.config import ParallelConfig
+    from loom.model.parallel.optim import OptimConfig
     from loom.model.parallel.parallelize import parallelize
-    from loom.model.parallel.zero import OptimizerSettings
     from loom.techniques.config import TechniquesConfig
     from tests.parallel.common import MICRO_BATCH, SEQ, fixed_batches, init_layout, tiny_model
 
     layout = init_layout(rank, 1, pp)
     parallel = ParallelConfig(pipeline=pp, zero_stage=zero, microbatches=2)
     sharded = parallelize(
-        tiny_model(), TechniquesConfig(), layout, parallel, OptimizerSettings(), MICRO_BATCH, 0, precision="fp32"
+        tiny_model(),
+        TechniquesConfig(),
+        layout,
+        parallel,
+        optim=OptimConfig(),
+        micro_batch_size=MICRO_BATCH,
+        seed=0,
+        precision="fp32",
     )
     specs = sharded.module.carry_specs(MICRO_BATCH, SEQ, torch.float32)
     sharded.train_step(fixed_batches(2, 500), 0, specs)

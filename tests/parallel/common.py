@@ -14,7 +14,7 @@ import torch
 
 from loom.model.config import ModelConfig
 from loom.model.parallel.config import ParallelConfig
-from loom.model.parallel.zero import OptimizerSettings
+from loom.model.parallel.optim import OptimConfig
 from loom.techniques.config import TechniquesConfig
 from tests.parallel.traces import Trace, adam_reach, assert_traces_match  # noqa: F401  (re-exported)
 
@@ -58,7 +58,7 @@ def all_techniques(**hcma) -> TechniquesConfig:
 # eps 1e-5, not 1e-8: Adam divides each gradient element by its own magnitude (plus eps), so a
 # rounding-level gradient difference between layouts moves a weight by up to lr/eps times itself; the
 # weight check allows for that (`tests/parallel/traces.py`), and a larger eps keeps the allowance small
-OPTIM = OptimizerSettings(lr=3e-3, weight_decay=0.1, grad_clip=0.05, eps=1e-5)
+OPTIM = OptimConfig(lr=3e-3, weight_decay=0.1, grad_clip=0.05, eps=1e-5)
 
 
 def fixed_batches(num: int, vocab: int, seed: int = 7) -> list[torch.Tensor]:
@@ -119,13 +119,13 @@ def reference_trace(
     tech: TechniquesConfig,
     batches_per_step: list,
     steps: int,
-    optim: OptimizerSettings = OPTIM,
+    optim: OptimConfig = OPTIM,
     seed: int = 0,
 ) -> Trace:
     """One process, TP=PP=DP=1, float64: the oracle every layout must reproduce."""
     from loom.model.parallel.consolidate import full_state_dict
+    from loom.model.parallel.optim import build_optimizer
     from loom.model.parallel.parallelize import build_stage
-    from loom.model.parallel.zero import build_optimizer
     from loom.techniques.aux_loss import set_aux_loss_scale
 
     allow_float64()
@@ -166,7 +166,7 @@ def layout_trace(
     tp: int,
     pp: int,
     zero_stages: list,
-    optim: OptimizerSettings = OPTIM,
+    optim: OptimConfig = OPTIM,
     seed: int = 0,
     compile: bool = False,
     mutate: Callable | None = None,
@@ -188,7 +188,15 @@ def layout_trace(
             setattr(parallel, key, value)
         precision, tolerance = run_precision(zero, cfg, pp)
         sharded = parallelize(
-            cfg, tech, layout, parallel, copy.copy(optim), MICRO_BATCH, seed, precision=precision, compile=compile
+            cfg,
+            tech,
+            layout,
+            parallel,
+            optim=copy.copy(optim),
+            micro_batch_size=MICRO_BATCH,
+            seed=seed,
+            precision=precision,
+            compile=compile,
         )
         if precision == "fp64" and zero == 0:
             sharded.engine.communication_data_type = torch.float64  # DeepSpeed's default is float32

@@ -60,8 +60,8 @@ def _train_tp2pp2(rank, world_size, steps, precision):
         TechniquesConfig(),
         layout,
         ParallelConfig(tensor=2, pipeline=2, zero_stage=1, microbatches=4),
-        dataclasses.replace(OPTIM, grad_clip=1.0),
-        MICRO_BATCH,
+        optim=dataclasses.replace(OPTIM, grad_clip=1.0),
+        micro_batch_size=MICRO_BATCH,
         seed=0,
         precision=precision,
     )

@@ -1,11 +1,13 @@
 """ZeRO really shards on this machine: per-rank tensor bytes, not RSS (which hides it at this size)."""
 
+import math
 import os
 
 import pytest
 import torch
 
 from loom.model.parallel.config import ParallelConfig
+from loom.model.parallel.zero_state import local_shape
 from loom.techniques.config import TechniquesConfig
 from tests.harness import run_distributed
 from tests.parallel.common import MICRO_BATCH, OPTIM, fixed_batches, init_layout, tiny_model
@@ -28,14 +30,14 @@ def _held_per_rank(rank, world_size):
             TechniquesConfig(),
             layout,
             ParallelConfig(zero_stage=zero, microbatches=2),
-            OPTIM,
-            MICRO_BATCH,
+            optim=OPTIM,
+            micro_batch_size=MICRO_BATCH,
             seed=0,
             precision="fp32",
         )
         engine = sharded.engine
         params = list(engine.module.parameters())
-        full = sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in params)
+        full = sum(math.prod(local_shape(p)) for p in params)
         held_params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
         engine.backward(engine(batch))  # first of two micro-steps: not a boundary
         held_grads = _numel(p.grad for p in params)
@@ -73,8 +75,8 @@ def _zero_run_without_jit(rank, world_size, ext_dir):
             TechniquesConfig(),
             layout,
             ParallelConfig(zero_stage=zero),
-            OPTIM,
-            MICRO_BATCH,
+            optim=OPTIM,
+            micro_batch_size=MICRO_BATCH,
             seed=0,
             precision="fp32",
         )
