@@ -106,11 +106,19 @@ def barrier(group=None) -> None:
     dist.barrier(group=_object_group(group))
 
 
-def batch_send_recv(ops: list) -> None:
-    """Post matched point-to-point sends/receives together (the pipeline's exchange) and wait for them."""
+def exchange(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], group) -> None:
+    """Post matched point-to-point sends and receives together (the pipeline's exchange) and wait for
+    them. `sends`/`recvs` are (tensor, global peer rank) pairs; received values land in the given
+    tensors. Tensors not on the group's device travel through copies on it (gloo cannot send CUDA
+    memory), so the same schedule runs on NCCL, on gloo, and on gloo with CUDA compute."""
+    device = device_for(group)
+    staged_recvs = [(t if t.device == device else torch.empty_like(t, device=device), t) for t, _ in recvs]
+    ops = [dist.P2POp(dist.isend, _on_group_device(t.contiguous(), group), peer, group) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, staged, peer, group) for (staged, _), (_, peer) in zip(staged_recvs, recvs)]
+    if not ops:
+        return
     for req in dist.batch_isend_irecv(ops):
         req.wait()
-
-
-P2POp = dist.P2POp
-isend, irecv = dist.isend, dist.irecv
+    for staged, target in staged_recvs:
+        if staged is not target:
+            target.copy_(staged)

@@ -15,6 +15,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from loom.model.parallel import comm
+
 Specs = dict  # name -> (shape, dtype)
 
 
@@ -35,17 +37,11 @@ class StageLink:
         return out
 
     def _exchange(self, send: Optional[dict], peer_send, recv_from, want_grad: bool) -> Optional[dict]:
-        ops, received = [], None
-        if send is not None:
-            for name in self.specs:
-                ops.append(dist.P2POp(dist.isend, send[name].contiguous(), peer_send, self.group))
-        if recv_from is not None:
-            received = self._buffers(want_grad)
-            for name in self.specs:
-                ops.append(dist.P2POp(dist.irecv, received[name], recv_from, self.group))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+        sends = [(send[name], peer_send) for name in self.specs] if send is not None else []
+        received = self._buffers(want_grad) if recv_from is not None else None
+        recvs = [(received[name], recv_from) for name in self.specs] if received is not None else []
+        with torch.no_grad():  # receive buffers may require grad; filling them is no autograd operation
+            comm.exchange(sends, recvs, self.group)
         return received
 
     def recv_forward(self):
