@@ -1,6 +1,6 @@
 """CMR: capture gated low-rank states at source layers, reweave them into later layers per token.
 
-Spec section 5 follows the paper's flowchart literally: a soft "capture state?" gate at each
+docs/techniques.md (CMR) follows the paper's flowchart literally: a soft "capture state?" gate at each
 source layer stores a rank-r latent of ``h^j``; at each target layer an attention over the
 captured layers (of the same token) reconstructs one vector and adds it back through ``W_u = 0``,
 so the model is an exact identity at init. Mixing across positions is left to the ordinary
@@ -23,16 +23,6 @@ from loom.techniques.aux_loss import attach_aux_loss
 from loom.techniques.normed_linear import rms_normed_linear
 
 SlotSelection = Union[torch.Tensor, Sequence[int], None]
-
-
-def empty_bank(s: int, b: int, n_slots: int, rank: int, *, dtype=None, device=None) -> torch.Tensor:
-    """All-zero bank ``[s, b, n_slots, r]``; slots are filled as their sources are captured."""
-    return torch.zeros(s, b, n_slots, rank, dtype=dtype, device=device)
-
-
-def bank_with_slot(bank: torch.Tensor, slot: int, captured: torch.Tensor) -> torch.Tensor:
-    """Out-of-place copy of ``bank`` with ``slot`` set to ``captured [s, b, r]`` (autograd-safe)."""
-    return torch.cat([bank[:, :, :slot], captured[:, :, None].to(bank.dtype), bank[:, :, slot + 1 :]], dim=2)
 
 
 class LayerCapture(nn.Module):

@@ -1,11 +1,11 @@
 """Structured (OmegaConf) configuration for the five techniques (docs/techniques.md).
 
-Defaults are the spec's. Two index conventions exist because the spec uses two:
+Defaults are docs/techniques.md's. Two index conventions exist because the techniques need two:
 
 * ``lcm.layers`` / ``scr.layers`` select *transformer blocks* by 0-based block index
   (block ``i`` turns ``h^i`` into ``h^{i+1}``). ``"every_k:k"`` selects blocks ``k-1, 2k-1, ...``,
   i.e. every k-th block counting from 1, so ``"every_k:2"`` on 4 layers is ``[1, 3]``.
-* CMR sources/targets and SCA layers name *residual-stream states* ``h^l`` as in the spec:
+* CMR sources/targets and SCA layers name *residual-stream states* ``h^l``:
   ``0`` is the embedding output ``h^0`` and ``l = 1..L`` is the output of the l-th block
   (0-based block ``l-1``). ``L`` is the state just before the final norm.
 
@@ -35,7 +35,7 @@ _SP_REFUSAL = (
 
 @dataclass
 class LCMConfig:
-    """Latent Convergence Modulation (spec section 3)."""
+    """Latent Convergence Modulation (docs/techniques.md, LCM)."""
 
     enabled: bool = False
     """Turn LCM on."""
@@ -84,7 +84,7 @@ class LCMConfig:
 
 @dataclass
 class SCRConfig:
-    """Structured Context Recomposition (spec section 4)."""
+    """Structured Context Recomposition (docs/techniques.md, SCR)."""
 
     enabled: bool = False
     """Turn SCR on."""
@@ -127,7 +127,7 @@ class SCRConfig:
 
 @dataclass
 class CMRCrossPositionConfig:
-    """CMR's optional cross-position mode (spec section 5.3); not implemented, must stay off."""
+    """CMR's optional cross-position mode (attention to captured states of earlier positions); not implemented."""
 
     window: int = 0
     """Causal window w of captured states each target may attend to; 0 = off."""
@@ -137,7 +137,7 @@ class CMRCrossPositionConfig:
 
 @dataclass
 class CMRConfig:
-    """Contextual Memory Reweaving (spec section 5). Layer indices name states h^l (0 = embedding)."""
+    """Contextual Memory Reweaving (docs/techniques.md, CMR). Layer indices name states h^l (0 = embedding)."""
 
     enabled: bool = False
     """Turn CMR on."""
@@ -222,7 +222,7 @@ class CMRConfig:
 
 @dataclass
 class SCAConfig:
-    """Statistical Coherence Alignment (spec section 6). Layer indices name states h^l."""
+    """Statistical Coherence Alignment (docs/techniques.md, SCA). Layer indices name states h^l."""
 
     enabled: bool = False
     """Turn SCA on."""
@@ -288,7 +288,7 @@ class HCMAOfflineConfig:
 
 @dataclass
 class HCMAConfig:
-    """Hierarchical Contextual Manifold Alignment on the input embedding table (spec section 7)."""
+    """Hierarchical Contextual Manifold Alignment on the input embedding table (docs/techniques.md, HCMA)."""
 
     enabled: bool = False
     """Turn HCMA on."""
@@ -313,7 +313,7 @@ class HCMAConfig:
     lambda_anchor: float = 1.0
     """Weight lambda_a of the trust-region term toward the table at the last refresh."""
     lambda_hcma: float = 1e-3
-    """Total weight lambda_HCMA of the regulariser in the training loss (the spec's 'lambda')."""
+    """Total weight lambda_HCMA of the regulariser in the training loss."""
     offline: HCMAOfflineConfig = field(default_factory=HCMAOfflineConfig)
     """Offline-mode step size and iteration count."""
     apply_to_output_embedding: str = "tied"

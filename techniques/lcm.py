@@ -1,6 +1,6 @@
 """LCM: one explicit Euler step of a causal contraction toward a per-document context anchor.
 
-The papers leave the "modulation function" unspecified; the spec (section 3) makes it the
+The papers leave the "modulation function" unspecified; docs/techniques.md (LCM) makes it the
 gradient flow of ``Phi_t = 1/2 ||h_t - c_t||^2_diag(a)`` with ``c_t`` a tap-weighted mean of the
 previous ``K`` positions of the same document. ``a = a_max * tanh(alpha)`` starts at 0, so the
 module is an exact identity at init and can be switched on for a pretrained checkpoint.

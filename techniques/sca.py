@@ -1,6 +1,6 @@
 """SCA: a training-only auxiliary loss that aligns contextual states with per-token statistics.
 
-Spec section 6 turns the withdrawn paper's "tensor field" into an EMA field (mean and diagonal
+docs/techniques.md (SCA) turns the withdrawn paper's "tensor field" into an EMA field (mean and diagonal
 variance per token type) of projected states, plus a windowed InfoNCE over co-occurring tokens
 and a variance/covariance anti-collapse term. The forward pass of the model is unchanged; the
 caller attaches the returned loss to the hidden state with ``attach_aux_loss``.

@@ -1,6 +1,6 @@
 """SCR: a relevance-weighted, per-document prefix summary added back through a rank-r map.
 
-Spec section 4: each SCR layer adds ``W_up m_t`` with ``m_t`` the relevance-weighted mean of
+docs/techniques.md (SCR): each SCR layer adds ``W_up m_t`` with ``m_t`` the relevance-weighted mean of
 ``W_down u_k`` over the document prefix ``k <= t``. The relevance ``rho`` recurses across depth
 (the paper's "probabilistic layer realignment"), so it is returned and fed to the next SCR layer.
 ``W_up = 0`` at init makes the module an exact identity.

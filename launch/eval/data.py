@@ -112,7 +112,7 @@ def select_heldout(
 
 
 def training_token_counts(train_source: Optional[str], vocab_size: int) -> Optional[np.ndarray]:
-    """Token frequencies on the tokenized training corpus (§2.2), from its shard manifest."""
+    """Token frequencies on the tokenized training corpus (for the frequency buckets), from its shard manifest."""
     if not train_source:
         return None
     from loom.data.manifest import load_manifest, shard_urls
@@ -170,7 +170,7 @@ _STOPWORDS = {
 
 def non_content_positions(ids, tokenizer) -> list[int]:
     """Positions of "non-content" tokens (punctuation, whitespace, byte pieces, stopwords): the
-    candidates for LI's one-token prompt perturbation (§3.14 metric 3)."""
+    candidates for LI's one-token prompt perturbation (LCM metric 3)."""
     out = []
     for i, t in enumerate(ids):
         piece = tokenizer.id_to_piece(int(t)).replace("\u2581", "").strip()

@@ -83,7 +83,7 @@ class EvalSettings:
     ppl_stride: int = 64
     """PPL-F window stride."""
     gen_prompts: int = 64
-    """Prompts of the generation metrics (the spec fixes a prompt set, not its size)."""
+    """Prompts of the generation metrics (the definitions fix a prompt set, not its size)."""
     gen_prompt_tokens: int = 32
     gen_tokens: int = 512
     """Generated tokens per prompt (G)."""
@@ -102,7 +102,7 @@ class EvalSettings:
     num_lengths: str = "500,1000,1500,2000,2500"
     """Numerical-reasoning probe lengths in tokens."""
     num_samples: int = 500
-    """Numerical probes per length (as many as key-value probes; the spec gives no count)."""
+    """Numerical probes per length (as many as key-value probes; the definition gives no count)."""
     multiturn_ks: str = "2,4,6,8,10"
     multiturn_dialogues: int = 64
     turn_tokens: int = 24

@@ -1,7 +1,7 @@
-"""Evaluation metrics of TECHNIQUES.md (§2.2 building blocks; §3.14 LCM, §4.14 SCR, §5.14 CMR,
-§6.14 SCA, §7.14 HCMA), as pure functions on tensors.
+"""The techniques' evaluation metrics (docs/techniques.md: each technique's "Evaluation metrics"), as pure
+functions on tensors.
 
-One module per metric family; each function's docstring cites the spec section that defines it.
+One module per metric family; each function's docstring names the metric it computes.
 Nothing here touches a model, a process group or a file, except the vocab-parallel reductions in
 `entropy`, which take an optional process group. `launch/evaluate.py` runs the model and feeds
 these functions; `tests/eval/` checks every metric on a constructed case with a known answer.

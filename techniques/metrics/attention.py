@@ -1,7 +1,7 @@
 """Attention-head deviation: cross-layer AHD and within-layer head dispersion, via the
 Jensen–Shannon divergence, plus the eager attention probabilities they need.
 
-Spec: TECHNIQUES.md §4.14 metric 3. `A^{ℓ,h}_{t,:}` is the attention distribution of head h in
+Defined in docs/techniques.md: SCR metric 3. `A^{ℓ,h}_{t,:}` is the attention distribution of head h in
 layer ℓ for query t, `Ā^ℓ_t = mean_h A^{ℓ,h}_{t,:}`;
 `AHD_ℓ = mean_t JS(Ā^ℓ_t ‖ Ā^{ℓ+1}_t)`, `D_ℓ = mean_{h,t} JS(A^{ℓ,h}_t ‖ Ā^ℓ_t)`, natural log.
 Computed on a subsample of queries with eager attention (flash attention never materialises the

@@ -1,8 +1,8 @@
 """Predictive entropy and the per-token statistics of vocab-parallel logits.
 
-Spec: TECHNIQUES.md §2.2 (predictive entropy under vocab-parallel logits: all-reduce `M = max z`
-(MAX), `S = Σ exp(z − M)` (SUM), `U = Σ exp(z − M)·z` (SUM); `H = M + log S − U/S`), §3.14
-metric 2 (entropy variance EV), §4.14 metric 1 (sequence-level entropy statistics), §7.14
+Defined in docs/techniques.md: the predictive entropy under vocab-parallel logits (all-reduce `M = max z`
+(MAX), `S = Σ exp(z − M)` (SUM), `U = Σ exp(z − M)·z` (SUM); `H = M + log S − U/S`), LCM
+metric 2 (entropy variance EV), SCR metric 1 (sequence-level entropy statistics), HCMA
 metric 1 (ranking by logits and by cosine). Entropies are in nats.
 
 With TP, each rank holds a contiguous vocabulary shard of the logits (`[..., V_pad / t]`). The
@@ -32,25 +32,25 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """`H = −Σ_v p(v) log p(v)` over the last dimension, from unsharded logits (§3.14 metric 2)."""
+    """`H = −Σ_v p(v) log p(v)` over the last dimension, from unsharded logits (LCM metric 2)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
 def msu_partials(local_logits: torch.Tensor, global_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This shard's `S = Σ exp(z − M)` and `U = Σ exp(z − M)·z` given the global `M` (§2.2)."""
+    """This shard's `S = Σ exp(z − M)` and `U = Σ exp(z − M)·z` given the global `M`."""
     z = local_logits.float()
     e = torch.exp(z - global_max.unsqueeze(-1))
     return e.sum(-1), (e * torch.where(e > 0, z, torch.zeros_like(z))).sum(-1)
 
 
 def entropy_from_msu(m: torch.Tensor, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """`H = M + log S − U/S` (§2.2)."""
+    """`H = M + log S − U/S`."""
     return m + torch.log(s) - u / s
 
 
 def vocab_parallel_entropy(local_logits: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """Predictive entropy from vocab-parallel logits with the M/S/U reductions of §2.2.
+    """Predictive entropy from vocab-parallel logits, with the reductions of vocab-parallel cross-entropy.
 
     Collective over `group` (the TP group): every rank gets the same `[...]` entropies."""
     m = _all_reduce(local_logits.float().amax(-1), dist.ReduceOp.MAX, group)
@@ -68,13 +68,13 @@ def vocab_parallel_token_stats(
 ) -> dict[str, torch.Tensor]:
     """Per-position statistics of vocab-parallel logits `[..., V_local]` against `targets [...]`.
 
-    * `nll = M + log S − z_y` (the teacher-forced NLL of §2.2, the reductions of vocab-parallel
-      cross-entropy), `entropy = M + log S − U/S` (§2.2);
+    * `nll = M + log S − z_y` (the teacher-forced NLL, the reductions of vocab-parallel
+      cross-entropy), `entropy = M + log S − U/S`;
     * `rank`: how many vocabulary entries have a strictly larger logit than the target (0 means a
-      top-1 hit; `rank < k` is a top-k hit, §5.14 metric 2, §7.14 metric 1);
+      top-1 hit; `rank < k` is a top-k hit, CMR metric 2, HCMA metric 1);
     * `argmax`: the global arg-max id (lowest id on ties), for agreement and greedy decoding;
     * `rank_cos` (when `column_scale` is given): the rank under `z_v · column_scale_v`; with
-      `column_scale = 1/‖W_out,v‖` this is the cosine ranking of §7.14 metric 1 (the factor
+      `column_scale = 1/‖W_out,v‖` this is the cosine ranking of HCMA metric 1 (the factor
       `1/‖h_t‖` is the same for every v and does not change ranks).
 
     Collective over `group`; all ranks return the same tensors.
@@ -126,7 +126,7 @@ def vocab_parallel_argmax(
 
 def entropy_variance(per_prompt_entropies: Sequence[torch.Tensor]) -> float:
     """EV = `Var_t(H_t)` per prompt (population variance over generated steps), averaged over
-    prompts (§3.14 metric 2)."""
+    prompts (LCM metric 2)."""
     values = [
         float(torch.as_tensor(h, dtype=torch.float64).var(unbiased=False))
         for h in per_prompt_entropies
@@ -137,7 +137,7 @@ def entropy_variance(per_prompt_entropies: Sequence[torch.Tensor]) -> float:
 
 def sequence_entropy_stats(per_sequence_entropies: Sequence[torch.Tensor]) -> dict:
     """`H̄ = mean_t H_t` per sequence (teacher-forced); returns the mean and the population
-    variance of `H̄` over sequences (§4.14 metric 1)."""
+    variance of `H̄` over sequences (SCR metric 1)."""
     means = torch.tensor(
         [
             float(torch.as_tensor(h, dtype=torch.float64).mean())

@@ -1,9 +1,9 @@
 """Embedding-geometry diagnostics and rare-token retrieval@k.
 
-Spec: TECHNIQUES.md §7.14 metric 1 (rare-token retrieval@k per training-frequency bucket, by
-logits and by cosine) and §7.14 metric 4 (silhouette score (cosine) of the fine clusters; kNN@10
+Defined in docs/techniques.md: HCMA metric 1 (rare-token retrieval@k per training-frequency bucket, by
+logits and by cosine) and HCMA metric 4 (silhouette score (cosine) of the fine clusters; kNN@10
 overlap with the table before alignment, `mean_v |kNN₁₀ before ∩ kNN₁₀ after| / 10`; fraction of
-tokens in low-density regions, `ρ_v < ρ_med / π_max` with the kNN density of §7.3 step 2).
+tokens in low-density regions, `ρ_v < ρ_med / π_max` with the kNN density of HCMA's refresh).
 Tables are `[V, d]` with real rows only (no TP padding rows).
 """
 
@@ -27,7 +27,7 @@ def _chunks(n: int, size: int):
 
 def silhouette_cosine(x: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> float:
     """Mean silhouette `s_i = (b_i − a_i) / max(a_i, b_i)` with the cosine distance `1 − cos`
-    (§7.14 metric 4): `a_i` the mean distance to the other members of i's cluster, `b_i` the
+    (HCMA metric 4): `a_i` the mean distance to the other members of i's cluster, `b_i` the
     smallest mean distance to another cluster. Members of singleton clusters score 0 (the usual
     convention). Exact, computed in row chunks; NaN with fewer than two clusters."""
     u = _unit(x)
@@ -66,7 +66,7 @@ def knn_indices(x: torch.Tensor, k: int = 10, chunk: int = 1024) -> torch.Tensor
 
 
 def knn_overlap(before: torch.Tensor, after: torch.Tensor, k: int = 10) -> float:
-    """`mean_v |kNN_k before ∩ kNN_k after| / k` (§7.14 metric 4, k = 10): how much of the
+    """`mean_v |kNN_k before ∩ kNN_k after| / k` (HCMA metric 4, k = 10): how much of the
     table's neighbourhood structure is kept. 1.0 for identical tables."""
     a, b = knn_indices(before, k), knn_indices(after, k)
     hits = (a[:, :, None] == b[:, None, :]).any(-1).sum(1).double()
@@ -74,7 +74,7 @@ def knn_overlap(before: torch.Tensor, after: torch.Tensor, k: int = 10) -> float
 
 
 def knn_density(y: torch.Tensor, knn: int = 16, chunk: int = 1024) -> torch.Tensor:
-    """`ρ_v = 1 / max(mean_{u ∈ kNN(v)} (1 − cos(Y_v, Y_u)), 1e-6)` (§7.3 step 2, self excluded)."""
+    """`ρ_v = 1 / max(mean_{u ∈ kNN(v)} (1 − cos(Y_v, Y_u)), 1e-6)` (HCMA's refresh, self excluded)."""
     u = _unit(y)
     rho = torch.empty(u.shape[0], dtype=torch.float64)
     for rows in _chunks(u.shape[0], chunk):
@@ -90,7 +90,7 @@ def low_density_fraction(
     table: torch.Tensor, knn: int = 16, pi_max: float = 4.0, projection: Optional[torch.Tensor] = None
 ) -> float:
     """Fraction of rows with `ρ_v < ρ_med / π_max`, i.e. where HCMA's weight `π_v` hits its cap
-    (§7.14 metric 4, §7.3 step 2). With `projection` (HCMA's random `R [d, p]`) the density is
+    (HCMA metric 4, HCMA's refresh). With `projection` (HCMA's random `R [d, p]`) the density is
     taken on `Y = normalize(normalize(E) R)` exactly as HCMA's refresh does; else on `normalize(E)`.
     `ρ_med` is the lower median, as `torch.median`."""
     y = _unit(table)
@@ -101,7 +101,7 @@ def low_density_fraction(
 
 
 def retrieval_at_k(ranks, target_frequency, ks: Sequence[int] = (1, 10), mask=None) -> dict:
-    """Rare-token retrieval@k (§7.14 metric 1): top-k accuracy of the correct next token per
+    """Rare-token retrieval@k (HCMA metric 1): top-k accuracy of the correct next token per
     training-frequency bucket, given the rank of the target under the chosen scoring (logits
     `W_out·h_t`, or cosine between `h_t` and the rows of `W_out`)."""
     return accuracy_by_bucket(ranks, target_frequency, ks, mask)

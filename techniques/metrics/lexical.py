@@ -1,7 +1,7 @@
 """Lexical statistics of generated text: lexical instability (LI), rep-n, distinct-n and the
 sentence-length standard deviation.
 
-Spec: TECHNIQUES.md §3.14 metric 3 (LI, rep-4, sentence-length std) and §4.14 metric 1
+Defined in docs/techniques.md: LCM metric 3 (LI, rep-4, sentence-length std) and SCR metric 1
 (distinct-2). Token-level functions take sequences of token ids; the sentence statistic takes the
 decoded text.
 """
@@ -24,7 +24,7 @@ def jaccard(a: set, b: set) -> float:
 
 def lexical_instability(continuation_1: Sequence[Hashable], continuation_2: Sequence[Hashable]) -> float:
     """`LI = 1 − Jaccard(unigram set of continuation 1, unigram set of continuation 2)` for one
-    prompt (§3.14 metric 3); average it over prompts."""
+    prompt (LCM metric 3); average it over prompts."""
     return 1.0 - jaccard(set(continuation_1), set(continuation_2))
 
 
@@ -33,14 +33,14 @@ def ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple]:
 
 
 def rep_n(tokens: Sequence[Hashable], n: int = 4) -> float:
-    """`rep-n = 1 − (distinct n-grams) / (n-grams)` of one generation (§3.14 metric 3, n = 4);
+    """`rep-n = 1 − (distinct n-grams) / (n-grams)` of one generation (LCM metric 3, n = 4);
     NaN when the generation has no n-gram."""
     grams = ngrams(tokens, n)
     return 1.0 - len(set(grams)) / len(grams) if grams else float("nan")
 
 
 def distinct_n(tokens: Sequence[Hashable], n: int = 2) -> float:
-    """`distinct-n = (distinct n-grams) / (n-grams)` of generated text (§4.14 metric 1, n = 2);
+    """`distinct-n = (distinct n-grams) / (n-grams)` of generated text (SCR metric 1, n = 2);
     NaN when there is no n-gram."""
     grams = ngrams(tokens, n)
     return len(set(grams)) / len(grams) if grams else float("nan")
@@ -58,7 +58,7 @@ def sentence_lengths(text: str) -> list[int]:
 
 
 def sentence_length_std(text: str) -> float:
-    """Population std of the sentence lengths (in words) of one generation (§3.14 metric 3);
+    """Population std of the sentence lengths (in words) of one generation (LCM metric 3);
     NaN when the text has fewer than two sentences (a spread needs two); average it over
     generations."""
     lengths = sentence_lengths(text)
@@ -70,6 +70,6 @@ def sentence_length_std(text: str) -> float:
 
 def nanmean(values: Sequence[float]) -> float:
     """Mean of the finite values (NaN when there are none): the "averaged over prompts /
-    generations" of §3.14 when some generations have no n-gram or sentence."""
+    generations" of the LCM metrics when some generations have no n-gram or sentence."""
     kept = [v for v in values if v == v and not math.isinf(v)]
     return sum(kept) / len(kept) if kept else float("nan")

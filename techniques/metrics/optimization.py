@@ -1,9 +1,9 @@
 """Optimisation smoothness and overhead, from a run's logged training scalars.
 
-Spec: TECHNIQUES.md §3.14 metric 5 (coefficient of variation of the global grad-norm over a
+Defined in docs/techniques.md: LCM metric 5 (coefficient of variation of the global grad-norm over a
 sliding window of 100 steps; number of spikes, a spike being a step whose grad-norm exceeds 3×
-the running median over the previous 100 steps) and the overhead metrics §3.14 metric 6, §4.14
-metric 5, §5.14 metric 5, §6.2 and §7.14 metric 5 (tokens/s, step time, peak memory, inference
+the running median over the previous 100 steps) and the overhead metrics LCM metric 6, SCR
+metric 5, CMR metric 5, SCA's claims and HCMA metric 5 (tokens/s, step time, peak memory, inference
 ms/token against the baseline).
 """
 

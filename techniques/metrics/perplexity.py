@@ -1,10 +1,10 @@
 """Perplexity family: teacher-forced NLL bookkeeping, held-out perplexity, perplexity fluctuation
 (PPL-F) and its coefficient of variation, and NLL-difference "gains".
 
-Spec: TECHNIQUES.md §2.2 (teacher-forced NLL `ℓ_t = −log p(x_t | x_<t)`), §3.14 metric 1 (PPL-F),
-§4.14 metric 4 (context-persistence gain), §5.14 metric 4 (multi-turn context-utilisation gain),
-§6.14 metrics 3–4 and §7.14 metric 5 (perplexity, rare-token NLL). Statistics are population
-statistics (ddof = 0, §2.1).
+Defined in docs/techniques.md: the teacher-forced NLL `ℓ_t = −log p(x_t | x_<t)`, LCM metric 1 (PPL-F),
+SCR metric 4 (context-persistence gain), CMR metric 4 (multi-turn context-utilisation gain),
+SCA metrics 3–4 and HCMA metric 5 (perplexity, rare-token NLL). Statistics are population
+statistics (ddof = 0).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 
 def perplexity(mean_nll: float) -> float:
-    """`exp(mean NLL)` (§6.14 metric 4, §7.14 metric 5); capped at exp(50) so it stays finite."""
+    """`exp(mean NLL)` (SCA metric 4, HCMA metric 5); capped at exp(50) so it stays finite."""
     return math.exp(min(float(mean_nll), 50.0))
 
 
@@ -27,7 +27,7 @@ def mean_nll(nll_sum: float, tokens: int) -> float:
 
 def window_log_ppl(nll: torch.Tensor, window: int = 128, stride: int = 64) -> torch.Tensor:
     """`log PPL_w = mean of ℓ over window w` for windows of `window` tokens every `stride` tokens
-    (§3.14 metric 1). Only full windows count; a document shorter than `window` has none."""
+    (LCM metric 1). Only full windows count; a document shorter than `window` has none."""
     nll = torch.as_tensor(nll, dtype=torch.float64).flatten()
     if nll.numel() < window:
         return nll.new_zeros(0)
@@ -35,7 +35,7 @@ def window_log_ppl(nll: torch.Tensor, window: int = 128, stride: int = 64) -> to
 
 
 def ppl_fluctuation(documents_nll: Sequence[torch.Tensor], window: int = 128, stride: int = 64) -> dict:
-    """PPL-F and its CV (§3.14 metric 1).
+    """PPL-F and its CV (LCM metric 1).
 
     Per document: `PPL-F = std_w(log PPL_w)` and `CV = std_w(PPL_w) / mean_w(PPL_w)` (population
     std). Both are averaged over documents with at least two full windows; `documents` says how many.
@@ -54,7 +54,7 @@ def ppl_fluctuation(documents_nll: Sequence[torch.Tensor], window: int = 128, st
 
 
 def plan_windows(n_inputs: int, window: int, stride: int) -> list[tuple[int, int]]:
-    """Sliding windows that score each of `n_inputs` positions exactly once (§2.2 teacher-forced
+    """Sliding windows that score each of `n_inputs` positions exactly once (teacher-forced
     NLL on documents longer than the model's context).
 
     Returns `(start, keep_from)` pairs: the window covers positions `[start, start + window)` and
@@ -77,7 +77,7 @@ def plan_windows(n_inputs: int, window: int, stride: int) -> list[tuple[int, int
 
 def nll_gain(nll_without: torch.Tensor, nll_with: torch.Tensor) -> float:
     """`Gain = mean NLL(target | less context) − mean NLL(target | more context)` over the same
-    target tokens: §4.14 metric 4 (second half without vs with the first half) and §5.14 metric 4
+    target tokens: SCR metric 4 (second half without vs with the first half) and CMR metric 4
     (final turn given the last turn only vs the full history). Higher means more context is used."""
     a = torch.as_tensor(nll_without, dtype=torch.float64).flatten()
     b = torch.as_tensor(nll_with, dtype=torch.float64).flatten()
@@ -87,7 +87,7 @@ def nll_gain(nll_without: torch.Tensor, nll_with: torch.Tensor) -> float:
 
 
 def restricted_nll(nll: torch.Tensor, target_frequency: torch.Tensor, max_frequency: int = 100) -> dict:
-    """Mean NLL over the target tokens whose training frequency is ≤ `max_frequency` (§6.14
+    """Mean NLL over the target tokens whose training frequency is ≤ `max_frequency` (SCA
     metric 3, rare-word NLL); `tokens` is how many targets qualified."""
     nll = torch.as_tensor(nll, dtype=torch.float64).flatten()
     freq = torch.as_tensor(target_frequency).flatten()

@@ -1,11 +1,11 @@
 """Recall metrics and their synthetic probe sets.
 
-Spec: TECHNIQUES.md §2.2 (training-frequency buckets `[0,10]`, `(10,50]`, `(50,100]`, `(100,500]`,
-`(500,1000]`, `(1000,∞)`; the key–value recall harness), §5.14 metric 1 (token recall against
+Defined in docs/techniques.md: the training-frequency buckets (`[0,10]`, `(10,50]`, `(50,100]`, `(100,500]`,
+`(500,1000]`, `(1000,∞)`; the key–value recall harness), CMR metric 1 (token recall against
 length: key–value probes, exact match of the greedy value and teacher-forced top-1 accuracy),
-§5.14 metric 2 (rare-token recall: top-1/top-5 at positions whose previous occurrence is ≥ 256
-tokens earlier in the same context, per bucket), §5.14 metric 3 (numerical reasoning accuracy and
-consistency), reused by §7.14 metric 3 (long-range dependency tracking).
+CMR metric 2 (rare-token recall: top-1/top-5 at positions whose previous occurrence is ≥ 256
+tokens earlier in the same context, per bucket), CMR metric 3 (numerical reasoning accuracy and
+consistency), reused by HCMA metric 3 (long-range dependency tracking).
 
 Probes are generated deterministically (a seeded `random.Random`) from held-out token streams:
 filler is real held-out text, keys are words drawn from it; values and quantities are random.
@@ -30,12 +30,12 @@ BUCKETS: tuple[tuple[float, float], ...] = (
     (500, 1000),
     (1000, float("inf")),
 )
-"""`(lo, hi]` training-frequency buckets of §2.2 (the first is `[0, 10]`)."""
+"""`(lo, hi]` training-frequency buckets (the first is `[0, 10]`)."""
 BUCKET_NAMES = ("0-10", "10-50", "50-100", "100-500", "500-1000", "1000+")
 
 
 def bucket_index(frequency) -> np.ndarray:
-    """Bucket (0..5) of each training frequency (§2.2)."""
+    """Bucket (0..5) of each training frequency."""
     f = np.asarray(frequency, dtype=np.float64)
     out = np.zeros(f.shape, dtype=np.int64)
     for i, (lo, _) in enumerate(BUCKETS):
@@ -45,7 +45,7 @@ def bucket_index(frequency) -> np.ndarray:
 
 def accuracy_by_bucket(ranks, target_frequency, ks: Sequence[int] = (1, 5), mask=None) -> dict:
     """Top-k accuracy (`rank < k`) per training-frequency bucket over the selected positions:
-    `{bucket: {"top1": …, "top5": …, "count": n}}` (§5.14 metric 2, §7.14 metric 1). Empty buckets
+    `{bucket: {"top1": …, "top5": …, "count": n}}` (CMR metric 2, HCMA metric 1). Empty buckets
     are reported with count 0 and NaN accuracies."""
     ranks = np.asarray(ranks).reshape(-1)
     buckets = bucket_index(np.asarray(target_frequency).reshape(-1))
@@ -65,7 +65,7 @@ def accuracy_by_bucket(ranks, target_frequency, ks: Sequence[int] = (1, 5), mask
 def long_gap_mask(row: Sequence[int], gap: int) -> np.ndarray:
     """For a context `row` of `s + 1` tokens (inputs `row[:-1]`, labels `row[1:]`): True at label
     `j` when the label token occurred before inside this context and its most recent previous
-    occurrence is at least `gap` positions earlier (§5.14 metric 2)."""
+    occurrence is at least `gap` positions earlier (CMR metric 2)."""
     row = np.asarray(row)
     last: dict[int, int] = {}
     out = np.zeros(len(row) - 1, dtype=bool)
@@ -107,7 +107,7 @@ def _filler(stream: np.ndarray, length: int, rng: random.Random) -> list[int]:
 
 @dataclass
 class KVProbe:
-    """One key–value recall sample (§5.14 metric 1): `context` ends with the query prefix; the
+    """One key–value recall sample (CMR metric 1): `context` ends with the query prefix; the
     model should continue with `answer`."""
 
     context: list[int]
@@ -131,7 +131,7 @@ def make_kv_probes(
     n_facts: int = 8,
     seed: int = 0,
 ) -> list[KVProbe]:
-    """`n_samples` key–value probes of exactly `n_tokens` context tokens (§5.14 metric 1).
+    """`n_samples` key–value probes of exactly `n_tokens` context tokens (CMR metric 1).
 
     `n_facts` facts "The secret code of <key> is <value>." (distinct keys from `words`; values of
     3–5 random digits, one token each under split-digit tokenizers) are inserted at uniformly random
@@ -169,12 +169,12 @@ def make_kv_probes(
 
 
 def exact_match(generated: Sequence[int], answer: Sequence[int]) -> float:
-    """1.0 when the greedy continuation starts with exactly the answer tokens (§5.14 metric 1)."""
+    """1.0 when the greedy continuation starts with exactly the answer tokens (CMR metric 1)."""
     return float(list(generated[: len(answer)]) == list(answer))
 
 
 def teacher_forced_accuracy(predicted: Sequence[int], answer: Sequence[int]) -> float:
-    """Mean top-1 accuracy over the value tokens when the true prefix is fed (§5.14 metric 1):
+    """Mean top-1 accuracy over the value tokens when the true prefix is fed (CMR metric 1):
     `predicted[j]` is the arg-max prediction at the position whose label is `answer[j]`."""
     answer = list(answer)
     if not answer:
@@ -203,7 +203,7 @@ QUESTIONS = {
 
 @dataclass
 class NumericProbe:
-    """A numerical-reasoning item (§5.14 metric 3): the same quantities asked twice, with
+    """A numerical-reasoning item (CMR metric 3): the same quantities asked twice, with
     paraphrased questions placed at different depths (`context_a`, `context_b`)."""
 
     context_a: list[int]
@@ -216,7 +216,7 @@ class NumericProbe:
 def make_numeric_probes(
     filler_stream: Sequence[int], encode: Callable[[str], list[int]], n_tokens: int, n_samples: int, seed: int = 0
 ) -> list[NumericProbe]:
-    """Templated passages (§5.14 metric 3): 2–4 quantities "<name> has <n> <objects>." introduced
+    """Templated passages (CMR metric 3): 2–4 quantities "<name> has <n> <objects>." introduced
     early, filler from held-out text up to `n_tokens`, then one question (sum, difference or
     comparison of two of them). Variant A puts the quantities at the start, variant B a third of
     the way in (so the question sits at a different depth from them) and asks the paraphrase."""
@@ -259,7 +259,7 @@ def parse_answer(text: str) -> str:
 
 def numeric_scores(answers_a: Sequence[str], answers_b: Sequence[str], truth: Sequence[str]) -> dict:
     """Accuracy (exact match of the parsed answer, both variants pooled) and consistency (the two
-    paraphrased variants give the same parsed answer) (§5.14 metric 3)."""
+    paraphrased variants give the same parsed answer) (CMR metric 3)."""
     n = len(truth)
     if n == 0:
         return {"accuracy": float("nan"), "consistency": float("nan"), "samples": 0}

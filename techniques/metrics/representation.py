@@ -1,10 +1,10 @@
 """Hidden-state metrics: latent drift, representation variability, effective rank, anisotropy,
 the chunk coherence score and margin, and rare-token self-consistency.
 
-Spec: TECHNIQUES.md §3.14 metric 4 (latent drift), §4.14 metric 2 (representation variability),
-§6.14 metric 1 (coherence score, CohMargin), §6.14 metric 2 (effective rank, anisotropy) and
-§6.14 metric 3 (self-consistency). Hidden states are `[T, d]` per document (one row per token);
-`h^ℓ` is the residual stream at the output of block ℓ, `h^0` the embedding output (§2.1).
+Defined in docs/techniques.md: LCM metric 4 (latent drift), SCR metric 2 (representation variability),
+SCA metric 1 (coherence score, CohMargin), SCA metric 2 (effective rank, anisotropy) and
+SCA metric 3 (self-consistency). Hidden states are `[T, d]` per document (one row per token);
+`h^ℓ` is the residual stream at the output of block ℓ, `h^0` the embedding output.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _f64(x) -> torch.Tensor:
 
 
 def latent_drift(h: torch.Tensor, start: Optional[torch.Tensor] = None) -> float:
-    """Mean over positions t ≥ 1 of `1 − cos(h_t, h_{t−1})`, excluding document starts (§3.14
+    """Mean over positions t ≥ 1 of `1 − cos(h_t, h_{t−1})`, excluding document starts (LCM
     metric 4; `h` is `h^L`, before the final norm). `start[t]` marks a document start. One document's
     value; average it over documents. NaN when no position qualifies."""
     h = _f64(h)
@@ -33,7 +33,7 @@ def latent_drift(h: torch.Tensor, start: Optional[torch.Tensor] = None) -> float
 
 
 def representation_variability(h: torch.Tensor) -> float:
-    """`mean_t ‖h_t − mean_doc(h)‖² / mean_t ‖h_t‖²` for one layer and one document (§4.14
+    """`mean_t ‖h_t − mean_doc(h)‖² / mean_t ‖h_t‖²` for one layer and one document (SCR
     metric 2); average it over documents."""
     h = _f64(h)
     centred = h - h.mean(0, keepdim=True)
@@ -42,7 +42,7 @@ def representation_variability(h: torch.Tensor) -> float:
 
 def effective_rank(x: torch.Tensor) -> float:
     """`erank = exp(H(σ̂))` of the centred `[N, d]` matrix, `σ̂` its singular values normalised to
-    sum to 1 and `H` the Shannon entropy (§6.14 metric 2). 1 for a rank-1 matrix, `r` for `r`
+    sum to 1 and `H` the Shannon entropy (SCA metric 2). 1 for a rank-1 matrix, `r` for `r`
     equal singular values."""
     x = _f64(x)
     x = x - x.mean(0, keepdim=True)
@@ -56,7 +56,7 @@ def effective_rank(x: torch.Tensor) -> float:
 
 
 def anisotropy(x: torch.Tensor, pairs: int = 4096, seed: int = 0) -> float:
-    """Mean cosine between the hidden states of random token pairs `i ≠ j` (§6.14 metric 2),
+    """Mean cosine between the hidden states of random token pairs `i ≠ j` (SCA metric 2),
     `pairs` pairs drawn with a generator seeded `seed`."""
     x = _f64(x)
     n = x.shape[0]
@@ -69,14 +69,14 @@ def anisotropy(x: torch.Tensor, pairs: int = 4096, seed: int = 0) -> float:
 
 
 def chunk_means(h: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """Mean-pooled states `e_k` of the full `chunk`-token chunks of one document (§6.14 metric 1)."""
+    """Mean-pooled states `e_k` of the full `chunk`-token chunks of one document (SCA metric 1)."""
     h = _f64(h)
     k = h.shape[0] // chunk
     return h[: k * chunk].reshape(k, chunk, -1).mean(1)
 
 
 def coherence(chunks: torch.Tensor) -> float:
-    """`Coh = mean_k cos(e_k, e_{k+1})` over adjacent chunks of one document, in [−1, 1] (§6.14
+    """`Coh = mean_k cos(e_k, e_{k+1})` over adjacent chunks of one document, in [−1, 1] (SCA
     metric 1); NaN with fewer than two chunks."""
     e = _f64(chunks)
     if e.shape[0] < 2:
@@ -85,7 +85,7 @@ def coherence(chunks: torch.Tensor) -> float:
 
 
 def coherence_report(documents_chunks: Sequence[torch.Tensor], groups: Optional[Sequence[int]] = None) -> dict:
-    """Coherence over documents (§6.14 metric 1): the mean `Coh`, `CohMargin = Coh − mean cos
+    """Coherence over documents (SCA metric 1): the mean `Coh`, `CohMargin = Coh − mean cos
     between chunks of different documents` (averaged over documents), and the distribution of
     `Coh` over documents (min, quartiles, max). Documents with fewer than two chunks are skipped.
     `groups` names the source document of each entry when entries are segments of longer
@@ -125,7 +125,7 @@ def self_consistency(
     max_pairs_per_token: int = 256,
 ) -> dict:
     """Mean cosine between the contextual states of the same (rare) token in different documents,
-    minus the mean cosine of random token pairs `baseline_cos` (§6.14 metric 3). The pair cosines
+    minus the mean cosine of random token pairs `baseline_cos` (SCA metric 3). The pair cosines
     are averaged per token first (at most `max_pairs_per_token` pairs each, in a fixed order), then
     over tokens, so frequent-among-the-rare tokens do not dominate. `states` are the rows for the
     occurrences listed in `token_ids` / `doc_ids` (pass only the rare tokens' occurrences)."""

@@ -1,7 +1,7 @@
 """Adversarial robustness: token-level perturbation (ΔNLL on the unperturbed continuation, top-1
 agreement) and the one-step L2 fast-gradient perturbation of the input embeddings.
 
-Spec: TECHNIQUES.md §7.14 metric 2. Token level: perturb 5 % of the context tokens (here by
+Defined in docs/techniques.md: HCMA metric 2. Token level: perturb 5 % of the context tokens (here by
 nearest-embedding substitution) and report `ΔNLL = mean NLL(continuation | perturbed context) −
 mean NLL(continuation | clean context)` and the agreement of clean and perturbed top-1
 predictions on the continuation. Embedding space: `e'_t = e_t + ε_t · g_t / ‖g_t‖₂` with

@@ -1,9 +1,10 @@
-"""Appendix A of TECHNIQUES.md, verbatim: the oracle the production modules are checked against.
+"""The reference sketches of the techniques' formulations (docs/techniques.md), single-rank and unfused: the
+oracle the production modules are checked against.
 
 This is the one place the sketch code lives; nothing outside tests/ imports it.
 """
 
-# Reference sketches for the five techniques specified in TECHNIQUES.md.
+# Reference sketches for the five techniques specified in docs/techniques.md.
 # Layout follows Megatron: hidden states are [s, b, d]. Not production code.
 import math
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loom.techniques.aux_loss import set_aux_loss_scale
-from loom.techniques.cmr import LayerCapture, Reweave, bank_with_slot, empty_bank
+from loom.techniques.cmr import LayerCapture, Reweave
 from tests.techniques import reference_sketches as ref
 
 D, R, SLOTS = 64, 16, 3
@@ -28,6 +28,11 @@ def _bank(h, captures):
     return torch.stack([c(h) for c in captures], dim=2)
 
 
+def _with_slot(bank, slot: int, captured):
+    """A copy of `bank` [s, b, n, r] with `slot` replaced by `captured` [s, b, r]."""
+    return torch.cat([bank[:, :, :slot], captured[:, :, None].to(bank.dtype), bank[:, :, slot + 1 :]], dim=2)
+
+
 def test_capture_and_reweave_match_sketch(batch):
     captures = [_trained(c, i) for i, c in enumerate(_captures())]
     reweave = _trained(Reweave(D, R, SLOTS))
@@ -49,7 +54,7 @@ def test_capture_and_reweave_match_sketch(batch):
         # Unavailable slots are exactly as if the bank only had the available ones.
         sketch_two = ref.Reweave(D, R, 2)
         sketch_two.load_state_dict({**sketch_rw.state_dict(), "layer_bias": sketch_rw.layer_bias[[0, 2]]})
-        masked = reweave(batch.h, bank_with_slot(bank, 1, torch.full_like(bank[:, :, 1], 7.0)), [0, 2])
+        masked = reweave(batch.h, _with_slot(bank, 1, torch.full_like(bank[:, :, 1], 7.0)), [0, 2])
         assert torch.allclose(masked, sketch_two(batch.h, sketch_bank[:, :, [0, 2]]), atol=1e-5)
         as_mask = reweave(batch.h, bank, torch.tensor([True, False, True]))
         assert torch.allclose(as_mask, reweave(batch.h, bank, [0, 2]))
@@ -84,14 +89,6 @@ def test_per_token(batch):
         y1 = reweave(h2, _bank(h2, captures))
         changed = (y1 != y0).any(-1)
         assert changed[40, 1] and changed.sum() == 1
-
-
-def test_fixed_shape_bank_helpers(batch):
-    captures = _captures()
-    bank = empty_bank(*batch.h.shape[:2], SLOTS, R)
-    for slot, cap in enumerate(captures):
-        bank = bank_with_slot(bank, slot, cap(batch.h))
-    assert torch.equal(bank, _bank(batch.h, captures))
 
 
 def test_reconstruction_loss_is_attached(batch):

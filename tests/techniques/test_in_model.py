@@ -117,7 +117,7 @@ def test_gradients_reach_every_new_parameter_at_init():
     assert new, "no technique parameters found"
     unreached = [n for n, (has, _) in new.items() if not has]
     assert not unreached, f"no gradient path to {unreached}"
-    # the zero-initialised output maps learn from step 0 (TECHNIQUES.md §3.7, §4.7, §5.7), as does SCA's head
+    # the zero-initialised output maps learn from step 0 (docs/techniques.md, identity at init), as does SCA's head
     for suffix in (".lcm.alpha", ".scr.up.weight", ".reweave.out.weight", ".sca.proj.weight"):
         hits = [v for n, (_, v) in new.items() if n.endswith(suffix)]
         assert hits and all(v > 0 for v in hits), f"{suffix}: zero gradient at init"
@@ -148,7 +148,7 @@ def test_techniques_match_single_process_under_data_parallel_zero(all_on_referen
     """DP2 at every ZeRO stage, ZeRO-3's zero.Init included (it partitions a child's parameters as
     soon as the child is built, so the techniques' own initialisation has to gather them first).
     SCA is off here: its EMA field statistics are per data-parallel rank between buffer syncs, by
-    design (TECHNIQUES.md §6.9), so they cannot equal one process's statistics of the whole batch."""
+    design (docs/techniques.md, SCA), so they cannot equal one process's statistics of the whole batch."""
     cfg, tech, steps, _ = all_on_reference
     tech = dataclasses.replace(tech, sca=dataclasses.replace(tech.sca, enabled=False))
     ref = run_distributed(reference_trace, 1, cfg, tech, steps, STEPS)[0]

@@ -64,7 +64,7 @@ def test_alpha_gets_gradient_at_init(batch):
     h = batch.h.clone().requires_grad_()
     lcm(h, batch.pos).pow(2).sum().backward()
     assert lcm.alpha.grad.abs().sum() > 0
-    assert lcm.gate_weight.grad.abs().sum() == 0  # starts learning once a != 0, as the spec says
+    assert lcm.gate_weight.grad.abs().sum() == 0  # starts learning once a != 0 (docs/techniques.md, LCM)
 
 
 def test_causal_and_no_leak_across_documents(batch):
