@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     from loom.launch.commands import convert as cmd_convert
     from loom.launch.commands import data as cmd_data
     from loom.launch.commands import eval as cmd_eval
+    from loom.launch.commands import generate as cmd_generate
     from loom.launch.commands import study as cmd_study
 
-    for commands in (cmd_data, cmd_convert, cmd_eval, cmd_study, cmd_bench):
+    for commands in (cmd_data, cmd_convert, cmd_eval, cmd_study, cmd_bench, cmd_generate):
         commands.add_commands(sub)
     return parser
 

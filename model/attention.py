@@ -5,12 +5,15 @@ so that a contiguous split over TP ranks hands every rank whole groups, and a TP
 the same network at any TP size.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
 from loom.model.config import ModelConfig
+from loom.model.inference import Chunk, KVCache
 from loom.model.rope import apply_rotary
 
 
@@ -50,12 +53,27 @@ class Attention(nn.Module):
         q, k = qk.split([self.q_per_group, 1], dim=3)
         return q.reshape(s, b, -1, self.head_dim), k.squeeze(3), v.squeeze(3)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: Optional[KVCache] = None,
+        chunk: Optional[Chunk] = None,
+    ) -> torch.Tensor:
+        """Causal attention over `x` `[s, b, d]`. At inference, `kv` keeps this block's keys and values
+        and `chunk` says where the new ones go and which cached positions each query may see."""
         s, b, _ = x.shape
         q, k, v = self.rotated_qkv(x, cos, sin)
         # SDPA wants [b, h, s, head_dim]; it never materialises the [s, s] scores on the fast paths
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
+        if kv is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
+        else:
+            k, v = kv.append(k, v, chunk.offset)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=chunk.attn_mask, is_causal=chunk.causal, enable_gqa=self.q_per_group > 1
+            )
         out = out.permute(2, 0, 1, 3).reshape(s, b, -1)
         y, _ = self.proj(out)
         return y

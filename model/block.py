@@ -7,9 +7,15 @@
 
 Activation checkpointing recomputes the attention and MLP sub-blocks only, so the techniques'
 forward side effects (SCA's EMA update) never run twice.
+
+At inference the same forward takes the stage's `InferenceCache` (`model/inference.py`): attention
+appends to the block's keys and values, LCM and SCR fill their state from the prompt and then continue
+one token at a time from it.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -18,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from loom.model.attention import Attention
 from loom.model.config import ModelConfig
 from loom.model.context import ForwardContext
+from loom.model.inference import BlockCache, InferenceCache, KVCache
 from loom.model.mlp import SwiGLU
 from loom.model.norm import RMSNorm
 from loom.model.technique_plan import TechniquePlan
@@ -26,7 +33,7 @@ from loom.techniques.cmr import LayerCapture, Reweave
 from loom.techniques.config import TechniquesConfig
 from loom.techniques.lcm import LCM
 from loom.techniques.sca import SCAHead
-from loom.techniques.scr import SCR
+from loom.techniques.scr import SCR, SCRCarry
 
 
 class Block(nn.Module):
@@ -61,14 +68,30 @@ class Block(nn.Module):
     def _mlp_residual(self, x):
         return x + self.mlp(self.mlp_norm(x))
 
-    def _modulate(self, h: torch.Tensor, ctx: ForwardContext, placement: str) -> torch.Tensor:
+    def _modulate(
+        self, h: torch.Tensor, ctx: ForwardContext, placement: str, state: Optional[BlockCache] = None
+    ) -> torch.Tensor:
         if self.scr is not None and self.scr_placement == placement:
-            h, ctx.rho = self.scr(h, ctx.start, None if self.scr_first else ctx.rho)
+            carry = state.scr if state is not None else None
+            h, ctx.rho = self.scr(h, ctx.start, None if self.scr_first else ctx.rho, carry)
         if self.lcm is not None and self.lcm_placement == placement:
-            h = self.lcm(h, ctx.pos)
+            h = self.lcm(h, ctx.pos, state.lcm if state is not None else None)
         return h
 
-    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def new_cache(self, reserve: int = 0) -> BlockCache:
+        """This block's empty inference state: keys and values, plus LCM's window and SCR's sums if here."""
+        return BlockCache(
+            KVCache(reserve),
+            lcm=self.lcm.new_window() if self.lcm is not None else None,
+            scr=SCRCarry() if self.scr is not None else None,
+        )
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext, cache: Optional[InferenceCache] = None) -> torch.Tensor:
+        if cache is not None:
+            state = cache.block(self.point - 1, lambda: self.new_cache(cache.reserve))
+            x = h + self.attention(self.attn_norm(h), ctx.cos, ctx.sin, state.kv, cache.chunk)
+            x = self._mlp_residual(self._modulate(x, ctx, "post_attn", state))
+            return residual_point(self, self._modulate(x, ctx, "post_mlp", state), ctx)
         if self.checkpointing and torch.is_grad_enabled():
             x = checkpoint(self._attention_residual, h, ctx.cos, ctx.sin, use_reentrant=False)
             x = self._modulate(x, ctx, "post_attn")

@@ -3,6 +3,10 @@
 `GPTStage` is the part of the network one pipeline rank holds (the whole network when PP=1). Its
 parameter names use global block indices (`layers.7.…`), so every layout names every weight the
 same way; `model.init` keys the initial values on those names.
+
+`forward(..., cache=InferenceCache)` is the decoding path (`model/inference.py`): a prompt, then one
+token at a time, each call computing only the new positions; the same stage code, so it runs at any
+TP×PP layout (every stage keeps the state of its own blocks).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from loom.model.attention import _no_init
 from loom.model.block import Block, residual_point
 from loom.model.config import ModelConfig
 from loom.model.context import ForwardContext
+from loom.model.inference import InferenceCache
 from loom.model.init import block_seed
 from loom.model.norm import RMSNorm
 from loom.model.parallel.tp_rules import mark_tensor_parallel
@@ -119,10 +124,17 @@ class GPTStage(nn.Module):
         step: int = 0,
         update_ema: bool = True,
         return_logits: bool = False,
+        cache: InferenceCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ):
         """tokens: [b, s+1] ids (inputs and shifted labels). received: tensors from the previous stage.
         Returns the mean LM loss on the last stage (or the vocab-parallel logits [s, b, V_pad/tp] with
-        `return_logits`), else the dict of tensors for the next stage."""
+        `return_logits`), else the dict of tensors for the next stage.
+
+        With `cache` (decoding): tokens are [b, n] new ids without labels, `attention_mask` [b, n] marks
+        the real ones (left padding); the last stage returns the logits of those n positions."""
+        if cache is not None:
+            return self._decode(tokens, received, cache, attention_mask)
         input_ids, labels = tokens[:, :-1], tokens[:, 1:]
         ctx = self.make_context(input_ids, step)
         ctx.update_ema = update_ema
@@ -136,6 +148,41 @@ class GPTStage(nn.Module):
             return logits
         loss = vocab_parallel_cross_entropy(at_least_fp32(logits), labels.t().contiguous())
         return loss.mean()
+
+    def _decode(self, input_ids, received: dict | None, cache: InferenceCache, attention_mask):
+        n = input_ids.shape[1]
+        if cache.length and n > 1:  # after the prompt, LCM and SCR continue one token at a time
+            outs = [
+                self._decode(
+                    input_ids[:, i : i + 1],
+                    None if received is None else {k: v[i : i + 1] for k, v in received.items()},
+                    cache,
+                    None if attention_mask is None else attention_mask[:, i : i + 1],
+                )
+                for i in range(n)
+            ]
+            return torch.cat(outs) if self.is_last else {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        tokens = input_ids.t()  # [n, b]
+        chunk = cache.begin(tokens, None if attention_mask is None else attention_mask.t().bool(), self.cfg.eos_id)
+        cos, sin = self.rope.cos_sin(cache.rope_length(n), tokens.device, next(self.parameters()).dtype)
+        ctx = ForwardContext(
+            tokens=tokens,
+            pos=chunk.pos,
+            start=chunk.start,
+            doc=chunk.doc,
+            cos=cos[:, 0][chunk.positions],  # [n, b, 1, head_dim]: each row at its own position
+            sin=sin[:, 0][chunk.positions],
+            plan=self.plan,
+            training=False,
+            update_ema=False,
+            stage_first_point=self.layer_range.start,
+            bank=[None] * len(self.plan.cmr_sources),
+        )
+        h = self._stage_input(ctx, received)
+        for block in self.layers.values():
+            h = block(h, ctx, cache)
+        cache.end()
+        return self.logits(h) if self.is_last else self._stage_output(h, ctx)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits [s, b, V_pad / tp] from the last block's output."""

@@ -12,6 +12,11 @@ against a ``[C, C + K]`` band of tap weights that already encodes the document m
 renormalisation. If TF32 matmuls are
 enabled globally, only the tap weights are rounded (bf16-born activations are exact in TF32), an
 error below the bf16 resolution of the output.
+
+At inference (spec 3.12) the anchor of one new token needs only the last ``K`` states: `LCMWindow`
+keeps them in a ring buffer per sequence, filled by the prompt's full forward, and `LCM.step`
+computes one token from it. The lag mask is the same ``pos_t >= j`` rule as the full forward, so the
+window needs no reset at a document start: rows of an earlier document are never read.
 """
 
 from __future__ import annotations
@@ -74,6 +79,44 @@ def causal_anchor(h: torch.Tensor, pos: torch.Tensor, taps: torch.Tensor, block:
     return anchor.reshape(n_blocks * C, b, d)[:s]
 
 
+class LCMWindow:
+    """The last ``K`` fp32 states at one LCM layer's placement point, per sequence: a ring buffer
+    ``[b, K, d]`` whose slot ``head`` is written next (so lag ``j`` sits in slot ``head - j``)."""
+
+    def __init__(self, K: int, taps: torch.Tensor):
+        self.K, self.taps = K, taps
+        self.lags = torch.arange(1, K + 1, device=taps.device)
+        self.rows: torch.Tensor | None = None
+        self.head = 0
+
+    @property
+    def filled(self) -> bool:
+        return self.rows is not None
+
+    def fill(self, hf: torch.Tensor) -> None:
+        """Keep the last ``K`` rows of a prompt's ``[s, b, d]`` states (zeros before its first row: a
+        lag that reaches before the prompt is never valid, since ``pos_t <= t``)."""
+        s, b, d = hf.shape
+        self.rows = hf.new_zeros(b, self.K, d)
+        kept = min(s, self.K)
+        self.rows[:, self.K - kept :] = hf[s - kept :].transpose(0, 1)
+        self.head = 0
+
+    def lagged(self) -> torch.Tensor:
+        """``[b, K, d]``: row ``j - 1`` holds ``h_{t-j}`` for the token ``t`` about to be pushed."""
+        return self.rows.index_select(1, (self.head - self.lags) % self.K)
+
+    def push(self, hf: torch.Tensor) -> None:
+        """Append one token's ``[b, d]`` states, overwriting the oldest."""
+        self.rows[:, self.head] = hf
+        self.head = (self.head + 1) % self.K
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat, or reorder) sequences: ``rows`` indexes the batch dimension."""
+        if self.rows is not None:
+            self.rows = self.rows.index_select(0, rows.to(self.rows.device))
+
+
 class LCM(nn.Module):
     """``h_t <- h_t - g_t a * (h_t - c_t)`` applied to the residual stream ``[s, b, d]``.
 
@@ -98,18 +141,19 @@ class LCM(nn.Module):
         a = self.a_max * torch.tanh(at_least_fp32(self.alpha))
         return a.clamp(min=0.0) if self.clamp else a
 
-    def forward(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, pos: torch.Tensor, window: LCMWindow | None = None) -> torch.Tensor:
+        """``h`` ``[s, b, d]``, ``pos`` ``[s, b]``. With an inference ``window``: an empty one is filled
+        from this (prompt) forward; a filled one continues one token at a time (`step`)."""
+        if window is not None and window.filled:
+            if h.shape[0] != 1:
+                raise ValueError(f"LCM continues a cached sequence one token at a time, got {h.shape[0]}")
+            return self.step(h[0], pos[0], window)[None]
         hf = at_least_fp32(h)
         anchor = causal_anchor(hf, pos, lag_taps(self.K, self.beta, h.device))
+        if window is not None:
+            window.fill(hf)
         a = self.strength()
-        if self.use_gate:
-            gate = torch.sigmoid(rms_normed_linear(hf, self.norm, self.gate_weight[None], self.gate_bias)[..., 0])
-            step = gate[..., None] * a
-        else:
-            gate = None
-            step = a
-        if self.n_iter > 1:  # n Euler steps with a fixed anchor contract (h - c) by (1 - step)^n
-            step = 1.0 - (1.0 - step) ** self.n_iter
+        gate, step = self._step_size(hf, a)
         pull = hf - anchor
         out = (hf - step * pull).to(h.dtype)
         if self.aux_smooth_weight > 0 and self.training and torch.is_grad_enabled():
@@ -121,6 +165,38 @@ class LCM(nn.Module):
             self._last["strength_mean"] = a.mean()
             self._last["frac_alpha_negative"] = (self.alpha < 0).float().mean()
         return out
+
+    def _step_size(self, hf: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The gate ``g_t`` (None without one) and the contraction ``1 - (1 - g_t a)^n_iter`` per channel."""
+        if self.use_gate:
+            gate = torch.sigmoid(rms_normed_linear(hf, self.norm, self.gate_weight[None], self.gate_bias)[..., 0])
+            step = gate[..., None] * a
+        else:
+            gate = None
+            step = a
+        if self.n_iter > 1:  # n Euler steps with a fixed anchor contract (h - c) by (1 - step)^n
+            step = 1.0 - (1.0 - step) ** self.n_iter
+        return gate, step
+
+    def new_window(self) -> LCMWindow:
+        """An empty inference window for this layer (its tap weights computed once)."""
+        return LCMWindow(self.K, lag_taps(self.K, self.beta, self.alpha.device))
+
+    @torch.no_grad()
+    def step(self, h: torch.Tensor, pos: torch.Tensor, window: LCMWindow) -> torch.Tensor:
+        """One new token per sequence: ``h`` ``[b, d]`` at document position ``pos`` ``[b]``, its anchor
+        from the ``window`` of the previous ``K`` states (then pushed into it). O(K d), whatever the
+        prefix length; the same arithmetic as `forward` on the token's row."""
+        hf = at_least_fp32(h)
+        n_lags = pos.clamp(0, self.K)  # valid lags are 1..n_lags, as in causal_anchor
+        valid = window.lags[None, :] <= n_lags[:, None]  # [b, K]
+        weights = torch.where(valid, window.taps, torch.zeros((), device=h.device))
+        weights = (weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)).to(hf.dtype)
+        anchor = torch.einsum("bk,bkd->bd", weights, window.lagged())
+        anchor = torch.where((n_lags == 0)[:, None], hf, anchor)  # no history: the token is its own anchor
+        window.push(hf)
+        _, step = self._step_size(hf, self.strength())
+        return (hf - step * (hf - anchor)).to(h.dtype)
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Detached 0-dim statistics of the last forward (gate mean, mean ``a``, dead-channel fraction)."""

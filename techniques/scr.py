@@ -12,6 +12,10 @@ scans blocks of ``C`` tokens with a small masked matmul and carries block totals
 scan one level up, so every fp32 sum has at most ``C`` terms and ``decay^k`` is never inverted.
 (With TF32 matmuls enabled globally each summand is rounded to TF32 once; that error does not
 accumulate along the sequence and stays below the bf16 resolution of the output.)
+
+At inference (spec 4.12) the prefix sums are an O(1) recurrent state per sequence: `SCRCarry` holds
+``[sum rho v, sum rho]`` (fp32, decayed), taken from the prompt's full forward, and `SCR.step` adds one
+token to it, restarting at a document start exactly as the segmented scan does.
 """
 
 from __future__ import annotations
@@ -71,6 +75,28 @@ def segmented_cumsum(x: torch.Tensor, start: torch.Tensor, decay: float = 1.0, b
     return y.reshape(n_blocks * C, b, k)[:s]
 
 
+class SCRCarry:
+    """One SCR layer's running ``[sum rho v, sum rho]`` per sequence (``[b, r + 1]``, fp32, decayed)."""
+
+    def __init__(self):
+        self.sums: torch.Tensor | None = None
+
+    @property
+    def filled(self) -> bool:
+        return self.sums is not None
+
+    def advance(self, x: torch.Tensor, start: torch.Tensor, decay: float) -> torch.Tensor:
+        """Add one token's ``[b, r + 1]`` terms; a document start (``start`` ``[b]``) drops the old sums."""
+        kept = torch.where(start[:, None], torch.zeros((), dtype=x.dtype, device=x.device), self.sums)
+        self.sums = (kept * decay if decay != 1.0 else kept) + x
+        return self.sums
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat, or reorder) sequences: ``rows`` indexes the batch dimension."""
+        if self.sums is not None:
+            self.sums = self.sums.index_select(0, rows.to(self.sums.device))
+
+
 class SCR(nn.Module):
     """``h_t <- h_t + W_up m_t``; ``forward(h, start, rho_prev)`` returns ``(h_out, rho)``."""
 
@@ -89,8 +115,19 @@ class SCR(nn.Module):
         self._last: dict[str, torch.Tensor] = {}
 
     def forward(
-        self, h: torch.Tensor, start: torch.Tensor, rho_prev: Optional[torch.Tensor] = None
+        self,
+        h: torch.Tensor,
+        start: torch.Tensor,
+        rho_prev: Optional[torch.Tensor] = None,
+        carry: Optional[SCRCarry] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h`` ``[s, b, d]``, ``start`` ``[s, b]``. With an inference ``carry``: an empty one takes the
+        sums at the last position of this (prompt) forward; a filled one continues one token at a time."""
+        if carry is not None and carry.filled:
+            if h.shape[0] != 1:
+                raise ValueError(f"SCR continues a cached sequence one token at a time, got {h.shape[0]}")
+            out, rho = self.step(h[0], start[0], None if rho_prev is None else rho_prev[0], carry)
+            return out[None], rho[None]
         # the relevance logit and the rank-r values read RMSNorm(h) through one fused projection
         heads = rms_normed_linear(h, self.norm, torch.cat([self.relevance.weight, self.down.weight]))
         logit, v = heads[..., 0] + at_least_fp32(self.relevance.bias), heads[..., 1:]  # [s, b], [s, b, r]
@@ -103,10 +140,29 @@ class SCR(nn.Module):
         else:
             rho = self.gamma * at_least_fp32(rho_prev) + (1.0 - self.gamma) * relevance
         sums = segmented_cumsum(torch.cat([rho[..., None] * v, rho[..., None]], dim=-1), start, self.decay)
+        if carry is not None:
+            carry.sums = sums[-1].detach().clone()
         summary = sums[..., :-1] / (sums[..., -1:] + 1e-6)
         with torch.no_grad():
             self._last["relevance_mean"] = relevance.mean()
             self._last["rho_mean"] = rho.mean()
+        return h + self.up(summary.to(h.dtype)), rho
+
+    @torch.no_grad()
+    def step(
+        self, h: torch.Tensor, start: torch.Tensor, rho_prev: Optional[torch.Tensor], carry: SCRCarry
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token per sequence: ``h`` ``[b, d]``, ``start`` ``[b]``, the previous SCR layer's
+        ``rho_prev`` ``[b]`` (None at the first); returns ``(h_out [b, d], rho [b])``. O(r d), whatever
+        the prefix length; the arithmetic of `forward` with the scan replaced by the carried sums."""
+        heads = rms_normed_linear(h, self.norm, torch.cat([self.relevance.weight, self.down.weight]))
+        relevance = torch.sigmoid(heads[..., 0] + at_least_fp32(self.relevance.bias))  # no training noise
+        if rho_prev is None or self.gamma == 0:
+            rho = relevance
+        else:
+            rho = self.gamma * at_least_fp32(rho_prev) + (1.0 - self.gamma) * relevance
+        sums = carry.advance(torch.cat([rho[..., None] * heads[..., 1:], rho[..., None]], dim=-1), start, self.decay)
+        summary = sums[..., :-1] / (sums[..., -1:] + 1e-6)
         return h + self.up(summary.to(h.dtype)), rho
 
     def metrics(self) -> dict[str, torch.Tensor]:

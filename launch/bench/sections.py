@@ -2,6 +2,7 @@
 the report (one module per section)."""
 
 from loom.launch.bench.section_data import section_data
+from loom.launch.bench.section_generate import section_generate
 from loom.launch.bench.section_gpu import section_gpu
 from loom.launch.bench.section_layouts import section_layouts
 from loom.launch.bench.section_peers import section_peers
@@ -15,4 +16,5 @@ SECTIONS = {
     "zero": section_zero,
     "data": section_data,
     "gpu": section_gpu,
+    "generate": section_generate,
 }

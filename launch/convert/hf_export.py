@@ -271,8 +271,8 @@ def to_hf(
             extra += "* HCMA shaped the embedding table during training; nothing else is needed at inference.\n"
         if remote_code:
             extra += (
-                "* Remote code: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; no KV "
-                "cache (`use_cache=False`), no padding inside a batch.\n"
+                "* Remote code: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; `generate()` "
+                "keeps keys, values and LCM/SCR's state in the cache; batches may be left-padded.\n"
             )
         (tmp / "README.md").write_text(
             HF_README.format(
@@ -355,13 +355,13 @@ def _write_remote_code(
         "tie_word_embeddings": cfg.tie_embeddings,
         "techniques": techniques,
         "document_eos_id": cfg.eos_id,
-        "use_cache": False,
+        "use_cache": True,
         "dtype": _DTYPE_NAMES[dtype],
         "transformers_version": transformers.__version__,
         **special,
     }
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {**special, "use_cache": False, "transformers_version": transformers.__version__}
+    generation = {**special, "use_cache": True, "transformers_version": transformers.__version__}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     for name in FILES:
         shutil.copyfile(HERE / name, tmp / name)

@@ -1,6 +1,7 @@
 """The evaluation network: this rank's pipeline stage of a checkpoint, rebuilt at the checkpoint's
 tensor/pipeline layout (the extra factor of the world is data parallelism), with teacher-forced
-and greedy forwards that go through the pipeline (`forward_only`) and keep logits vocab-parallel."""
+and greedy forwards that go through the pipeline (`forward_only`) and keep logits vocab-parallel;
+greedy decoding uses the KV cache (`launch.generate.decode`)."""
 
 from __future__ import annotations
 
@@ -132,43 +133,29 @@ class EvalModel:
         return {k: v.t().cpu() for k, v in out.items()}
 
     @torch.no_grad()
-    def generate(self, prompts, new_tokens: int, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-        """Greedy continuation of equal-length `prompts [b, P]` (no early stop, no KV cache): the
-        ids and the full-vocabulary entropies `[b, new_tokens]`, identical on every rank of the
-        replica. `limit` keeps only the last `limit` tokens as context (None: no limit)."""
-        from loom.model.parallel.pipeline import forward_only
+    def generate(
+        self, prompts, new_tokens: int, limit: Optional[int] = None, use_cache: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy continuation of `prompts` (lists of ids; left-padded when their lengths differ) for
+        `new_tokens` steps (no early stop): the ids and the full-vocabulary entropies `[b, new_tokens]`,
+        identical on every rank of the replica. `limit` keeps only the last `limit` positions as context
+        (None: no limit). Decodes with the KV cache at any TP×PP layout (`launch.generate.decode`: every
+        stage keeps its own blocks' state); `use_cache=False` recomputes the whole prefix every step."""
+        from loom.launch.generate.decode import StageRunner, decode
 
-        module = self.module
-        seq = torch.as_tensor(np.asarray(prompts), dtype=torch.long, device=self.device)
-        b = seq.shape[0]
-        ids = torch.zeros(b, new_tokens, dtype=torch.long)
-        ents = torch.zeros(b, new_tokens, dtype=torch.float64)
-        for t in range(new_tokens):
-            window = seq if limit is None else seq[:, -limit:]
-            tokens = torch.cat([window, window[:, -1:]], dim=1)  # the label column is unused
-
-            def stage_forward(mb, received):
-                out = module(mb, received, update_ema=False, return_logits=True)
-                if not module.is_last:
-                    return out
-                last = out[-1]  # [b, V/tp]
-                return torch.stack(
-                    [
-                        ent_m.vocab_parallel_argmax(last, self.vocab_start, self.tp_group).double(),
-                        ent_m.vocab_parallel_entropy(last, self.tp_group).double(),
-                    ]
-                )
-
-            outs = forward_only(
-                stage_forward, [tokens], self.pp_group, module.carry_specs(b, window.shape[1], self.dtype), self.device
+        def choose(last: torch.Tensor) -> torch.Tensor:  # [b, V/tp] → [b, 2]: the arg-max and the entropy
+            return torch.stack(
+                [
+                    ent_m.vocab_parallel_argmax(last, self.vocab_start, self.tp_group).double(),
+                    ent_m.vocab_parallel_entropy(last, self.tp_group).double(),
+                ],
+                dim=1,
             )
-            result = outs[0] if outs else torch.zeros(2, b, dtype=torch.float64, device=self.device)
-            if dist.get_world_size(self.pp_group) > 1:
-                dist.broadcast(result, src=self.last_stage_rank, group=self.pp_group)
-            next_ids = result[0].long()
-            ids[:, t], ents[:, t] = next_ids.cpu(), result[1].cpu()
-            seq = torch.cat([seq, next_ids[:, None].to(self.device)], dim=1)
-        return ids.numpy(), ents.numpy()
+
+        runner = StageRunner(self.module, choose, width=2, pp_group=self.pp_group, dtype=self.dtype, device=self.device)
+        rows = [list(map(int, p)) for p in prompts]
+        out = decode(runner, rows, new_tokens, context=limit, use_cache=use_cache)
+        return np.asarray(out.ids, dtype=np.int64), out.extras[..., 0].numpy()
 
     def full_embedding_table(self) -> Optional[torch.Tensor]:
         """The real rows of the input embedding, gathered over TP on the first stage (else None).

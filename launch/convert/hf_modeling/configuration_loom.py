@@ -14,6 +14,7 @@ class LoomConfig(PretrainedConfig):
       scr: {"blocks": [...], "rank", "gamma", "decay", "placement"}
       cmr: {"sources": [...], "targets": [...], "rank", "readable": {"<target>": [slots]}}
     Packed-document boundaries follow `document_eos_id` (positions restart after it), as in training.
+    `use_cache` (default True): generation keeps keys, values and the techniques' state in the cache.
     """
 
     model_type = "loom"
@@ -37,7 +38,7 @@ class LoomConfig(PretrainedConfig):
         bos_token_id=2,
         eos_token_id=3,
         pad_token_id=0,
-        use_cache=False,
+        use_cache=True,
         **kwargs,
     ):
         self.vocab_size = vocab_size

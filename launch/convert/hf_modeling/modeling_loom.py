@@ -7,9 +7,10 @@ pass: LCM (Latent Convergence Modulation), SCR (Structured Context Recomposition
 (Contextual Memory Reweaving). SCA is training-only and HCMA lives in the embedding table, so
 neither needs code here. Weight names equal Loom's own (`layers.3.lcm.alpha`, …).
 
-Limitations: no KV cache (`generate` re-runs the prefix each step: pass `use_cache=False`, the
-default here); no padding inside a batch (an `attention_mask` with zeros is refused), because LCM
-and SCR read packed-document positions from the token ids.
+LCM and SCR live in `techniques_loom.py`. Generation uses transformers' cache (`use_cache=True`, the
+default): `cache_loom.py`'s layers carry the keys and values plus LCM's window of the last K states and
+SCR's decayed sums, so a new token costs O(1) in the prefix length apart from attention. Batches may be
+left-padded (`attention_mask`); documents restart after `document_eos_id` exactly as in training.
 """
 
 from __future__ import annotations
@@ -20,22 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .cache_loom import Documents, loom_layers
 from .configuration_loom import LoomConfig
-
-
-# ----------------------------------------------------------------------------- packed documents
-def document_metadata(tokens: torch.Tensor, eos_id: Optional[int]):
-    """pos, start, doc of [s, b] ids: a document starts at 0 and right after every EOS."""
-    s = tokens.shape[0]
-    start = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
-    start[0] = True
-    if eos_id is not None and s > 1:
-        start[1:] = tokens[:-1] == eos_id
-    steps = torch.arange(s, device=tokens.device)[:, None].expand_as(start)
-    current = torch.where(start, steps, torch.zeros_like(steps)).cummax(0).values
-    return steps - current, start, start.long().cumsum(0)
+from .techniques_loom import LCM, SCR
 
 
 # ----------------------------------------------------------------------------- core layers
@@ -51,10 +42,12 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device, dtype):
+def rope_at(positions, head_dim: int, theta: float, dtype):
+    """cos, sin [s, b, 1, head_dim] of the RoPE positions [s, b]."""
+    device = positions.device
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -75,14 +68,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, out, bias=False)
         self.proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, layer=None, mask=None, causal=True):
+        """x [s, b, d]; with a cache `layer`, the new keys and values join the cached ones and `mask`
+        (or `causal`) says which of them each query sees."""
         s, b, _ = x.shape
         qkv = self.qkv(x).view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
         q = qkv[:, :, :, : self.q_per_group].reshape(s, b, -1, self.head_dim)
         k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_per_group > 1)
+        if layer is not None:
+            k, v = layer.update(k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=self.q_per_group > 1
+        )
         return self.proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))
 
 
@@ -101,122 +100,6 @@ class SwiGLU(nn.Module):
 
 def _rms_norm_fp32(norm: nn.RMSNorm, h):
     return F.rms_norm(h.float(), norm.normalized_shape, norm.weight.float(), norm.eps).to(h.dtype)
-
-
-# ----------------------------------------------------------------------------- LCM
-def lag_taps(K: int, beta: float, device=None):
-    taps = beta ** torch.arange(K, dtype=torch.float32, device=device)
-    return taps / taps.sum()
-
-
-def causal_anchor(h, pos, taps, block: int = 64):
-    """c_t = tap-weighted mean of the previous K positions of the same document (h_t at a start)."""
-    s, b, d = h.shape
-    K = taps.numel()
-    if s == 0:
-        return h.clone()
-    steps = torch.arange(s, device=h.device)[:, None]
-    n_lags = torch.minimum(pos.to(steps.dtype), steps).clamp(0, K)
-    tap_mass = F.pad(taps.cumsum(0), (1, 0))[n_lags]
-    C = min(block, s)
-    n_blocks = -(-s // C)
-    pad = n_blocks * C - s
-    lag = torch.arange(C, device=h.device)[:, None] + K - torch.arange(C + K, device=h.device)[None, :]
-    band = torch.where((lag >= 1) & (lag <= K), taps[(lag - 1).clamp(0, K - 1)], torch.zeros((), device=h.device))
-
-    def per_block(x):
-        return F.pad(x, (0, 0, 0, pad)).view(n_blocks, C, b).transpose(1, 2)[..., None]
-
-    n_lags_b, mass_b = per_block(n_lags), per_block(tap_mass)
-    weights = torch.where(lag <= n_lags_b, band / mass_b.clamp_min(1e-12), torch.zeros((), device=h.device))
-    weights = weights + ((lag == 0) & (n_lags_b == 0)).to(weights.dtype)
-    windows = F.pad(h, (0, 0, 0, 0, K, pad)).unfold(0, C + K, C)
-    anchor = torch.matmul(weights.to(h.dtype), windows.transpose(-1, -2))
-    return anchor.transpose(1, 2).reshape(n_blocks * C, b, d)[:s]
-
-
-class LCM(nn.Module):
-    def __init__(self, hidden_size: int, c: dict):
-        super().__init__()
-        self.K, self.beta, self.a_max = int(c["K"]), float(c["beta"]), float(c["a_max"])
-        self.n_iter, self.clamp, self.use_gate = int(c["n_iter"]), bool(c["clamp"]), bool(c["gate"])
-        self.alpha = nn.Parameter(torch.zeros(hidden_size))
-        if self.use_gate:
-            self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
-            self.gate_weight = nn.Parameter(torch.zeros(hidden_size))
-            self.gate_bias = nn.Parameter(torch.zeros(1))
-
-    def forward(self, h, pos):
-        hf = h.float()
-        anchor = causal_anchor(hf, pos, lag_taps(self.K, self.beta, h.device))
-        a = self.a_max * torch.tanh(self.alpha.float())
-        if self.clamp:
-            a = a.clamp(min=0.0)
-        if self.use_gate:
-            u = F.rms_norm(hf, self.norm.normalized_shape, self.norm.weight.float(), self.norm.eps).to(h.dtype)
-            step = torch.sigmoid(u.float() @ self.gate_weight.float() + self.gate_bias.float())[..., None] * a
-        else:
-            step = a
-        if self.n_iter > 1:
-            step = 1.0 - (1.0 - step) ** self.n_iter
-        return (hf - step * (hf - anchor)).to(h.dtype)
-
-
-# ----------------------------------------------------------------------------- SCR
-def _scan_blocks(x, local_doc, decay: float):
-    C = x.shape[1]
-    idx = torch.arange(C, device=x.device)
-    dist = idx[:, None] - idx[None, :]
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    kernel = torch.where(dist >= 0, decay ** dist.clamp(min=0).to(x.dtype), zero)
-    docs = local_doc.transpose(1, 2)
-    mixing = kernel * (docs[..., :, None] == docs[..., None, :])
-    return torch.matmul(mixing, x.transpose(1, 2)).transpose(1, 2)
-
-
-def segmented_cumsum(x, start, decay: float = 1.0, block: int = 64):
-    """y_t = sum over k <= t in the same document of decay^(t-k) x_k, along dim 0 of [s, b, k]."""
-    s, b, k = x.shape
-    if s == 0:
-        return x.clone()
-    C = min(max(block, 2), s)
-    n_blocks = -(-s // C)
-    pad = n_blocks * C - s
-    xb = F.pad(x, (0, 0, 0, 0, 0, pad)).view(n_blocks, C, b, k)
-    starts = torch.cat([start, start.new_zeros(pad, b)]) if pad else start
-    local_doc = starts.view(n_blocks, C, b).long().cumsum(1)
-    y = _scan_blocks(xb, local_doc, decay)
-    if n_blocks > 1:
-        ends = segmented_cumsum(y[:, -1], local_doc[:, -1] > 0, decay**C, block)
-        carry = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])
-        reach = decay ** torch.arange(1, C + 1, device=x.device, dtype=x.dtype)
-        open_doc = (local_doc == 0).to(x.dtype) * reach[:, None]
-        y = y + open_doc[..., None] * carry[:, None]
-    return y.reshape(n_blocks * C, b, k)[:s]
-
-
-class SCR(nn.Module):
-    def __init__(self, hidden_size: int, c: dict):
-        super().__init__()
-        self.gamma, self.decay = float(c["gamma"]), float(c["decay"])
-        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
-        self.relevance = nn.Linear(hidden_size, 1)
-        self.down = nn.Linear(hidden_size, int(c["rank"]), bias=False)
-        self.up = nn.Linear(int(c["rank"]), hidden_size, bias=False)
-
-    def forward(self, h, start, rho_prev=None):
-        u = F.rms_norm(h.float(), self.norm.normalized_shape, self.norm.weight.float(), self.norm.eps).to(h.dtype)
-        relevance = torch.sigmoid(
-            F.linear(u.float(), self.relevance.weight.float(), self.relevance.bias.float()).squeeze(-1)
-        )
-        if rho_prev is None or self.gamma == 0:
-            rho = relevance
-        else:
-            rho = self.gamma * rho_prev.float() + (1.0 - self.gamma) * relevance
-        v = self.down(u).float()
-        sums = segmented_cumsum(torch.cat([rho[..., None] * v, rho[..., None]], dim=-1), start, self.decay)
-        summary = sums[..., :-1] / (sums[..., -1:] + 1e-6)
-        return h + self.up(summary.to(h.dtype)), rho
 
 
 # ----------------------------------------------------------------------------- CMR
@@ -275,18 +158,19 @@ class Block(nn.Module):
         self.capture = LayerCapture(d, int(cmr["rank"])) if cmr and self.point in sources else None
         self.capture_slot = sources.index(self.point) if self.capture is not None else None
 
-    def _modulate(self, h, ctx: dict, placement: str):
+    def _modulate(self, h, ctx: dict, placement: str, state):
         if self.scr is not None and self.scr_placement == placement:
-            h, ctx["rho"] = self.scr(h, ctx["start"], None if self.scr_first else ctx["rho"])
+            h, ctx["rho"] = self.scr(h, ctx["start"], None if self.scr_first else ctx["rho"], state)
         if self.lcm is not None and self.lcm_placement == placement:
-            h = self.lcm(h, ctx["pos"])
+            h = self.lcm(h, ctx["pos"], state)
         return h
 
     def forward(self, h, ctx: dict):
-        x = h + self.attention(self.attn_norm(h), ctx["cos"], ctx["sin"])
-        x = self._modulate(x, ctx, "post_attn")
+        state = ctx["cache"][self.point - 1] if ctx["cache"] is not None else None
+        x = h + self.attention(self.attn_norm(h), ctx["cos"], ctx["sin"], state, ctx["mask"], ctx["causal"])
+        x = self._modulate(x, ctx, "post_attn", state)
         x = x + self.mlp(self.mlp_norm(x))
-        x = self._modulate(x, ctx, "post_mlp")
+        x = self._modulate(x, ctx, "post_mlp", state)
         return residual_point(self, x, ctx)
 
 
@@ -345,23 +229,61 @@ class LoomForCausalLM(LoomPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor = None,
         attention_mask: Optional[torch.Tensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
+        position_ids: Optional[torch.LongTensor] = None,
         past_key_values=None,
+        use_cache: Optional[bool] = None,
+        labels: Optional[torch.LongTensor] = None,
+        logits_to_keep: int = 0,
         return_dict: Optional[bool] = None,
         **kwargs,
     ):
+        """`attention_mask` [b, past + n] (0 = left padding), `position_ids` [b, n] (default: each row's
+        real tokens counted from 0), `past_key_values` a transformers Cache (one is made when `use_cache`)."""
         if input_ids is None:
             raise ValueError("LoomForCausalLM needs input_ids")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError(
-                "LoomForCausalLM does not support padding (attention_mask with zeros): LCM and "
-                "SCR read document positions from the ids; run sequences one at a time"
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        layers = loom_layers(past_key_values, len(self.layers)) if use_cache else None
+        n = input_ids.shape[1]
+        if layers is not None and layers[0].get_seq_length() > 0 and n > 1:
+            # after the prompt, LCM and SCR continue one token at a time
+            steps = [
+                self._logits(
+                    input_ids[:, i : i + 1],
+                    None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - n + i :][:, :1],
+                    None if position_ids is None else position_ids[:, i : i + 1],
+                    layers,
+                    0,
+                )
+                for i in range(n)
+            ]
+            logits = torch.cat(steps, dim=1)[:, -logits_to_keep:] if logits_to_keep else torch.cat(steps, dim=1)
+        else:
+            real = None if attention_mask is None else attention_mask[:, -n:]
+            logits = self._logits(input_ids, real, position_ids, layers, logits_to_keep)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+    def _logits(self, input_ids, real, position_ids, layers, logits_to_keep: int):
+        """Logits [b, n or logits_to_keep, V] of new ids [b, n] (real [b, n]: not padding), appended to the
+        cache `layers` (None: a whole sequence on its own)."""
         tokens = input_ids.t()  # [s, b]
-        pos, start, _ = document_metadata(tokens, self.config.document_eos_id)
+        if layers is not None and layers[0].documents is None:
+            layers[0].documents = Documents(tokens.shape[1], tokens.device)
+        docs = layers[0].documents if layers is not None else Documents(tokens.shape[1], tokens.device)
+        offset = layers[0].get_seq_length() if layers is not None else 0
+        real = None if real is None or bool(real.bool().all()) else real.bool().t()
+        pos, start, positions, real, all_real = docs.advance(tokens, real, self.config.document_eos_id)
+        mask, causal = docs.mask(real, all_real, offset)
+        if position_ids is not None:
+            positions = position_ids.t()
         h = self.embedding(tokens)
-        cos, sin = rope_tables(tokens.shape[0], self.config.head_dim, self.config.rope_theta, h.device, h.dtype)
+        cos, sin = rope_at(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         bank: list = [None] * self.n_slots
         template = torch.zeros(tokens.shape[0], tokens.shape[1], max(self.bank_rank, 1), dtype=h.dtype, device=h.device)
 
@@ -376,6 +298,9 @@ class LoomForCausalLM(LoomPreTrainedModel, GenerationMixin):
             "rho": None,
             "bank": bank,
             "bank_tensor": bank_tensor,
+            "cache": layers,
+            "mask": mask,
+            "causal": causal,
         }
         h = residual_point(self, h, ctx)
         resets = set(((self.config.techniques or {}).get("cmr") or {}).get("reset_bank_at") or [])
@@ -383,16 +308,6 @@ class LoomForCausalLM(LoomPreTrainedModel, GenerationMixin):
             if index in resets:  # a new pipeline stage of the saved layout: stage-local CMR starts empty
                 bank[:] = [None] * len(bank)
             h = block(h, ctx)
-        h = self.final_norm(h)
+        h = self.final_norm(h[-logits_to_keep:] if logits_to_keep else h)
         weight = self.embedding.weight if self.output_layer is None else self.output_layer.weight
-        logits = F.linear(h, weight).transpose(0, 1).contiguous()  # [b, s, V]
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        # no KV cache: every step sees the whole prefix
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return F.linear(h, weight).transpose(0, 1).contiguous()  # [b, s, V]
