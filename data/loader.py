@@ -278,6 +278,10 @@ class TrainLoader:
         self._pending = state
         self._loader.load_state_dict(state["loader"])
 
+    def shutdown(self) -> None:
+        """Stop the worker processes for good (the end of a run, whether it finished or raised)."""
+        self._stop_workers()
+
     def _stop_workers(self) -> None:
         iterator, self._iterator = self._iterator, None
         shutdown = getattr(iterator, "_shutdown_workers", None)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from loom.model.parallel import comm
 from loom.model.precision import at_least_fp32
 from loom.techniques.config import HCMAConfig
 
@@ -107,7 +108,11 @@ class HCMA:
         self.cfg = cfg
         self.hidden_size = hidden_size
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        self.projection = torch.randn(hidden_size, cfg.proj_dim, generator=generator) / math.sqrt(cfg.proj_dim)
+        # torch.randn's draw, written so ZeRO-3's zero.Init cannot change it: there constructors default to
+        # the GPU (a CPU generator cannot draw there) and round to the run's half dtype; `.float()` and
+        # `normal_` are not intercepted, so every layout and device gets the same fp32 projection
+        projection = torch.empty(hidden_size, cfg.proj_dim, device="cpu").float().normal_(generator=generator)
+        self.projection = projection / math.sqrt(cfg.proj_dim)
         self._state: Optional[dict[str, Any]] = None
         self._stats: dict[str, float] = {}
         self._last: dict[str, torch.Tensor] = {}
@@ -158,7 +163,7 @@ class HCMA:
         for assign, k in ((assign_coarse, cfg.K1), (assign_fine, cfg.K2)):
             sums = torch.zeros(k, E.shape[1], dtype=E.dtype, device=device).index_add_(0, assign[mine], E)
             if _group_size(tp_group) > 1:
-                dist.all_reduce(sums, group=tp_group)
+                comm.all_reduce(sums, group=tp_group)
             centroids.append(F.normalize(sums, dim=-1))
 
         anchor_dtype = torch.bfloat16 if cfg.anchor_dtype == "bfloat16" else E.dtype
@@ -180,9 +185,7 @@ class HCMA:
         if _group_size(group) == 1:
             return {"offset": 0, "rows": rows, "ranks": [(0, n_local)]}
         meta = torch.tensor([vocab_start, n_local, rows], dtype=torch.long, device=device)
-        metas = [torch.empty_like(meta) for _ in range(_group_size(group))]
-        dist.all_gather(metas, meta, group=group)
-        metas = [m.tolist() for m in metas]
+        metas = [m.tolist() for m in comm.all_gather(meta, group=group)]
         if len({m[2] for m in metas}) != 1:
             raise ValueError(f"vocab shards must have equal row counts, got {[m[2] for m in metas]}")
         order = sorted(range(len(metas)), key=lambda r: metas[r][0])
@@ -197,8 +200,7 @@ class HCMA:
             return x
         padded = x.new_zeros(layout["rows"], x.shape[1])
         padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in range(_group_size(group))]
-        dist.all_gather(parts, padded, group=group)
+        parts = comm.all_gather(padded, group=group)
         return torch.cat([parts[rank][:count] for rank, count in layout["ranks"]])
 
     def _knn_density(self, Y: torch.Tensor, Y_all: torch.Tensor, offset: int) -> torch.Tensor:
@@ -230,8 +232,8 @@ class HCMA:
                 fine[members] = c * per_coarse + sub
         if _group_size(group) > 1:
             src = dist.get_global_rank(group, 0)
-            dist.broadcast(coarse, src=src, group=group)
-            dist.broadcast(fine, src=src, group=group)
+            comm.broadcast(coarse, src=src, group=group)
+            comm.broadcast(fine, src=src, group=group)
         return coarse, fine
 
     def _cluster_stats(self, coarse: torch.Tensor, fine: torch.Tensor, rho_all: torch.Tensor) -> dict[str, float]:
@@ -346,7 +348,7 @@ class HCMA:
             return
         src = dist.get_global_rank(group, 0)
         for name in _STATE_TENSORS:
-            dist.broadcast(self._state[name], src=src, group=group)
+            comm.broadcast(self._state[name], src=src, group=group)
 
     def metrics(self) -> dict[str, Any]:
         """Cluster statistics of the last refresh (floats) and loss terms of the last ``loss`` (0-dim tensors)."""

@@ -21,11 +21,19 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loom.model.parallel import comm
 from loom.model.precision import at_least_fp32
 from loom.techniques import init
 from loom.techniques.config import SCAConfig
 
 _FIELD_BUFFERS = ("mu", "var", "cnt")
+
+
+def _fp32_filled(shape: tuple[int, ...], value: float) -> torch.Tensor:
+    """An fp32 tensor of `value`. Under DeepSpeed's ZeRO-3 `zero.Init` every tensor constructor returns the
+    run's half dtype (bf16 counts stop at 256); `.float()` and `fill_` are not intercepted, so the
+    statistics stay fp32 and exact whatever context the module is built in."""
+    return torch.empty(shape).float().fill_(value)
 
 
 class SCAHead(nn.Module):
@@ -43,9 +51,9 @@ class SCAHead(nn.Module):
         self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
         self.proj = nn.Linear(hidden_size, cfg.rank, bias=False)
         init.normal_(self.proj.weight, std=hidden_size**-0.5)
-        self.register_buffer("mu", torch.zeros(vocab_size, cfg.rank), persistent=True)
-        self.register_buffer("var", torch.full((vocab_size, cfg.rank), 1.0 / cfg.rank), persistent=True)
-        self.register_buffer("cnt", torch.zeros(vocab_size), persistent=True)
+        self.register_buffer("mu", _fp32_filled((vocab_size, cfg.rank), 0.0), persistent=True)
+        self.register_buffer("var", _fp32_filled((vocab_size, cfg.rank), 1.0 / cfg.rank), persistent=True)
+        self.register_buffer("cnt", _fp32_filled((vocab_size,), 0.0), persistent=True)
         self._last: dict[str, torch.Tensor] = {}
 
     def _apply(self, fn, recurse: bool = True):
@@ -148,7 +156,7 @@ class SCAHead(nn.Module):
             return
         for name in _FIELD_BUFFERS:
             buffer = getattr(self, name)
-            dist.all_reduce(buffer, group=group)
+            comm.all_reduce(buffer, group=group)
             buffer.div_(world)
 
     def metrics(self) -> dict[str, torch.Tensor]:

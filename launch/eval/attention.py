@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from loom.launch.eval.settings import batches_of
+from loom.model.parallel import comm
 from loom.techniques.metrics import attention as attn_m
 
 
@@ -33,11 +33,11 @@ class AttentionPass:
                     probs = attention_maps(mod, *inputs, qpos)  # [b, h_local, Q, s]
                     mean = attn_m.head_sum(probs)
                     if self.m.layout.tp > 1:
-                        dist.all_reduce(mean, group=tp_group)
+                        comm.all_reduce(mean, group=tp_group)
                     mean = mean / heads
                     disp = attn_m.dispersion_sum(probs, mean)
                     if self.m.layout.tp > 1:
-                        dist.all_reduce(disp, group=tp_group)
+                        comm.all_reduce(disp, group=tp_group)
                     maps[layer] = (mean.float(), float(disp), probs.shape[0] * heads * probs.shape[2])
 
                 handles.append(block.attention.register_forward_hook(hook))

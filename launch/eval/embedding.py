@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from loom.launch.eval.checkpoint import before_alignment_table
 from loom.launch.eval.settings import batches_of
+from loom.model.parallel import comm
 from loom.techniques.metrics import geometry as geo_m
 from loom.techniques.metrics import robustness as rob_m
 
@@ -22,7 +23,7 @@ class EmbeddingPasses:
         nn_ids = torch.zeros(self.m.cfg.model.vocab_size, dtype=torch.long)
         if dist.get_rank() == 0:
             nn_ids = rob_m.nearest_neighbours(table)
-        dist.broadcast(nn_ids, src=0)
+        comm.broadcast(nn_ids, src=0)
         s, stream = self.seq, self.held.stream
         n = min(self.s.robust_rows, len(stream) // (s + 1))
         rows_all = stream[: n * (s + 1)].reshape(n, s + 1)

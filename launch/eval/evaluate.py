@@ -60,6 +60,7 @@ from loom.launch.eval.settings import (
     parse_settings,
     profile_overrides,
 )
+from loom.model.parallel import comm
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,8 @@ def evaluate(
     )
     ev = Evaluator(model, tokenizer, held, counts, settings, families)
     ev.run()
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(ev.records, gathered, dst=0)
-    notes_all = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(ev.notes, notes_all, dst=0)
+    gathered = comm.gather_object(ev.records, dst=0)
+    notes_all = comm.gather_object(ev.notes, dst=0)
     if dist.get_rank() != 0:
         return None
     # a step folder's run directory; a consolidated folder keeps its results beside its weights
@@ -151,8 +150,7 @@ def _load_data(
             if set(families) & COUNT_FAMILIES
             else None
         )
-    dist.broadcast_object_list(box, src=0)
-    held, counts = box
+    held, counts = comm.broadcast_object(box, src=0)
     return tokenizer, held, counts
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from loom.launch.checkpoint.meta import read_config, read_meta
 from loom.launch.eval.checkpoint import checkpoint_layout, load_stage_weights
+from loom.model.parallel import comm
 from loom.techniques.metrics import entropy as ent_m
 
 
@@ -164,7 +165,5 @@ class EvalModel:
             return None
         w = self.module.embedding.weight.detach().float()
         if self.layout.tp > 1:
-            parts = [torch.empty_like(w) for _ in range(self.layout.tp)]
-            dist.all_gather(parts, w, group=self.tp_group)
-            w = torch.cat(parts)
+            w = torch.cat(comm.all_gather(w, group=self.tp_group))
         return w[: self.cfg.model.vocab_size].cpu()

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from loom.launch.generate.sampling import Chooser
 from loom.model.inference import InferenceCache
+from loom.model.parallel import comm
 
 
 @dataclass
@@ -79,7 +80,7 @@ class StageRunner:
         outs = forward_only(stage_forward, [ids], self.pp_group, specs, self.device)
         decision = outs[0] if outs else torch.zeros(b, self.width, dtype=torch.float64, device=self.device)
         last = dist.get_global_rank(self.pp_group, dist.get_world_size(self.pp_group) - 1)
-        dist.broadcast(decision, src=last, group=self.pp_group)
+        comm.broadcast(decision, src=last, group=self.pp_group)
         return decision
 
 

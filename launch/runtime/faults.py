@@ -6,6 +6,8 @@ LOOM_FAULT_KILL=RANK:STEP:PHASE  global rank RANK kills itself with SIGKILL at S
                                  after that step's optimizer update (PHASE "step") or in the middle
                                  of writing that step's checkpoint (PHASE "save": engine files
                                  written, manifest not yet)
+LOOM_FAULT_RAISE=STEP            every rank raises RuntimeError after STEP's optimizer update (an
+                                 ordinary bug: the run must exit with its traceback, not hang)
 """
 
 from __future__ import annotations
@@ -39,3 +41,8 @@ def maybe_kill(step: int, phase: str) -> None:
     rank, at_step, at_phase = spec.split(":")
     if int(rank) == int(os.environ.get("RANK", "0")) and int(at_step) == step and at_phase == phase:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_raise(step: int) -> None:
+    if os.environ.get("LOOM_FAULT_RAISE") and int(os.environ["LOOM_FAULT_RAISE"]) == step:
+        raise RuntimeError(f"LOOM_FAULT_RAISE: injected error after step {step}")

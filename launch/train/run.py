@@ -75,10 +75,13 @@ def _looks_like_lost_peer(exc: BaseException) -> bool:
 
 
 def _compile_cache(cfg: RunConfig) -> str:
-    """Inductor's cache beside the data cache, shared by runs (TORCHINDUCTOR_CACHE_DIR wins)."""
+    """Inductor's cache beside the data cache, shared by runs (TORCHINDUCTOR_CACHE_DIR wins). One folder per
+    CPU kernel level: inductor's keys do not include it, so a cache shared by nodes with different CPUs
+    (or a run under another ATEN_CPU_CAPABILITY) would load kernels built for the wrong instructions."""
     from loom.data.corpora import default_cache_dir
 
-    return str((Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir().parent) / "inductor")
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir().parent
+    return str(root / "inductor" / torch.backends.cpu.get_cpu_capability().lower())
 
 
 def _seed_everything(seed: int) -> None:
@@ -129,53 +132,60 @@ def run(cfg: RunConfig) -> int:
     )
     module = TrainModule(sharded, layout, cfg.train.micro_batch_size, cfg.model.seq_length, dtype, device)
     loader = make_train_loader(cfg, data, layout.dp_rank, layout.dp, tokenizer.sha256)
-    state = restore(cfg, sharded, loader, tokenizer.sha256)
+    try:
+        state = restore(cfg, sharded, loader, tokenizer.sha256)
 
-    tokens_per_step = cfg.train.micro_batch_size * cfg.parallel.microbatches * layout.dp * cfg.model.seq_length
-    peak = cfg.train.mfu_peak_tflops or measure_peak_tflops(dtype, device)
-    writer = MetricsWriter(str(run_dir / "tensorboard"), enabled=dist.get_rank() == 0)
-    writer.text("config", "```\n" + to_yaml(cfg) + "\n```")
-    writer.text("layout", "```\n" + grid + "\n```")
+        tokens_per_step = cfg.train.micro_batch_size * cfg.parallel.microbatches * layout.dp * cfg.model.seq_length
+        peak = cfg.train.mfu_peak_tflops or measure_peak_tflops(dtype, device)
+        writer = MetricsWriter(str(run_dir / "tensorboard"), enabled=dist.get_rank() == 0)
+        writer.text("config", "```\n" + to_yaml(cfg) + "\n```")
+        writer.text("layout", "```\n" + grid + "\n```")
 
-    save = make_saver(cfg, layout, sharded, loader, data.tokenizer)
-    callbacks = [
-        MonitorCallback(
-            writer,
-            cfg.train.log_every,
-            flops_per_token(cfg.model, cfg.model.seq_length) * tokens_per_step,
-            peak,
-            layout.world_size,
-            device,
-            progress=dist.get_rank() == 0 and os.isatty(2),
+        save = make_saver(cfg, layout, sharded, loader, data.tokenizer)
+        callbacks = [
+            MonitorCallback(
+                writer,
+                cfg.train.log_every,
+                flops_per_token(cfg.model, cfg.model.seq_length) * tokens_per_step,
+                peak,
+                layout.world_size,
+                device,
+                progress=dist.get_rank() == 0 and os.isatty(2),
+            )
+        ]
+        evaluator = None
+        if data.eval:
+            evaluator = EvalCallback(
+                make_eval_batches(cfg, data, layout.dp_rank, layout.dp, tokenizer.sha256),
+                cfg.train.eval_every,
+                writer,
+            )
+            callbacks.append(evaluator)
+        callbacks.append(
+            SampleCallback(
+                cfg.train.sample_prompt,
+                tokenizer,
+                cfg.train.sample_tokens,
+                dtype,
+                device,
+                baseline_fn=unigram_baseline(data, cfg.model.vocab_size),
+                eval_callback=evaluator,
+                writer=writer,
+            )
         )
-    ]
-    evaluator = None
-    if data.eval:
-        evaluator = EvalCallback(
-            make_eval_batches(cfg, data, layout.dp_rank, layout.dp, tokenizer.sha256),
-            cfg.train.eval_every,
-            writer,
+        callbacks.append(CheckpointCallback(cfg.checkpoint.every, save, cfg.checkpoint.on_save_error == "stop"))
+        trainer = Trainer(cfg, module, loader, state, callbacks, tokens_per_step)
+        try:
+            code = trainer.fit()
+        finally:
+            writer.close()
+        log.info(
+            f"finished at step {state.step} (exit code {code}) · run directory {run_dir.resolve()}\n"
+            f"  checkpoints: {checkpoint_root(run_dir).resolve()}\n"
+            f"  TensorBoard: tensorboard --logdir {(run_dir / 'tensorboard').resolve()}"
         )
-        callbacks.append(evaluator)
-    callbacks.append(
-        SampleCallback(
-            cfg.train.sample_prompt,
-            tokenizer,
-            cfg.train.sample_tokens,
-            dtype,
-            device,
-            baseline_fn=unigram_baseline(data, cfg.model.vocab_size),
-            eval_callback=evaluator,
-            writer=writer,
-        )
-    )
-    callbacks.append(CheckpointCallback(cfg.checkpoint.every, save, cfg.checkpoint.on_save_error == "stop"))
-    trainer = Trainer(cfg, module, loader, state, callbacks, tokens_per_step)
-    code = trainer.fit()
-    writer.close()
-    log.info(
-        f"finished at step {state.step} (exit code {code}) · run directory {run_dir.resolve()}\n"
-        f"  checkpoints: {checkpoint_root(run_dir).resolve()}\n"
-        f"  TensorBoard: tensorboard --logdir {(run_dir / 'tensorboard').resolve()}"
-    )
-    return code
+        return code
+    finally:
+        # An exception's traceback keeps the loader alive past interpreter exit, where multiprocessing
+        # joins its workers while they wait for the loader: a run that raised would hang instead of exiting
+        loader.shutdown()

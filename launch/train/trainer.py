@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from loom.launch.runtime.faults import maybe_kill
+from loom.launch.runtime.faults import maybe_kill, maybe_raise
 from loom.launch.train.callback import Callback
 from loom.launch.train.lr_schedule import learning_rate
 from loom.model.parallel import comm
@@ -85,6 +85,7 @@ class Trainer:
             self._account(metrics)
             metrics.update({"time/step_s": step_time, "time/data_wait_fraction": t_data / max(step_time, 1e-9)})
             maybe_kill(self.state.step, "step")
+            maybe_raise(self.state.step)
             for cb in self.callbacks:
                 cb.on_step_end(self, metrics)
             reason = self._stop_reason()

@@ -13,7 +13,7 @@ This module imports only torch, so every Loom package may use it (see docs/archi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -92,6 +92,14 @@ def all_gather_object(obj: Any, group=None) -> list:
     group = _object_group(group)
     out: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def gather_object(obj: Any, dst: int = 0, group=None) -> Optional[list]:
+    """Every rank's picklable `obj` in rank order on global rank `dst`; None on the other ranks."""
+    group = _object_group(group)
+    out = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)
     return out
 
 

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from loom.model.parallel import comm
+
 
 def _size(group) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
@@ -27,7 +29,7 @@ def _size(group) -> int:
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     if _size(group) > 1:
-        dist.all_reduce(t, op=op, group=group)
+        comm.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -113,10 +115,8 @@ def vocab_parallel_argmax(
     best, arg = z.max(-1)
     if _size(group) == 1:
         return arg + vocab_start
-    n = _size(group)
     pairs = torch.stack([best, (arg + vocab_start).float()])
-    gathered = [torch.empty_like(pairs) for _ in range(n)]
-    dist.all_gather(gathered, pairs, group=group)
+    gathered = comm.all_gather(pairs, group=group)
     values = torch.stack([g[0] for g in gathered])  # [n, ...]
     ids = torch.stack([g[1] for g in gathered])
     top = values.max(0).values

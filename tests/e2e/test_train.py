@@ -209,3 +209,16 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert "non-finite" in out.stdout
     folder = find_resumable(run)
     assert folder is not None and folder.name == "step_00000007", "stops with a (finite) checkpoint"
+
+
+def test_a_run_that_raises_exits_with_its_traceback(tmp_path):
+    """An exception mid-run (loader workers alive) ends the process: it once hung at interpreter exit,
+    multiprocessing joining the workers while they waited for the loader the traceback kept alive."""
+    out = run_loom(
+        ["train", TINY, f"output_dir={tmp_path / 'run'}", "train.max_steps=6", "data.num_workers=1", *QUIET],
+        env={"LOOM_FAULT_RAISE": "2"},
+        check=False,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "LOOM_FAULT_RAISE: injected error after step 2" in out.stdout + out.stderr

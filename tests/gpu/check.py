@@ -68,6 +68,14 @@ def _prepare_data(args, work: Path) -> dict:
     return prepare(work / "data", synthetic=True, vocab_size=384, seq_length=seq, documents=documents)
 
 
+def _dry_precision() -> str:
+    """bf16 where this CPU trains in it (AVX-512: torch's CPU attention backward), else fp32."""
+    code = "import sys; from loom.launch.bench.workloads_gpu import bf16_attention_backward_works as ok; "
+    code += "sys.exit(not ok())"
+    works = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env()).returncode == 0
+    return "bf16" if works else "fp32"
+
+
 def _run_check(check: Check, args, out: Path, data_json: Path, deadline: float) -> Result:
     """`check` in a child process (`--one`), killed at its deadline; its Result file is read back."""
     import psutil
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [c.name for c in CHECKS] + ["data"]:  # a previous run's checkpoints would be resumed
         shutil.rmtree(Path(args.work) / name, ignore_errors=True)
     data = _prepare_data(args, Path(args.work))
+    data["precision"] = _dry_precision() if args.dry_run else "bf16"
     Path(args.work).mkdir(parents=True, exist_ok=True)
     data_json = Path(args.work) / "data.json"
     data_json.write_text(json.dumps(data, indent=1))

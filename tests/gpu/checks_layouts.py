@@ -75,15 +75,16 @@ def _op(name: str, rank: int, device):
             return True
         dist.recv(t, src=0)
         return bool((t == 1).all())
-    if name in ("batch_isend_irecv", "comm.batch_send_recv"):
+    if name == "batch_isend_irecv":
         mine, theirs = full(rank + 1), full(0)
         ops = [dist.P2POp(dist.isend, mine, peer), dist.P2POp(dist.irecv, theirs, peer)]
-        if name.startswith("comm"):
-            comm.batch_send_recv(ops)
-        else:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
         return bool((theirs == peer + 1).all())
+    if name == "comm.exchange":  # the 1F1B schedule's exchange
+        mine, theirs = full(rank + 1), full(0)
+        comm.exchange([(mine, peer)], [(theirs, peer)], None)
+        return bool((theirs == peer + 1).all()) and theirs.device.type == device.type
     raise ValueError(name)
 
 
@@ -99,7 +100,7 @@ OPS = (
     "comm.broadcast",
     "comm.all_gather",
     "comm.all_reduce_values",
-    "comm.batch_send_recv",
+    "comm.exchange",
 )
 
 
@@ -144,7 +145,7 @@ def collectives(ctx: Context) -> Result:
     where = f"gloo with {ctx.device_type.upper()} tensors"
     if not failed:
         result.summary = f"{where}: all {len(OPS)} ops work"
-    elif failed <= KNOWN_UNSUPPORTED | {"comm.batch_send_recv"}:
+    elif failed <= KNOWN_UNSUPPORTED:
         result.status = "xfail"
         result.summary = f"{where}: {', '.join(sorted(failed))} refuse (expected); the rest work"
     else:

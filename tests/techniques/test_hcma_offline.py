@@ -48,8 +48,8 @@ def _offline_alignment_survives_a_step(rank, world_size, tp, pp, zero):
         tech,
         layout,
         ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=2),
-        dataclasses.replace(OPTIM, lr=0.0, weight_decay=0.0),
-        MICRO_BATCH,
+        optim=dataclasses.replace(OPTIM, lr=0.0, weight_decay=0.0),
+        micro_batch_size=MICRO_BATCH,
         seed=0,
         precision="fp32",
     )
