@@ -3,12 +3,15 @@ a slow spell that hits one round hits both sides of that round's ratio."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
 
 from loom.launch.bench.hardware import QUIET_CORES, CpuMeter, Hardware
 from loom.launch.runtime.fork import WorkerGroup
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,7 +65,6 @@ def alternate(
     warmup: int,
     probe: WorkerGroup | None,
     hardware: Hardware,
-    log=print,
     quiet_wait: float = 0.0,
 ) -> dict[str, Series]:
     """Warm every group up, then `rounds` rounds; each round runs every group for `steps` steps in
@@ -98,7 +100,7 @@ def alternate(
             out[name].external.append(external)
             out[name].rounds.append([max(ts) for ts in zip(*per_rank)])
         LOAD.extend(out[n].external[-1] for n in names)
-        log(
+        log.info(
             f"  round {r + 1}/{rounds}: "
             + ", ".join(
                 f"{n} {statistics.median(out[n].rounds[-1]):.3f}s (others on its cores {out[n].external[-1]:.1f})"

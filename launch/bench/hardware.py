@@ -121,7 +121,7 @@ class CpuMeter:
         other = (self._busy() - busy) - (self._ours(pids) - ours)
         return max(0.0, other / self.hz / seconds)
 
-    def wait_for_quiet(self, max_wait: float, log=None) -> float:
+    def wait_for_quiet(self, max_wait: float) -> float:
         """Sleep (in 1 s samples) until the rest of the machine is idle or `max_wait` has passed;
         returns the last sample's busy cores."""
         deadline, busy = time.monotonic() + max_wait, float("nan")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import platform
 import statistics
-import sys
 import time
 
 from loom.launch.bench.alternate import LOAD
@@ -17,10 +17,12 @@ from loom.launch.bench.report import Report, hardware_table, targets_table
 from loom.launch.bench.sections import SECTIONS
 from loom.launch.bench.workers import preimport
 
+log = logging.getLogger(__name__)
 
-def run_bench(opts: BenchOptions, log=None) -> Report:
-    """Run the selected sections and return the report (markdown in `report.text()`)."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+
+def run_bench(opts: BenchOptions) -> Report:
+    """Run the selected sections and return the report (markdown in `report.text()`); progress goes to
+    the `loom.launch.bench` loggers."""
     preimport()
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     LOAD.clear()
@@ -28,8 +30,8 @@ def run_bench(opts: BenchOptions, log=None) -> Report:
     body.results["options"] = opts
     for name in opts.sections:
         t0 = time.perf_counter()
-        SECTIONS[name](opts, body, log)
-        log(f"{name}: {time.perf_counter() - t0:.0f}s")
+        SECTIONS[name](opts, body)
+        log.info(f"{name}: {time.perf_counter() - t0:.0f}s")
         if name in ("peers", "layouts"):
             _record_training_rate(body, opts)
     report = Report(results=body.results)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 from loom.launch.bench.options import BenchOptions
 from loom.launch.bench.report import Report, fmt_rate, fmt_time
 from loom.launch.bench.workers import worker_groups
 from loom.launch.bench.workloads import DataPath
 
+log = logging.getLogger(__name__)
 
-def section_data(opts: BenchOptions, report: Report, log) -> None:
+
+def section_data(opts: BenchOptions, report: Report) -> None:
     shape = opts.shape
-    log(f"data: corpus {opts.corpus}")
+    log.info(f"data: corpus {opts.corpus}")
     consumed = report.results.get("training_tokens_per_s")
     with worker_groups(
         {

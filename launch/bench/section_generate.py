@@ -5,6 +5,7 @@ five techniques, at the benchmark shape's width and depth (`launch.generate.deco
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from loom.launch.bench.options import BenchOptions
 from loom.launch.bench.report import Report, fmt_time, target_verdict
@@ -12,6 +13,8 @@ from loom.launch.bench.section_techniques import technique_configs
 from loom.launch.bench.shapes import Shape, model_config
 from loom.launch.bench.workers import worker_groups
 from loom.launch.bench.workloads import init_grid
+
+log = logging.getLogger(__name__)
 
 NEW_TOKENS = 1024
 PROMPT_TOKENS = 32
@@ -42,17 +45,17 @@ class Decoding:
         return {"seconds": out.seconds, "tokens": out.new_tokens, "ids": out.ids[0]}
 
 
-def section_generate(opts: BenchOptions, report: Report, log) -> None:
+def section_generate(opts: BenchOptions, report: Report) -> None:
     shape, t = opts.shape, opts.threads
     configs = {name: tech for name, tech in technique_configs(shape).items() if name in ("baseline", "all five")}
     specs = {name: (Decoding, 1, t, {"shape": shape, "tech": tech}) for name, tech in configs.items()}
-    log(f"generate: {len(configs)} configurations, {NEW_TOKENS} new tokens, 1 process × {t} threads")
+    log.info(f"generate: {len(configs)} configurations, {NEW_TOKENS} new tokens, 1 process × {t} threads")
     runs: dict = {}
     with worker_groups(specs) as groups:
         for name, group in groups.items():
             group.call("run", use_cache=True, new_tokens=8)  # warm-up: allocator, kernels, RoPE table
             cached = [group.call("run", use_cache=True)[0] for _ in range(CACHED_REPEATS)]
-            log(f"generate: {name} cached {min(r['seconds'] for r in cached):.1f}s; recomputing every step …")
+            log.info(f"generate: {name} cached {min(r['seconds'] for r in cached):.1f}s; recomputing every step …")
             runs[name] = {
                 "cached": min(cached, key=lambda r: r["seconds"]),
                 "uncached": group.call("run", use_cache=False)[0],

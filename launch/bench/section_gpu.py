@@ -12,6 +12,7 @@ a tiny shape (the numbers then mean nothing).
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
@@ -21,12 +22,15 @@ from loom.launch.bench.runner_gpu import run_isolated
 from loom.launch.bench.workloads_gpu import (
     GPU_SHAPES,
     H200_BF16_DENSE_TFLOPS,
+    bf16_attention_backward_works,
     flops_per_token,
     hf_step,
     loom_step,
     matmul_probe,
 )
 from loom.launch.runtime.fork import WorkerError
+
+log = logging.getLogger(__name__)
 
 TECHNIQUES = ("lcm", "scr", "cmr", "sca", "hcma")
 TARGETS = {"mfu": 0.45, "loom/hf": 0.90, "technique": 1.03, "all five": 1.10}
@@ -51,18 +55,22 @@ def header_options(dry: bool) -> dict:
     return {"shape": shape, "rounds": 1, "steps": 2 if dry else 5, "warmup": 1 if dry else 2}
 
 
-def section_gpu(opts: BenchOptions, report: Report, log) -> None:
+def section_gpu(opts: BenchOptions, report: Report) -> None:
     dry = opts.dry_run
     device_type = "cpu" if dry else "cuda"
     shape = GPU_SHAPES["dry" if dry else "1b"]
     warmup, steps = opts.warmup, opts.steps
+    # a dry run on a CPU without AVX-512 cannot train in bf16 (torch's CPU attention backward): fp32 there
+    precision = "bf16" if not dry or bf16_attention_backward_works() else "fp32"
     started = time.monotonic()
     limit = opts.time_limit or float("inf")
 
     def left() -> float:
         return limit - (time.monotonic() - started)
 
-    log(f"gpu: {shape.describe()} on {device_type}{' (dry run)' if dry else ''}; time limit {limit:g} s")
+    log.info(
+        f"gpu: {shape.describe()} on {device_type}{' (dry run)' if dry else ''}, {precision}; time limit {limit:g} s"
+    )
     probe, results, skipped, failed, estimate = None, {}, [], {}, 0.0
     try:
         probe = run_isolated(matmul_probe, device_type, timeout=min(120.0, max(left(), 1.0)))
@@ -75,21 +83,30 @@ def section_gpu(opts: BenchOptions, report: Report, log) -> None:
         t0 = time.monotonic()
         try:
             results[name] = run_isolated(
-                fn, device_type, timeout=max(10.0, left()), shape=shape, warmup=warmup, steps=steps, **kwargs
+                fn,
+                device_type,
+                timeout=max(10.0, left()),
+                shape=shape,
+                warmup=warmup,
+                steps=steps,
+                precision=precision,
+                **kwargs,
             )
-            log(f"  {name}: {statistics.median(results[name]['times']):.3f} s/step")
+            log.info(f"  {name}: {statistics.median(results[name]['times']):.3f} s/step")
         except WorkerError as exc:
             failed[name] = str(exc).splitlines()[0]
-            log(f"  {name}: failed: {failed[name]}")
+            log.info(f"  {name}: failed: {failed[name]}")
         estimate = max(estimate, time.monotonic() - t0)
-    _tables(report, shape, probe, results, skipped, failed, dry)
+    _tables(report, shape, probe, results, skipped, failed, dry, precision)
 
 
 def _flop(n: float) -> str:
     return f"{n / 1e9:.2f} GFLOP" if n >= 1e9 else f"{n / 1e6:.2f} MFLOP"
 
 
-def _tables(report: Report, shape, probe, results: dict, skipped: list, failed: dict, dry: bool) -> None:
+def _tables(
+    report: Report, shape, probe, results: dict, skipped: list, failed: dict, dry: bool, precision: str
+) -> None:
     fpt = flops_per_token(shape)
     probed = probe["flops"] if probe else None
     step = {name: statistics.median(r["times"]) for name, r in results.items()}
@@ -101,8 +118,9 @@ def _tables(report: Report, shape, probe, results: dict, skipped: list, failed: 
     report.add(
         "### GPU: Loom vs Hugging Face Llama, and the techniques' overhead" + (" (dry run on CPU)" if dry else ""),
         "",
-        f"Shape: {shape.describe()}; bf16 (Loom: bf16 weights with DeepSpeed's fp32 masters, ZeRO-0, one rank; "
-        "HF: fp32 weights under bf16 autocast, fused AdamW); no activation checkpointing. Step time: median of "
+        f"Shape: {shape.describe()}; {precision} (Loom: {precision} weights with DeepSpeed's fp32 masters, ZeRO-0, "
+        f"one rank; HF: fp32 weights{' under bf16 autocast' if precision == 'bf16' else ''}, fused AdamW); no "
+        "activation checkpointing. Step time: median of "
         f"{timed} steps between device synchronisations after warm-up. MFU = tokens/s × {_flop(fpt)}/token "
         f"(`flops_per_token`) / peak: {peaks}.",
         "",

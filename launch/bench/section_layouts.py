@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from loom.launch.bench.alternate import alternate, paired_ratio
 from loom.launch.bench.hardware import Hardware, Probe
@@ -12,12 +13,14 @@ from loom.launch.bench.report import Report, fmt_bytes, fmt_rate, fmt_time
 from loom.launch.bench.shapes import flops_per_token
 from loom.launch.bench.workers import worker_groups
 
+log = logging.getLogger(__name__)
+
 ACCUMULATION = 4
 """Micro-batches of the shape's batch per optimizer step in the gradient-accumulation DP pair."""
 ONE_ACCUM, DP_ACCUM = "accum: 1 process × 1 thread", "accum: DP2 (ZeRO-0)"
 
 
-def section_layouts(opts: BenchOptions, report: Report, log) -> None:
+def section_layouts(opts: BenchOptions, report: Report) -> None:
     shape, t = opts.shape, opts.threads
     pp_micro = 4 if shape.batch % 4 == 0 else 2
     # Data parallelism as it is used: every rank keeps the micro-batch size and the global batch
@@ -34,12 +37,12 @@ def section_layouts(opts: BenchOptions, report: Report, log) -> None:
         DP_ACCUM: (LoomTrainer, 2, 1, {"shape": accum, "microbatches": ACCUMULATION // 2}),
         "probe": (Probe, 1, t, {"quick": opts.quick}),
     }
-    log(f"layouts: global batch {shape.batch} (and {accum.batch} with accumulation)")
+    log.info(f"layouts: global batch {shape.batch} (and {accum.batch} with accumulation)")
     hw = Hardware()
     fpt = flops_per_token(shape)
     with worker_groups(specs) as groups:
         probe, groups = groups["probe"], {k: g for k, g in groups.items() if k != "probe"}
-        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, log, opts.quiet_wait)
+        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, opts.quiet_wait)
         state = {name: g.call("state_bytes") for name, g in groups.items()}
     names = list(series)
     one_t, one_1 = series[names[0]], series[names[1]]

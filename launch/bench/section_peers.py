@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from loom.launch.bench.alternate import alternate, paired_ratio
 from loom.launch.bench.hardware import Hardware, Probe
 from loom.launch.bench.loom_workload import LoomTrainer
@@ -11,8 +13,10 @@ from loom.launch.bench.shapes import flops_per_token
 from loom.launch.bench.workers import worker_groups
 from loom.launch.bench.workloads import build_hf_llama, build_loom_plain, build_megatron_gpt
 
+log = logging.getLogger(__name__)
 
-def section_peers(opts: BenchOptions, report: Report, log) -> None:
+
+def section_peers(opts: BenchOptions, report: Report) -> None:
     shape, t = opts.shape, opts.threads
     fpt = flops_per_token(shape)
     specs = {
@@ -26,12 +30,12 @@ def section_peers(opts: BenchOptions, report: Report, log) -> None:
         "megatron-dp2": (build_megatron_gpt, 2, 1, {"shape": shape}),
         "probe": (Probe, 1, t, {"quick": opts.quick}),
     }
-    log(f"peers: {shape.describe()}, 1 process × {t} threads and DP=2 (2 processes × 1 thread)")
+    log.info(f"peers: {shape.describe()}, 1 process × {t} threads and DP=2 (2 processes × 1 thread)")
     hw = Hardware()
     with worker_groups(specs) as groups:
         probe, groups = groups["probe"], {k: g for k, g in groups.items() if k != "probe"}
         counts = {name: g.call("param_count")[0] for name, g in groups.items()}
-        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, log, opts.quiet_wait)
+        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, probe, hw, opts.quiet_wait)
     report.results["hardware_peers"] = hw
     report.results["series_peers"] = series
     dp2 = {name: series.pop(name) for name in ("loom-dp2", "hf-dp2", "megatron-dp2")}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from loom.launch.bench.alternate import alternate, paired_ratio
 from loom.launch.bench.hardware import Hardware
 from loom.launch.bench.loom_workload import LoomTrainer
@@ -9,6 +11,8 @@ from loom.launch.bench.options import BenchOptions
 from loom.launch.bench.report import Report, fmt_bytes, fmt_time, target_verdict
 from loom.launch.bench.shapes import Shape
 from loom.launch.bench.workers import worker_groups
+
+log = logging.getLogger(__name__)
 
 
 def technique_configs(shape: Shape) -> dict:
@@ -33,13 +37,13 @@ def technique_configs(shape: Shape) -> dict:
     return configs
 
 
-def section_techniques(opts: BenchOptions, report: Report, log) -> None:
+def section_techniques(opts: BenchOptions, report: Report) -> None:
     shape, t = opts.shape, opts.threads
     configs = technique_configs(shape)
     specs = {name: (LoomTrainer, 1, t, {"shape": shape, "tech": tech}) for name, tech in configs.items()}
-    log(f"techniques: {len(configs)} configurations, 1 process × {t} threads")
+    log.info(f"techniques: {len(configs)} configurations, 1 process × {t} threads")
     with worker_groups(specs) as groups:
-        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, None, Hardware(), log, opts.quiet_wait)
+        series = alternate(groups, opts.rounds, opts.steps, opts.warmup, None, Hardware(), opts.quiet_wait)
         memory = {name: g.call("memory_report")[0] for name, g in groups.items()}
         refresh = {name: g.call("hcma_refresh_seconds")[0] for name, g in groups.items() if configs[name].hcma.enabled}
     base = series["baseline"]

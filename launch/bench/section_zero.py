@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 
 from loom.launch.bench.loom_workload import LoomTrainer
@@ -9,10 +10,12 @@ from loom.launch.bench.options import BenchOptions
 from loom.launch.bench.report import Report, fmt_bytes, fmt_time
 from loom.launch.bench.workers import worker_groups
 
+log = logging.getLogger(__name__)
 
-def section_zero(opts: BenchOptions, report: Report, log) -> None:
+
+def section_zero(opts: BenchOptions, report: Report) -> None:
     shape = opts.shape
-    log("zero: DP2, stages 0-3, per-rank bytes")
+    log.info("zero: DP2, stages 0-3, per-rank bytes")
     rows = []
     results = {}
     for zero in (0, 1, 2, 3):

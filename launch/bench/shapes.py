@@ -40,19 +40,43 @@ SHAPES = {
 }
 
 
-def model_config(shape: Shape):
+def model_config(shape, **overrides):
+    """Loom's ModelConfig for a benchmark shape (a `Shape`, or the GPU section's `GpuShape` with its own
+    KV heads); `overrides` replace fields."""
     from loom.model.config import ModelConfig
 
-    return ModelConfig(
+    fields = dict(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
         num_layers=shape.layers,
         num_heads=shape.heads,
-        num_kv_heads=shape.heads,
+        num_kv_heads=getattr(shape, "kv_heads", shape.heads),
         ffn_hidden_size=shape.ffn,
         seq_length=shape.seq,
         tie_embeddings=False,
         eos_id=EOS,
+    )
+    return ModelConfig(**{**fields, **overrides})
+
+
+def hf_llama_config(shape):
+    """transformers' LlamaConfig of the same network as `model_config(shape)` (the peers' baseline)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=getattr(shape, "kv_heads", shape.heads),
+        max_position_embeddings=shape.seq,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=False,
     )
 
 

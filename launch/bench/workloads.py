@@ -10,7 +10,7 @@ import tempfile
 import time
 from typing import Callable
 
-from loom.launch.bench.shapes import Shape, model_config, token_batch
+from loom.launch.bench.shapes import Shape, hf_llama_config, model_config, token_batch
 from loom.model.parallel.parallelize import default_device
 
 
@@ -108,24 +108,10 @@ def build_loom_plain(rank, world, shape: Shape, seed: int = 0, tech=None) -> Pla
 def build_hf_llama(rank, world, shape: Shape, seed: int = 0) -> PlainLoop:
     import torch
     import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.ffn,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
-        max_position_embeddings=shape.seq,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        use_cache=False,
-    )
+    config = hf_llama_config(shape)
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32).to(default_device())
     assert model.config._attn_implementation == "sdpa"
 

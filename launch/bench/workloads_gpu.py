@@ -47,26 +47,29 @@ H200_BF16_DENSE_TFLOPS = 989.0
 
 
 def model_config(shape: GpuShape):
-    from loom.model.config import ModelConfig
+    """Loom's config at a GPU shape: no activation checkpointing (the 1B shape fits without)."""
+    from loom.launch.bench.shapes import model_config as config_of
 
-    return ModelConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        num_layers=shape.layers,
-        num_heads=shape.heads,
-        num_kv_heads=shape.kv_heads,
-        ffn_hidden_size=shape.ffn,
-        seq_length=shape.seq,
-        tie_embeddings=False,
-        activation_checkpointing=False,
-        eos_id=3,
-    )
+    return config_of(shape, activation_checkpointing=False)
 
 
 def flops_per_token(shape: GpuShape) -> float:
     from loom.launch.train.tensorboard import flops_per_token as f
 
     return f(model_config(shape), shape.seq)
+
+
+def bf16_attention_backward_works() -> bool:
+    """Whether this CPU trains in bf16: torch's CPU flash-attention backward in bf16 needs AVX-512
+    ("pack_vnni2 is only supported when avx512 is supported"; its kernel runs from 64 positions on)."""
+    import torch
+
+    q = torch.randn(1, 2, 128, 16, dtype=torch.bfloat16, requires_grad=True)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    except RuntimeError:
+        return False
+    return True
 
 
 def technique_config(names: tuple[str, ...], dry: bool):
@@ -124,7 +127,9 @@ def _timed(step, device, warmup: int, steps: int) -> dict:
     return {"times": times, "peak_bytes": peak, "loss": float(loss)}
 
 
-def loom_step(device_type: str, shape: GpuShape, techniques: tuple, warmup: int, steps: int) -> dict:
+def loom_step(
+    device_type: str, shape: GpuShape, techniques: tuple, warmup: int, steps: int, precision: str = "bf16"
+) -> dict:
     """Loom's trainer path on one rank (the process group exists already: NCCL on CUDA)."""
     import torch
 
@@ -132,25 +137,26 @@ def loom_step(device_type: str, shape: GpuShape, techniques: tuple, warmup: int,
     from loom.model.parallel import cpu_compat
     from loom.model.parallel.config import ParallelConfig
     from loom.model.parallel.groups import init_parallel_groups
+    from loom.model.parallel.optim import OptimConfig
     from loom.model.parallel.parallelize import parallelize
-    from loom.model.parallel.zero import OptimizerSettings
     from loom.model.parallel.zero_state import local_shape
 
     cpu_compat.apply()
     device = torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu")
     layout = init_parallel_groups(ParallelConfig())
-    optim = OptimizerSettings()
+    optim = OptimConfig()
     sharded = parallelize(
         model_config(shape),
         technique_config(techniques, shape.name == "dry"),
         layout,
         ParallelConfig(microbatches=shape.microbatches),
-        optim,
-        shape.micro_batch,
+        optim=optim,
+        micro_batch_size=shape.micro_batch,
         seed=0,
-        precision="bf16",
+        precision=precision,
     )
-    module = TrainModule(sharded, layout, shape.micro_batch, shape.seq, torch.bfloat16, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    module = TrainModule(sharded, layout, shape.micro_batch, shape.seq, dtype, device)
     batches = list(_tokens(shape, device).split(shape.micro_batch))
     index = [0]
 
@@ -164,32 +170,19 @@ def loom_step(device_type: str, shape: GpuShape, techniques: tuple, warmup: int,
     return out
 
 
-def hf_step(device_type: str, shape: GpuShape, warmup: int, steps: int) -> dict:
+def hf_step(device_type: str, shape: GpuShape, warmup: int, steps: int, precision: str = "bf16") -> dict:
     """`LlamaForCausalLM` (sdpa) at the same shape: fp32 weights, bf16 autocast, fused AdamW (Loom's
     parameter groups), gradient clipping at 1.0 — the loop of the HF Trainer with bf16=True."""
     import torch
     import torch.nn.functional as F
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
+    from loom.launch.bench.shapes import hf_llama_config
     from loom.launch.bench.workloads import adamw
 
     device = torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.ffn,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=shape.seq,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        use_cache=False,
-    )
+    config = hf_llama_config(shape)
     with torch.device(device):  # initialise on the device: a CPU init of 1B weights takes longer than the timing
         model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     model.train()
@@ -201,7 +194,7 @@ def hf_step(device_type: str, shape: GpuShape, warmup: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for tokens in micro:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) / len(micro)
             loss.backward()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def _sections(text: str) -> tuple:
@@ -47,6 +46,7 @@ def command_line(args: argparse.Namespace) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from loom.launch.bench.options import BenchOptions
     from loom.launch.bench.run import run_bench
+    from loom.launch.runtime.logs import progress_to_stderr
 
     sections, defaults = args.sections, {}
     if args.device == "cuda":
@@ -78,8 +78,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         dry_run=args.dry_run or None,
         time_limit=args.time_limit,
     )
-    log = (lambda line: None) if args.silent else (lambda line: print(line, file=sys.stderr, flush=True))
-    report = run_bench(opts, log=log)
+    progress_to_stderr("loom.launch.bench", quiet=args.silent)  # stdout carries the report alone
+    report = run_bench(opts)
     text = report.text()
     if args.out:
         with open(args.out, "w") as f:
@@ -112,7 +112,8 @@ def add_commands(sub) -> None:
         "--sections",
         type=_sections,
         default=None,
-        help="comma list of peers,techniques,layouts,zero,data,gpu (default: all but gpu; gpu with --device cuda)",
+        help="comma list of peers,techniques,layouts,zero,data,generate,gpu "
+        "(default: peers,techniques,layouts,zero,data; gpu with --device cuda)",
     )
     p.add_argument("--corpus", default=None, help="corpus of the data-path section (default linuxdoc)")
     p.add_argument(

@@ -11,6 +11,7 @@ import datetime
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 
@@ -104,3 +105,11 @@ def init_distributed(denv: DistEnv, timeout_s: float = 600.0) -> str:
             backend, rank=denv.rank, world_size=denv.world_size, timeout=datetime.timedelta(seconds=timeout_s)
         )
     return backend
+
+
+def loom_command(args: list[str], nproc: int = 1) -> list[str]:
+    """The command line of `loom ARGS` in this interpreter: one process, or `nproc` under torchrun."""
+    if nproc == 1:
+        return [sys.executable, "-m", "loom.launch.cli", *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*launcher, "-m", "loom.launch.cli", *args]

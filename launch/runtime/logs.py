@@ -84,6 +84,22 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
+def progress_to_stderr(name: str, quiet: bool = False) -> None:
+    """Send logger `name`'s records to stderr alone (a command whose stdout is its result, like `loom
+    bench`'s report); `quiet` keeps only warnings and errors."""
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        if getattr(handler, "_loom", False):
+            logger.removeHandler(handler)
+    handler = _ConsoleHandler("stderr")
+    handler._loom = True  # type: ignore[attr-defined]
+    handler.setFormatter(RankFormatter())
+    handler.addFilter(_RankFilter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
 def flush_logs() -> None:
     for handler in logging.getLogger("loom").handlers:
         handler.flush()

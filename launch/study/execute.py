@@ -25,12 +25,12 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import List, Optional
 
+from loom.launch.runtime.env import loom_command
 from loom.launch.study.config import (
     RunSpec,
     StudyConfig,
@@ -47,21 +47,6 @@ log = logging.getLogger(__name__)
 def _log(msg: str) -> None:
     # concurrent runs' threads log at the same time: the clock tells their lines apart
     log.info(f"[study {time.strftime('%H:%M:%S')}] {msg}")
-
-
-def _loom(args: List[str], nproc: int) -> List[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "loom.launch.cli", *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "loom.launch.cli",
-        *args,
-    ]
 
 
 def _run_logged(cmd: List[str], log_file: Path, timeout: float) -> tuple[int, float]:
@@ -146,7 +131,7 @@ def _execute_run(
         resume = ["--resume", "auto"] if done is not None else []
         _log(f"{label}: training {target} steps" + (f" (resuming at {done})" if resume else ""))
         code, wall = _run_logged(
-            _loom(["train", str(run_yaml), *resume], cfg.nproc), spec.folder / "train.log", cfg.run_timeout_s
+            loom_command(["train", str(run_yaml), *resume], cfg.nproc), spec.folder / "train.log", cfg.run_timeout_s
         )
         done = _final_step(spec.folder)
         with lock:
@@ -175,7 +160,7 @@ def _execute_run(
             args += ["--data", cfg.eval_data]
         if settings:
             args += ["--set", *settings]
-        code, wall = _run_logged(_loom(args, cfg.nproc), spec.folder / "eval.log", cfg.run_timeout_s)
+        code, wall = _run_logged(loom_command(args, cfg.nproc), spec.folder / "eval.log", cfg.run_timeout_s)
         with lock:
             entry["eval_wall_s"] = round(wall, 1)
             if code != 0 or not eval_json.is_file():

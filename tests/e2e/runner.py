@@ -5,28 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 
+from loom.launch.runtime.env import loom_command
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
-
-
-def loom_command(args: list[str], nproc: int = 1) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "loom.launch.cli", *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "loom.launch.cli",
-        *args,
-    ]
 
 
 def loom_env(extra: dict | None = None) -> dict:
