@@ -39,6 +39,7 @@ def _equivalence_fn(rank, world, names: list[str]) -> dict:
     return out
 
 
+@pytest.mark.slow  # 256 tokens twice per technique (~10 s each); the quick loop keeps the HF-cache tests
 @pytest.mark.parametrize(
     "names", [["baseline", "lcm", "scr"], ["cmr", "sca", "hcma"], ["all five", "all five, other knobs"]]
 )

@@ -16,7 +16,7 @@ LAYOUTS = [  # (tp, pp, dp)
     (2, 1, 1),
     (1, 2, 1),
     (1, 1, 2),
-    (4, 1, 1),
+    pytest.param(4, 1, 1, marks=pytest.mark.slow),  # 4 ranks on 2 cores; TP is also covered by tp2
     (1, 4, 1),
     (2, 2, 1),
     (2, 1, 2),
@@ -34,7 +34,9 @@ def setup():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp,pp,dp", LAYOUTS, ids=[f"tp{t}-pp{p}-dp{d}" for t, p, d in LAYOUTS])
+@pytest.mark.parametrize(
+    "tp,pp,dp", LAYOUTS, ids=[f"tp{t}-pp{p}-dp{d}" for t, p, d in (getattr(x, "values", x) for x in LAYOUTS)]
+)
 def test_layout_matches_single_process(setup, tp, pp, dp):
     cfg, tech, steps, ref = setup
     stages = [0, 1, 2] + ([3] if pp == 1 else [])

@@ -110,6 +110,7 @@ def _inductor_cache_for_these_kernels() -> str:
     return os.path.join(default_cache_dir(), f"loom-tests-{torch.backends.cpu.get_cpu_capability().lower()}")
 
 
+@pytest.mark.slow  # inductor compiles C++ on a cold cache (20+ s)
 @pytest.mark.distributed
 def test_compiled_blocks_match_eager_reference(monkeypatch):
     """train.compile=true (inductor, no graph-break fallback allowed) at TP2 gives the eager
