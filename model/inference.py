@@ -1,10 +1,10 @@
 """Inference state of one pipeline stage, so that decoding a token costs O(1) in the prefix length
 apart from attention itself.
 
-`InferenceCache` holds, per sequence of a batch, every block's keys and values (`KVCache`) and the
-techniques' running state where they sit: LCM's ring buffer of the last K states (`LCMWindow`, spec
-3.12) and SCR's decayed sums (`SCRCarry`, spec 4.12). CMR needs nothing in its default mode (its bank
-is per token and lives within one forward), SCA is training-only and HCMA is the embedding table.
+`InferenceCache` holds, per sequence of a batch, every block's keys and values (`KVCache`) and the techniques'
+running state where they sit (docs/techniques.md, each technique's "Inference"): LCM's ring buffer of the last
+K states (`LCMWindow`) and SCR's decayed sums (`SCRCarry`). CMR needs nothing in its default mode (its bank is
+per token and lives within one forward), SCA is training-only and HCMA is the embedding table.
 
 Document metadata continues across calls exactly as the full forward derives it from the ids: a
 document starts at a sequence's first token and right after every EOS, and LCM's positions count from

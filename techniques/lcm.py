@@ -13,8 +13,8 @@ renormalisation. If TF32 matmuls are
 enabled globally, only the tap weights are rounded (bf16-born activations are exact in TF32), an
 error below the bf16 resolution of the output.
 
-At inference (spec 3.12) the anchor of one new token needs only the last ``K`` states: `LCMWindow`
-keeps them in a ring buffer per sequence, filled by the prompt's full forward, and `LCM.step`
+At inference (docs/techniques.md, LCM "Inference") the anchor of one new token needs only the last ``K``
+states: `LCMWindow` keeps them in a ring buffer per sequence, filled by the prompt's full forward, and `LCM.step`
 computes one token from it. The lag mask is the same ``pos_t >= j`` rule as the full forward, so the
 window needs no reset at a document start: rows of an earlier document are never read.
 """

@@ -13,9 +13,9 @@ scan one level up, so every fp32 sum has at most ``C`` terms and ``decay^k`` is 
 (With TF32 matmuls enabled globally each summand is rounded to TF32 once; that error does not
 accumulate along the sequence and stays below the bf16 resolution of the output.)
 
-At inference (spec 4.12) the prefix sums are an O(1) recurrent state per sequence: `SCRCarry` holds
-``[sum rho v, sum rho]`` (fp32, decayed), taken from the prompt's full forward, and `SCR.step` adds one
-token to it, restarting at a document start exactly as the segmented scan does.
+At inference (docs/techniques.md, SCR "Inference") the prefix sums are an O(1) recurrent state per sequence:
+`SCRCarry` holds ``[sum rho v, sum rho]`` (fp32, decayed), taken from the prompt's full forward, and
+`SCR.step` adds one token to it, restarting at a document start exactly as the segmented scan does.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """LCM and SCR for Loom's remote code (`modeling_loom.py`): the full-sequence forward, and the one-token
 step generation uses with the state the cache carries (`cache_loom.LoomCacheLayer`).
 
-Self-contained plain PyTorch, the same arithmetic as Loom's `techniques/lcm.py` and `techniques/scr.py`.
-LCM keeps the last K states at its placement point (spec 3.12): a new token's anchor needs nothing older,
-and the lag mask `pos_t >= j` keeps other documents out, as in the full forward. SCR keeps its decayed
-sums `[sum rho v, sum rho]` (spec 4.12), restarted at a document start.
+Self-contained plain PyTorch, the same arithmetic as Loom's `techniques/lcm.py` and `techniques/scr.py`. LCM
+keeps the last K states at its placement point (Loom's docs/techniques.md, LCM "Inference"): a new token's
+anchor needs nothing older, and the lag mask `pos_t >= j` keeps other documents out, as in the full forward.
+SCR keeps its decayed sums `[sum rho v, sum rho]` (the same docs, SCR "Inference"), restarted at a document
+start.
 """
 
 from __future__ import annotations
