@@ -31,6 +31,7 @@ class LoomTrainer(Workload):
         microbatches: int = 1,
         seed: int = 0,
         compile: bool = False,
+        overlap_comm: bool = False,
     ):
         import torch
 
@@ -49,7 +50,9 @@ class LoomTrainer(Workload):
         if per_rank * layout.dp != shape.batch or per_rank % microbatches:
             raise ValueError(f"batch {shape.batch} does not split into DP {layout.dp} x {microbatches} micro-batches")
         self.micro = per_rank // microbatches
-        parallel = ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=microbatches)
+        parallel = ParallelConfig(
+            tensor=tp, pipeline=pp, zero_stage=zero, microbatches=microbatches, overlap_comm=overlap_comm
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if compile:  # inductor's default compile-worker pool would fork from this forked worker

@@ -31,6 +31,7 @@ def section_layouts(opts: BenchOptions, report: Report) -> None:
         "1 process × 1 thread": (LoomTrainer, 1, 1, {"shape": shape}),
         "DP2 (ZeRO-0)": (LoomTrainer, 2, 1, {"shape": shape}),
         "DP2 (ZeRO-1)": (LoomTrainer, 2, 1, {"shape": shape, "zero": 1}),
+        "DP2 (ZeRO-1, overlap_comm)": (LoomTrainer, 2, 1, {"shape": shape, "zero": 1, "overlap_comm": True}),
         "TP2": (LoomTrainer, 2, 1, {"shape": shape, "tp": 2}),
         f"PP2 ({pp_micro} micro-batches)": (LoomTrainer, 2, 1, {"shape": shape, "pp": 2, "microbatches": pp_micro}),
         ONE_ACCUM: (LoomTrainer, 1, 1, {"shape": accum, "microbatches": ACCUMULATION}),

@@ -17,6 +17,11 @@ class ParallelConfig:
     """Micro-batches per optimizer step on each data-parallel rank (gradient accumulation / pipeline depth)."""
     reduce_bucket_size: int = 50_000_000
     """DeepSpeed reduce/all-gather bucket size in elements; small on CPU avoids huge buffers."""
+    overlap_comm: bool = False
+    """ZeRO 1-2 with pipeline=1: reduce each gradient bucket from the backward hooks as it fills, on a side
+    stream, so communication overlaps the rest of backward (DeepSpeed's `overlap_comm`; a second bucket of
+    memory; the same sums). ZeRO-3 always overlaps (DeepSpeed's default there). Not yet with pipeline > 1,
+    where Loom's schedule decides when gradients are reduced."""
     timeout_s: float = 600.0
     """Seconds a collective may wait for a peer before the run fails, naming the silent rank."""
 
@@ -30,6 +35,11 @@ class ParallelConfig:
         if self.zero_stage == 3 and self.pipeline > 1:
             problems.append(
                 "ZeRO-3 with parallel.pipeline > 1 is not supported: use zero_stage 0, 1 or 2 with pipeline parallelism"
+            )
+        if self.overlap_comm and (self.zero_stage not in (1, 2) or self.pipeline > 1):
+            problems.append(
+                "parallel.overlap_comm needs zero_stage 1 or 2 and pipeline 1 (ZeRO-3 overlaps anyway; "
+                "under pipeline parallelism Loom's schedule reduces once per step)"
             )
         if problems:
             return problems

@@ -51,6 +51,8 @@ def deepspeed_config(
         "bf16": {"enabled": bf16},
         "wall_clock_breakdown": False,
     }
+    if parallel.zero_stage in (1, 2):  # ZeRO-3 keeps DeepSpeed's default (on)
+        cfg["zero_optimization"]["overlap_comm"] = parallel.overlap_comm
     for key, value in (overlay or {}).items():
         cfg[key] = value
     return cfg
