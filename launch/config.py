@@ -192,7 +192,15 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
     p = cfg.parallel
     problems = p.validate(world_size)
     problems += cfg.model.validate(p.tensor if p.tensor > 0 else 1, p.pipeline if p.pipeline > 0 else 1)
-    problems += cfg.techniques.validate(cfg.model.num_layers)
+    shard = None
+    if p.sequence_parallel and p.tensor > 1:
+        shard = cfg.model.seq_length // p.tensor
+        if cfg.model.seq_length % p.tensor:
+            problems.append(
+                f"parallel.sequence_parallel splits model.seq_length={cfg.model.seq_length} over "
+                f"parallel.tensor={p.tensor} ranks: it must divide evenly"
+            )
+    problems += cfg.techniques.validate(cfg.model.num_layers, sequence_shard=shard)
     problems += cfg.data.validate()
     t, o, c = cfg.train, cfg.optim, cfg.checkpoint
     for name in ("micro_batch_size", "max_steps", "log_every"):
@@ -230,6 +238,11 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
         problems.append(
             "train.compile needs zero_stage 0, 1 or 2: ZeRO-3 gathers each module's parameters in "
             "forward hooks that would run inside the compiled blocks"
+        )
+    if t.compile and p.sequence_parallel:
+        problems.append(
+            "train.compile with parallel.sequence_parallel is not supported yet: the compiled blocks would "
+            "contain megatron's sequence-parallel collectives; turn one of them off"
         )
     if c.resume not in ("none", "auto") and check_files and not os.path.exists(c.resume):
         problems.append(f"checkpoint.resume: no checkpoint at '{c.resume}'")

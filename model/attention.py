@@ -43,8 +43,8 @@ class Attention(nn.Module):
 
     def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """This rank's q `[s, b, heads, head_dim]` and k, v `[s, b, kv_groups, head_dim]`, RoPE applied."""
-        s, b, _ = x.shape
         qkv, _ = self.qkv(x)
+        s, b = qkv.shape[:2]  # the whole sequence under sequence parallelism, where x holds a shard of it
         qkv = qkv.view(s, b, self.kv_groups, self.q_per_group + 2, self.head_dim)
         # split, not slicing: split's backward is one concatenation, while every slice's backward
         # would zero-fill a full qkv-sized gradient; RoPE runs once over q and k together
@@ -63,8 +63,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Causal attention over `x` `[s, b, d]`. At inference, `kv` keeps this block's keys and values
         and `chunk` says where the new ones go and which cached positions each query may see."""
-        s, b, _ = x.shape
         q, k, v = self.rotated_qkv(x, cos, sin)
+        s, b = q.shape[:2]
         # SDPA wants [b, h, s, head_dim]; it never materialises the [s, s] scores on the fast paths
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         if kv is None:

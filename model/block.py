@@ -73,9 +73,10 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         if self.scr is not None and self.scr_placement == placement:
             carry = state.scr if state is not None else None
-            h, ctx.rho = self.scr(h, ctx.start, None if self.scr_first else ctx.rho, carry)
+            h, ctx.rho = self.scr(h, ctx.start, None if self.scr_first else ctx.rho, carry, ctx.sequence)
         if self.lcm is not None and self.lcm_placement == placement:
-            h = self.lcm(h, ctx.pos, state.lcm if state is not None else None)
+            halo = ctx.sequence.previous_rows(h, self.lcm.K) if ctx.sequence is not None else None
+            h = self.lcm(h, ctx.pos, state.lcm if state is not None else None, halo, ctx.token_share)
         return h
 
     def new_cache(self, reserve: int = 0) -> BlockCache:
@@ -106,10 +107,13 @@ class Block(nn.Module):
 def residual_point(owner: nn.Module, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
     """CMR reweave/capture and the SCA head at h^point; shared by blocks and the embedding (h^0)."""
     if getattr(owner, "reweave", None) is not None:
-        h = owner.reweave(h, ctx.bank_tensor(), ctx.readable_slots(owner.point))
+        h = owner.reweave(h, ctx.bank_tensor(), ctx.readable_slots(owner.point), ctx.token_share)
     if getattr(owner, "capture", None) is not None:
         ctx.bank[owner.capture_slot] = owner.capture(h)
     if getattr(owner, "sca", None) is not None and ctx.training:
-        loss = owner.sca(h, ctx.tokens, ctx.doc, step=ctx.step, update_ema=ctx.update_ema)
+        if ctx.sequence is None:
+            loss = owner.sca(h, ctx.tokens, ctx.doc, step=ctx.step, update_ema=ctx.update_ema)
+        else:  # the head sees the whole micro-batch, as without sharding (SCAHead.forward)
+            loss = owner.sca(h, ctx.full_tokens, ctx.full_doc, ctx.step, ctx.update_ema, gather=ctx.sequence.gather)
         h = attach_aux_loss(h, loss)
     return h

@@ -2,7 +2,9 @@
 
 Document metadata is derived from the token ids on every stage (every stage reads the same
 micro-batch), so no metadata crosses stages. What does cross (`GPTStage.carry_specs`) is SCR's
-relevance state ρ and CMR's captured-state bank, alongside the hidden state.
+relevance state ρ and CMR's captured-state bank, alongside the hidden state. Under sequence
+parallelism the per-token fields hold this rank's rows of the sequence (the rows of its residual
+stream), and `sequence` says which.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from typing import Optional
 
 import torch
 
+from loom.model.parallel.sequence import SequenceShards
 from loom.model.technique_plan import TechniquePlan
 
 
 @dataclass
 class ForwardContext:
     tokens: torch.Tensor
-    """Input ids [s, b]."""
+    """Input ids [s, b] (this rank's rows under sequence parallelism)."""
     pos: torch.Tensor
     """Position inside the document [s, b]."""
     start: torch.Tensor
@@ -26,6 +29,7 @@ class ForwardContext:
     doc: torch.Tensor
     """Document index along the sequence [s, b]."""
     cos: torch.Tensor
+    """RoPE tables of the full sequence (attention sees every row after megatron's all-gather)."""
     sin: torch.Tensor
     plan: TechniquePlan
     step: int = 0
@@ -35,6 +39,18 @@ class ForwardContext:
     rho: Optional[torch.Tensor] = None
     bank: list = field(default_factory=list)
     bank_template: Optional[torch.Tensor] = None
+    sequence: Optional[SequenceShards] = None
+    """Sequence parallelism: which rows of the sequence this rank holds; None when it holds all."""
+    full_tokens: Optional[torch.Tensor] = None
+    """Input ids of the whole sequence [s, b] under sequence parallelism (SCA's field is per token type)."""
+    full_doc: Optional[torch.Tensor] = None
+    """Document index of the whole sequence [s, b] under sequence parallelism (SCA's chunks)."""
+
+    @property
+    def token_share(self) -> float:
+        """The fraction of the sequence's tokens this rank holds: a mean over its rows times this is its
+        part of the mean over all rows, so per-token auxiliary losses add up to the unsharded loss."""
+        return 1.0 if self.sequence is None else 1.0 / self.sequence.size
 
     def bank_tensor(self) -> torch.Tensor:
         """[s, b, n_slots, r]; slots not yet captured are zeros (masked out by the reader)."""

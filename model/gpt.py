@@ -22,6 +22,7 @@ from loom.model.context import ForwardContext
 from loom.model.inference import InferenceCache
 from loom.model.init import block_seed
 from loom.model.norm import RMSNorm
+from loom.model.parallel.sequence import sequence_shards_of, unsharded
 from loom.model.parallel.tp_rules import mark_tensor_parallel
 from loom.model.precision import at_least_fp32
 from loom.model.rope import RotaryEmbedding
@@ -64,6 +65,8 @@ class GPTStage(nn.Module):
         self.tied_across_stages = cfg.tie_embeddings and pp > 1
         self.layer_range = stage_layer_range(cfg.num_layers, pp, pp_rank)
         self.padded_vocab = cfg.padded_vocab_size(tp)
+        # megatron's layers were built in SP mode: the residual stream between them holds s/TP rows
+        self.sequence = sequence_shards_of(layer_config)
         d = cfg.hidden_size
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.point = 0  # the embedding output is h^0
@@ -103,11 +106,18 @@ class GPTStage(nn.Module):
         pos, start, doc = document_metadata(tokens, self.cfg.eos_id)
         dtype = next(self.parameters()).dtype
         cos, sin = self.rope.cos_sin(tokens.shape[0], tokens.device, dtype)
+        shards = self.sequence
+        if shards is not None and tokens.shape[0] % shards.size:
+            raise ValueError(
+                f"sequence parallelism splits the sequence over {shards.size} ranks: {tokens.shape[0]} tokens "
+                "do not divide evenly"
+            )
+        rows = (lambda t: t) if shards is None else shards.local  # the rows of this rank's residual stream
         return ForwardContext(
-            tokens=tokens,
-            pos=pos,
-            start=start,
-            doc=doc,
+            tokens=rows(tokens),
+            pos=rows(pos),
+            start=rows(start),
+            doc=rows(doc),
             cos=cos,
             sin=sin,
             plan=self.plan,
@@ -115,6 +125,9 @@ class GPTStage(nn.Module):
             training=self.training,
             stage_first_point=self.layer_range.start,
             bank=[None] * len(self.plan.cmr_sources),
+            sequence=shards,
+            full_tokens=tokens if shards is not None else None,
+            full_doc=doc if shards is not None else None,
         )
 
     def forward(
@@ -134,6 +147,9 @@ class GPTStage(nn.Module):
         With `cache` (decoding): tokens are [b, n] new ids without labels, `attention_mask` [b, n] marks
         the real ones (left padding); the last stage returns the logits of those n positions."""
         if cache is not None:
+            if self.sequence is not None:  # a few new tokens per call: decoding runs on whole sequences
+                with unsharded(self):
+                    return self._decode(tokens, received, cache, attention_mask)
             return self._decode(tokens, received, cache, attention_mask)
         input_ids, labels = tokens[:, :-1], tokens[:, 1:]
         ctx = self.make_context(input_ids, step)
@@ -214,10 +230,12 @@ class GPTStage(nn.Module):
             if "bank" in received:
                 ctx.bank = list(received["bank"].unbind(2))
             return received["hidden"]
-        h = self.embedding(ctx.tokens)
+        h = self.embedding(ctx.tokens if self.sequence is None else ctx.full_tokens)
         hcma = self.hcma
         if hcma is not None and self.training and hcma.ready and hcma.cfg.mode == "regularizer":
             h = attach_aux_loss(h, hcma.weighted_loss(self.embedding.weight))
+        if self.sequence is not None:
+            h = self.sequence.scatter(h)  # every TP rank looked up the whole sequence; each keeps its rows
         return residual_point(self, h, ctx)
 
     def _stage_output(self, h: torch.Tensor, ctx: ForwardContext) -> dict:
@@ -230,7 +248,9 @@ class GPTStage(nn.Module):
         return out
 
     def carry_specs(self, micro_batch: int, seq_len: int, dtype: torch.dtype) -> dict:
-        """Name → (shape, dtype) of every tensor sent between stages; the same on all stages."""
+        """Name → (shape, dtype) of every tensor sent between stages; the same on all stages. Under
+        sequence parallelism each rank sends and receives its rows of the sequence."""
+        seq_len = seq_len if self.sequence is None else seq_len // self.sequence.size
         specs = {"hidden": ((seq_len, micro_batch, self.cfg.hidden_size), dtype)}
         if self.plan.carries_rho(self.tech):
             specs["rho"] = ((seq_len, micro_batch), torch.promote_types(dtype, torch.float32))  # SCR's fp32 island

@@ -94,11 +94,14 @@ class Reweave(nn.Module):
             mask[slots] = True
         return mask
 
-    def forward(self, h: torch.Tensor, bank: torch.Tensor, available: SlotSelection = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, bank: torch.Tensor, available: SlotSelection = None, loss_share: float = 1.0
+    ) -> torch.Tensor:
         """``bank`` is ``[s, b, n_slots, r]``; ``available`` (bool ``[n_slots]`` or slot indices,
         None = all) names the slots already captured; the others get zero attention. With no
         available slot (a stage-local target whose stage captures no source) the reweave is skipped:
-        the output is ``h`` itself."""
+        the output is ``h`` itself. Under sequence parallelism ``loss_share`` is this shard's fraction of
+        the tokens, so the shards' reconstruction losses add up to the unsharded one."""
         if bank.shape[2] != self.n_slots:
             raise ValueError(f"bank has {bank.shape[2]} slots, this Reweave expects {self.n_slots}")
         if _selects_nothing(available):
@@ -115,7 +118,7 @@ class Reweave(nn.Module):
         out = h + self.out(rebuilt.to(h.dtype))
         if self.rec_loss_weight > 0 and self.training and torch.is_grad_enabled():
             rec = self._reconstruction_loss(rebuilt, bank_f.detach(), mask)
-            out = attach_aux_loss(out, self.rec_loss_weight * rec)
+            out = attach_aux_loss(out, self.rec_loss_weight * loss_share * rec)
             self._last["rec_loss"] = rec.detach()
         with torch.no_grad():
             entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1)

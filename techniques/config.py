@@ -27,10 +27,6 @@ from loom.techniques.selection import (
 )
 
 _PLACEMENTS = ("post_mlp", "post_attn")
-_SP_REFUSAL = (
-    "{name} under sequence/context parallelism needs {need}, which is not implemented; "
-    "disable {name} or sequence/context parallelism"
-)
 
 
 @dataclass
@@ -62,8 +58,9 @@ class LCMConfig:
         """0-based indices of the modulated blocks."""
         return resolve_layers(self.layers, num_layers)
 
-    def validate(self, num_layers: int, *, sequence_parallel: bool = False) -> list[str]:
-        """Problems with this config for a model of ``num_layers`` blocks; empty when usable."""
+    def validate(self, num_layers: int, *, sequence_shard: int | None = None) -> list[str]:
+        """Problems with this config for a model of ``num_layers`` blocks; empty when usable.
+        ``sequence_shard`` is the tokens per rank under sequence parallelism (None without it)."""
         problems = layer_selection_problems(self.layers, num_layers)
         if self.K < 1:
             problems.append(f"K={self.K} must be >= 1")
@@ -77,8 +74,11 @@ class LCMConfig:
             problems.append(f"placement={self.placement!r} must be one of {_PLACEMENTS}")
         if self.aux_smooth_weight < 0:
             problems.append(f"aux_smooth_weight={self.aux_smooth_weight} must be >= 0")
-        if sequence_parallel:
-            problems.append(_SP_REFUSAL.format(name="LCM", need="a K-row halo exchange"))
+        if sequence_shard is not None and sequence_shard < self.K:
+            problems.append(
+                f"K={self.K} is longer than a sequence-parallel shard of {sequence_shard} tokens: the anchor's "
+                "halo would span several shards (use a shorter K, a longer sequence or a smaller parallel.tensor)"
+            )
         return problems
 
 
@@ -105,7 +105,7 @@ class SCRConfig:
         """0-based indices of the blocks that host SCR."""
         return resolve_layers(self.layers, num_layers)
 
-    def validate(self, num_layers: int, *, sequence_parallel: bool = False) -> list[str]:
+    def validate(self, num_layers: int) -> list[str]:
         """Problems with this config for a model of ``num_layers`` blocks; empty when usable."""
         problems = layer_selection_problems(self.layers, num_layers)
         if self.rank < 1:
@@ -120,8 +120,6 @@ class SCRConfig:
             problems.append(str(exc))
         if self.placement not in _PLACEMENTS:
             problems.append(f"placement={self.placement!r} must be one of {_PLACEMENTS}")
-        if sequence_parallel:
-            problems.append(_SP_REFUSAL.format(name="SCR", need="a prefix all-gather across sequence shards"))
         return problems
 
 
@@ -383,13 +381,14 @@ class TechniquesConfig:
         """Usable but probably unintended settings of the enabled techniques (``"cmr: ..."``), for a log line."""
         return [f"cmr: {w}" for w in self.cmr.stage_local_warnings(num_layers, pipeline)] if self.cmr.enabled else []
 
-    def validate(self, num_layers: int, *, sequence_parallel: bool = False) -> list[str]:
-        """Problems of the enabled techniques, each prefixed with its namespace (``"lcm: ..."``)."""
+    def validate(self, num_layers: int, *, sequence_shard: int | None = None) -> list[str]:
+        """Problems of the enabled techniques, each prefixed with its namespace (``"lcm: ..."``);
+        ``sequence_shard`` is the tokens per rank under sequence parallelism (None without it)."""
         problems = []
         if self.lcm.enabled:
-            problems += [f"lcm: {p}" for p in self.lcm.validate(num_layers, sequence_parallel=sequence_parallel)]
+            problems += [f"lcm: {p}" for p in self.lcm.validate(num_layers, sequence_shard=sequence_shard)]
         if self.scr.enabled:
-            problems += [f"scr: {p}" for p in self.scr.validate(num_layers, sequence_parallel=sequence_parallel)]
+            problems += [f"scr: {p}" for p in self.scr.validate(num_layers)]
         if self.cmr.enabled:
             problems += [f"cmr: {p}" for p in self.cmr.validate(num_layers)]
         if self.sca.enabled:

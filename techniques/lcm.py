@@ -141,15 +141,32 @@ class LCM(nn.Module):
         a = self.a_max * torch.tanh(at_least_fp32(self.alpha))
         return a.clamp(min=0.0) if self.clamp else a
 
-    def forward(self, h: torch.Tensor, pos: torch.Tensor, window: LCMWindow | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        window: LCMWindow | None = None,
+        halo: torch.Tensor | None = None,
+        loss_share: float = 1.0,
+    ) -> torch.Tensor:
         """``h`` ``[s, b, d]``, ``pos`` ``[s, b]``. With an inference ``window``: an empty one is filled
-        from this (prompt) forward; a filled one continues one token at a time (`step`)."""
+        from this (prompt) forward; a filled one continues one token at a time (`step`).
+
+        Under sequence parallelism ``h`` is one shard of the sequence and ``halo`` ``[K, b, d]`` the
+        preceding shard's last ``K`` rows (zeros for the first shard: ``pos`` never lets a lag reach
+        before the sequence), and ``loss_share`` this shard's fraction of the tokens, so the smoothness
+        losses of the shards add up to the unsharded one."""
         if window is not None and window.filled:
             if h.shape[0] != 1:
                 raise ValueError(f"LCM continues a cached sequence one token at a time, got {h.shape[0]}")
             return self.step(h[0], pos[0], window)[None]
         hf = at_least_fp32(h)
-        anchor = causal_anchor(hf, pos, lag_taps(self.K, self.beta, h.device))
+        taps = lag_taps(self.K, self.beta, h.device)
+        if halo is None:
+            anchor = causal_anchor(hf, pos, taps)
+        else:  # the halo rows' own anchors are computed and dropped; only the shard's rows are kept
+            extended = torch.cat([at_least_fp32(halo), hf])
+            anchor = causal_anchor(extended, torch.cat([pos.new_zeros(halo.shape[:2]), pos]), taps)[halo.shape[0] :]
         if window is not None:
             window.fill(hf)
         a = self.strength()
@@ -158,7 +175,7 @@ class LCM(nn.Module):
         out = (hf - step * pull).to(h.dtype)
         if self.aux_smooth_weight > 0 and self.training and torch.is_grad_enabled():
             smooth = pull.pow(2).sum(-1).mean()
-            out = attach_aux_loss(out, self.aux_smooth_weight * smooth)
+            out = attach_aux_loss(out, self.aux_smooth_weight * loss_share * smooth)
             self._last["smooth_loss"] = smooth.detach()
         with torch.no_grad():
             self._last["gate_mean"] = gate.mean() if gate is not None else torch.ones((), device=h.device)

@@ -14,7 +14,7 @@ rate and stay bit-identical.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -72,10 +72,23 @@ class SCAHead(nn.Module):
         return F.normalize(at_least_fp32(self.proj(u)), dim=-1)
 
     def forward(
-        self, h: torch.Tensor, tokens: torch.Tensor, doc: torch.Tensor, step: int, update_ema: bool = True
+        self,
+        h: torch.Tensor,
+        tokens: torch.Tensor,
+        doc: torch.Tensor,
+        step: int,
+        update_ema: bool = True,
+        gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """Pass ``update_ema=False`` when the forward is recomputed, so the EMA runs once per micro-batch."""
+        """Pass ``update_ema=False`` when the forward is recomputed, so the EMA runs once per micro-batch.
+
+        Under sequence parallelism ``h`` is one shard of the sequence, ``tokens`` and ``doc`` are the whole
+        sequence's, and ``gather`` collects the shards' projections ``[s/n, b, r]`` into ``[s, b, r]``
+        (autograd-aware): every rank then computes the loss and the field update of the whole micro-batch,
+        as without sharding (r values per token cross ranks, not d)."""
         z = self.project(h)
+        if gather is not None:
+            z = gather(z)
         flat, ids = z.reshape(-1, self.rank), tokens.reshape(-1)
         l_field = self._field_loss(flat, ids)
         l_coh = self._coherence_loss(z, doc)

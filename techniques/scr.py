@@ -20,7 +20,7 @@ At inference (docs/techniques.md, SCR "Inference") the prefix sums are an O(1) r
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -75,6 +75,15 @@ def segmented_cumsum(x: torch.Tensor, start: torch.Tensor, decay: float = 1.0, b
     return y.reshape(n_blocks * C, b, k)[:s]
 
 
+class EarlierShards(Protocol):
+    """The sequence-parallel group as SCR needs it (`loom.model.parallel.sequence.SequenceShards`)."""
+
+    rank: int
+
+    def earlier_shards(self, per_shard: torch.Tensor) -> torch.Tensor:
+        """Every shard's ``[1, …]`` value stacked in shard order, autograd-aware."""
+
+
 class SCRCarry:
     """One SCR layer's running ``[sum rho v, sum rho]`` per sequence (``[b, r + 1]``, fp32, decayed)."""
 
@@ -120,9 +129,11 @@ class SCR(nn.Module):
         start: torch.Tensor,
         rho_prev: Optional[torch.Tensor] = None,
         carry: Optional[SCRCarry] = None,
+        shards: Optional[EarlierShards] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``h`` ``[s, b, d]``, ``start`` ``[s, b]``. With an inference ``carry``: an empty one takes the
-        sums at the last position of this (prompt) forward; a filled one continues one token at a time."""
+        sums at the last position of this (prompt) forward; a filled one continues one token at a time.
+        Under sequence parallelism ``h`` is one shard of the sequence and ``shards`` reaches the others."""
         if carry is not None and carry.filled:
             if h.shape[0] != 1:
                 raise ValueError(f"SCR continues a cached sequence one token at a time, got {h.shape[0]}")
@@ -140,6 +151,8 @@ class SCR(nn.Module):
         else:
             rho = self.gamma * at_least_fp32(rho_prev) + (1.0 - self.gamma) * relevance
         sums = segmented_cumsum(torch.cat([rho[..., None] * v, rho[..., None]], dim=-1), start, self.decay)
+        if shards is not None:
+            sums = sums + self._carry_from_earlier_shards(sums, start, shards)
         if carry is not None:
             carry.sums = sums[-1].detach().clone()
         summary = sums[..., :-1] / (sums[..., -1:] + 1e-6)
@@ -147,6 +160,26 @@ class SCR(nn.Module):
             self._last["relevance_mean"] = relevance.mean()
             self._last["rho_mean"] = rho.mean()
         return h + self.up(summary.to(h.dtype)), rho
+
+    def _carry_from_earlier_shards(
+        self, sums: torch.Tensor, start: torch.Tensor, shards: EarlierShards
+    ) -> torch.Tensor:
+        """What the earlier shards add to this shard's prefix sums ``[s, b, r + 1]``: every shard's end state
+        (its sums at its last row, which restart at its last document start) and whether it holds a start
+        are gathered; the state entering this shard chains them, each decayed over the next shard's rows
+        and dropped at a start; it reaches this shard's rows before their first start, decayed to each."""
+        s = sums.shape[0]
+        ends = torch.cat([sums[-1], start.any(0).to(sums.dtype)[:, None]], dim=-1)  # [b, r + 2]
+        every = shards.earlier_shards(ends[None])  # [shards, b, r + 2]
+        entering = (
+            every[0, :, :-1] * 0
+        )  # the first shard's zeros stay in the graph: the gather's backward is collective
+        for k in range(shards.rank):
+            kept = 1.0 - every[k, :, -1:]  # a start in shard k drops what came before it
+            entering = every[k, :, :-1] + kept * (self.decay**s) * entering
+        reach = self.decay ** torch.arange(1, s + 1, device=sums.device, dtype=sums.dtype)
+        before_first_start = (start.long().cumsum(0) == 0).to(sums.dtype) * reach[:, None]  # [s, b]
+        return before_first_start[..., None] * entering
 
     @torch.no_grad()
     def step(

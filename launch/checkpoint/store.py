@@ -155,6 +155,7 @@ def load(engine, folder: Path, trust_pickles: bool = False) -> tuple[dict, dict 
     from loom.launch.checkpoint.unpickle import UnsafeCheckpointError, check_deepspeed_files, load_plain
 
     meta = read_meta(folder)
+    _require_same_model_parallel_layout(meta, folder)
     ds = deepspeed_dir(folder)
     rank_file = rank_state_file(folder, dist.get_rank())
     same_world = meta.get("world_size") == dist.get_world_size()
@@ -172,3 +173,17 @@ def load(engine, folder: Path, trust_pickles: bool = False) -> tuple[dict, dict 
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {ds}")
     return meta, rank_state
+
+
+def _require_same_model_parallel_layout(meta: dict, folder: Path) -> None:
+    """A checkpoint holds one file per TP×PP rank; another TP or PP size needs a start point first (the
+    same error on every rank, before DeepSpeed's loader fails on missing keys)."""
+    from loom.model.parallel.groups import current_layout
+
+    saved, live = meta.get("layout") or {}, current_layout()
+    if saved.get("tp", live.tp) != live.tp or saved.get("pp", live.pp) != live.pp:
+        raise CheckpointError(
+            f"{folder} was saved at tensor {saved['tp']} × pipeline {saved['pp']}, this run is tensor {live.tp} × "
+            f"pipeline {live.pp}: re-slice it first with `loom convert reshard {folder} OUT --tensor {live.tp} "
+            f"--pipeline {live.pp}` and resume from OUT"
+        )

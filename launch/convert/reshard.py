@@ -44,6 +44,9 @@ def reshard(
         p.pipeline = pipeline
     if zero is not None:
         p.zero_stage = zero
+    if p.tensor == 1 and p.sequence_parallel:
+        p.sequence_parallel = False  # it splits the sequence over TP ranks: at TP=1 there is nothing to split
+        log.info("parallel.sequence_parallel turned off: the target layout has tensor 1")
     world = None if data_parallel is None else data_parallel * p.tensor * p.pipeline
     problems = p.validate(world) + run_cfg.model.validate(p.tensor, p.pipeline)
     if run_cfg.model.tie_embeddings and p.pipeline > 1 and p.zero_stage == 2:

@@ -33,6 +33,10 @@ def train_from_cli(config_path: str, overrides: list[str], resume: str | None = 
     overrides = list(overrides) + ([f"checkpoint.resume={resume}"] if resume else [])
     cfg = load_config(config_path, overrides, world_size=denv.world_size)  # fails before any process group
     fresh_run_dir = not os.path.exists(cfg.output_dir)
+    if cfg.parallel.sequence_parallel:
+        # megatron's sequence-parallel layers launch each all-gather just before the GEMM that waits for it;
+        # with one hardware queue per device the GPU runs them in that order (set before CUDA starts)
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     backend = init_distributed(denv, cfg.parallel.timeout_s)
     heartbeat = Heartbeat() if denv.world_size > 1 else None
     try:

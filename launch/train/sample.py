@@ -1,11 +1,15 @@
 """Greedy text generation through the parallel model (any TP/PP layout), for the samples a training run
-prints: the shared cached decoder (`launch.generate.decode`), every stage keeping its own blocks' state."""
+prints: the shared cached decoder (`launch.generate.decode`), every stage keeping its own blocks' state. A
+model trained with sequence parallelism decodes unsharded (one new token cannot be split over ranks)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from loom.launch.generate.decode import StageRunner, decode
+from loom.model.parallel.sequence import unsharded
 
 
 @torch.no_grad()
@@ -28,9 +32,10 @@ def greedy_generate(
     module.eval()
     try:
         pp_group = ps.get_pipeline_model_parallel_group()
-        runner = StageRunner(module, choose, pp_group=pp_group, dtype=dtype, device=device)
-        cfg = module.cfg
-        out = decode(runner, [list(prompt_ids)], max_new_tokens, eos_id=cfg.eos_id, context=cfg.seq_length)
+        with unsharded(module) if module.sequence is not None else contextlib.nullcontext():
+            runner = StageRunner(module, choose, pp_group=pp_group, dtype=dtype, device=device)
+            cfg = module.cfg
+            out = decode(runner, [list(prompt_ids)], max_new_tokens, eos_id=cfg.eos_id, context=cfg.seq_length)
     finally:
         module.train(was_training)
     return list(prompt_ids) + out.ids[0]

@@ -11,6 +11,11 @@ class ParallelConfig:
     """Tensor-parallel size (megatron-core column/row-parallel layers)."""
     pipeline: int = 1
     """Pipeline-parallel stages (Loom's own 1F1B schedule)."""
+    sequence_parallel: bool = False
+    """Split the residual stream along the sequence over the tensor-parallel group (Megatron's sequence
+    parallelism; needs tensor > 1): norms, residual adds and the techniques' per-token work hold s/tensor
+    rows per rank instead of all s, at the cost of an all-gather/reduce-scatter pair in place of each
+    all-reduce. Same results as without it; training only (evaluation and decoding run unsharded)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2 or 3 (3 only with pipeline=1)."""
     microbatches: int = 1
@@ -36,6 +41,8 @@ class ParallelConfig:
             problems.append(
                 "ZeRO-3 with parallel.pipeline > 1 is not supported: use zero_stage 0, 1 or 2 with pipeline parallelism"
             )
+        if self.sequence_parallel and self.tensor == 1:
+            problems.append("parallel.sequence_parallel needs parallel.tensor > 1 (it splits the sequence over TP)")
         if self.overlap_comm and (self.zero_stage not in (1, 2) or self.pipeline > 1):
             problems.append(
                 "parallel.overlap_comm needs zero_stage 1 or 2 and pipeline 1 (ZeRO-3 overlaps anyway; "

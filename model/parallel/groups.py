@@ -132,9 +132,10 @@ class MegatronMPU:
         return dist.get_process_group_ranks(self.get_data_parallel_group())
 
 
-def megatron_layer_config(params_dtype: torch.dtype):
+def megatron_layer_config(params_dtype: torch.dtype, sequence_parallel: bool = False):
     """The ModelParallelConfig megatron's TP layers read: CPU-side full-weight init (identical
-    weights at every TP size) and no fusions, which on CPU silently route through torch.compile."""
+    weights at every TP size) and no fusions, which on CPU silently route through torch.compile.
+    `sequence_parallel` builds the layers in SP mode (training only: decoding runs without it)."""
     from megatron.core import parallel_state as ps
     from megatron.core.model_parallel_config import ModelParallelConfig
 
@@ -146,5 +147,5 @@ def megatron_layer_config(params_dtype: torch.dtype):
         use_cpu_initialization=True,
         perform_initialization=False,
         gradient_accumulation_fusion=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
     )

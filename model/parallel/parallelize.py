@@ -13,6 +13,7 @@ from loom.model.parallel.compile import compile_blocks
 from loom.model.parallel.config import ParallelConfig
 from loom.model.parallel.groups import Layout, megatron_layer_config
 from loom.model.parallel.optim import OptimConfig, build_optimizer
+from loom.model.parallel.sequence import SequenceShards, sync_replicated_grads
 from loom.model.parallel.zero import (
     ShardedStage,
     deepspeed_config,
@@ -43,10 +44,18 @@ def build_stage(
     seed: int,
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
+    sequence_parallel: bool = False,
 ) -> GPTStage:
-    """This rank's stage with its initial weights; identical weights for every layout."""
+    """This rank's stage with its initial weights; identical weights for every layout (with or without
+    sequence parallelism, which changes only where activations live)."""
     stage = GPTStage(
-        cfg, tech, megatron_layer_config(torch.float32), tp=layout.tp, pp=layout.pp, pp_rank=layout.pp_rank, seed=seed
+        cfg,
+        tech,
+        megatron_layer_config(torch.float32, sequence_parallel),
+        tp=layout.tp,
+        pp=layout.pp,
+        pp_rank=layout.pp_rank,
+        seed=seed,
     )
     init_tensor_parallel_weights(stage, cfg, seed, layout.tp_rank, layout.tp)
     return stage.to(device=device or default_device(), dtype=dtype)
@@ -70,8 +79,11 @@ def parallelize(
 
     1. the stage (this PP rank's blocks) with megatron-core's TP layers, weights identical at every
        layout (`build_stage`; under ZeRO-3 built inside `zero.Init`, so partitioned as it is built);
-    2. torch.compile of every block's attention and MLP when `compile` (`compile_blocks`);
-    3. the DeepSpeed engine over the DP group (ZeRO `parallel.zero_stage`) with Loom's AdamW.
+    2. sequence parallelism when `parallel.sequence_parallel`: the layers were built in SP mode, and the
+       gradients of TP-replicated parameters are summed over the TP group as backward produces them
+       (`sequence.sync_replicated_grads`);
+    3. torch.compile of every block's attention and MLP when `compile` (`compile_blocks`);
+    4. the DeepSpeed engine over the DP group (ZeRO `parallel.zero_stage`) with Loom's AdamW.
 
     `micro_batch_size` is per DP rank; `seed` keys the initial weights; `precision` is auto, fp32 or bf16
     (fp64 for the layout-equivalence tests); `deepspeed_overlay` adds engine options Loom does not model;
@@ -86,7 +98,9 @@ def parallelize(
         stage = _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype)
     else:
         # the engine keeps fp32 masters itself; the module holds the working dtype
-        stage = build_stage(cfg, tech, layout, seed, dtype)
+        stage = build_stage(cfg, tech, layout, seed, dtype, sequence_parallel=parallel.sequence_parallel)
+    if parallel.sequence_parallel:
+        stage.sequence_grad_hooks = sync_replicated_grads(stage, SequenceShards.current())
     if compile:
         compile_blocks(stage, compile_cache)
     return ShardedStage(stage, layout, parallel, ds_config, build_optimizer(stage, optim), optim.grad_clip)
@@ -102,7 +116,7 @@ def _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype) -> G
         stage = GPTStage(
             cfg,
             tech,
-            megatron_layer_config(torch.float32),
+            megatron_layer_config(torch.float32, parallel.sequence_parallel),
             tp=layout.tp,
             pp=layout.pp,
             pp_rank=layout.pp_rank,

@@ -172,9 +172,11 @@ def test_cmr_and_sca_default_layers():
 def test_validate_reports_problems():
     assert TechniquesConfig().validate(4) == []  # everything disabled
     lcm = LCMConfig(enabled=True, a_max=0.7, layers="0,9", K=0)
-    problems = lcm.validate(4, sequence_parallel=True)
+    problems = lcm.validate(4)
     assert any("a_max" in p for p in problems) and any("outside" in p for p in problems)
-    assert any("K=0" in p for p in problems) and any("not implemented" in p for p in problems)
+    assert any("K=0" in p for p in problems)
+    assert any("halo" in p for p in LCMConfig(K=8).validate(4, sequence_shard=4))
+    assert LCMConfig(K=4).validate(4, sequence_shard=4) == []
     assert any("rank" in p for p in SCRConfig(rank=0).validate(4))
     assert any("relevance_noise" in p for p in SCRConfig(relevance_noise="concrete(x)").validate(4))
     bad_cmr = CMRConfig(cross_position=C.CMRCrossPositionConfig(window=8), target_layers=[0, 5], rank=-1)
