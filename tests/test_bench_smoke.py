@@ -35,6 +35,7 @@ def test_bench_quick_prints_every_table(tmp_path):
         "Technique overhead",
         "Parallel layouts",
         "ZeRO stages",
+        "Sequence parallelism",
         "Data path",
     ):
         assert f"### {heading}" in text, f"missing section {heading!r}:\n{text}"
@@ -53,6 +54,9 @@ def test_bench_quick_prints_every_table(tmp_path):
     # ZeRO per-rank bytes follow the theory (a property of the harness's accounting, not of timing)
     zero_rows = [row for row in rows if row.startswith("| ZeRO-")]
     assert len(zero_rows) == 4 and all(row.count("(1.00×)") == 3 for row in zero_rows), "\n".join(zero_rows)
+    # sequence parallelism splits exactly the hidden-width activations: their ratio is 1/TP (accounting again)
+    sp_rows = [row.split(" | ") for row in rows if row.startswith(("| TP2 | baseline", "| TP2 | all five", "| TP4 | "))]
+    assert len(sp_rows) == 4 and all(cells[3] == cells[4] for cells in sp_rows), "\n".join(map(str, sp_rows))
     assert out.read_text().startswith("<!-- written by `loom bench --quick`")
     ext = tmp_path / "ext"
     assert not ext.exists() or os.listdir(ext) == [], "the benchmark triggered a DeepSpeed JIT build"

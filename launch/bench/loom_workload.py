@@ -32,6 +32,7 @@ class LoomTrainer(Workload):
         seed: int = 0,
         compile: bool = False,
         overlap_comm: bool = False,
+        sequence_parallel: bool = False,
     ):
         import torch
 
@@ -51,7 +52,12 @@ class LoomTrainer(Workload):
             raise ValueError(f"batch {shape.batch} does not split into DP {layout.dp} x {microbatches} micro-batches")
         self.micro = per_rank // microbatches
         parallel = ParallelConfig(
-            tensor=tp, pipeline=pp, zero_stage=zero, microbatches=microbatches, overlap_comm=overlap_comm
+            tensor=tp,
+            pipeline=pp,
+            zero_stage=zero,
+            microbatches=microbatches,
+            overlap_comm=overlap_comm,
+            sequence_parallel=sequence_parallel,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -111,7 +117,7 @@ class LoomTrainer(Workload):
         import torch
 
         engine, module = self.sharded.engine, self.sharded.module
-        meter = SavedTensorMeter(exclude=list(module.parameters()))
+        meter = SavedTensorMeter(exclude=list(module.parameters()), hidden_size=self.shape.hidden)
         grads = {}
 
         def before_optimizer_step(*_):  # gradients exist only between backward and the step
@@ -127,6 +133,7 @@ class LoomTrainer(Workload):
         out = self.state_bytes()
         out["grads"] = max(out["grads"], grads.get("bytes", 0))
         out["activations"] = meter.bytes
+        out["activations_hidden_width"] = meter.residual_bytes
         out["rss_high_water_kb"] = self.rss_high_water_kb()
         if torch.cuda.is_available():
             out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()

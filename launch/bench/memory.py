@@ -25,9 +25,11 @@ class SavedTensorMeter:
     """Bytes of the activations autograd saves for backward during one step (distinct storages,
     parameters excluded): with one micro-batch this is what is alive at the end of the forward."""
 
-    def __init__(self, exclude=()):
+    def __init__(self, exclude=(), hidden_size: int | None = None):
         self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
         self.seen: dict[int, int] = {}
+        self.hidden_size = hidden_size
+        self.residual: set[int] = set()  # storages saved as [s, b, hidden_size]-like activations
 
     def _pack(self, t):
         import torch
@@ -37,6 +39,8 @@ class SavedTensorMeter:
             ptr = s.data_ptr()
             if ptr not in self.exclude:
                 self.seen[ptr] = max(self.seen.get(ptr, 0), s.nbytes())
+                if self.hidden_size is not None and t.ndim >= 3 and t.shape[-1] == self.hidden_size:
+                    self.residual.add(ptr)
         return t
 
     def context(self):
@@ -47,6 +51,13 @@ class SavedTensorMeter:
     @property
     def bytes(self) -> int:
         return sum(self.seen.values())
+
+    @property
+    def residual_bytes(self) -> int:
+        """The part saved as [s, b, hidden_size]-like activations (not weights): the residual stream, the
+        norms' inputs and outputs and what the techniques keep of them, which tensor parallelism leaves
+        whole on every rank (its split tensors are heads, FFN or vocabulary columns wide)."""
+        return sum(self.seen[ptr] for ptr in self.residual)
 
 
 def optimizer_tensors(optimizer) -> list:

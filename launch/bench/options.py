@@ -15,7 +15,7 @@ class BenchOptions:
     steps: int = 1
     warmup: int = 2
     threads: int = 2
-    sections: tuple = ("peers", "techniques", "layouts", "zero", "data")
+    sections: tuple = ("peers", "techniques", "layouts", "zero", "sequence", "data")
     corpus: str = "linuxdoc"
     quick: bool = False
     data_docs: int | None = None

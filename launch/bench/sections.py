@@ -6,6 +6,7 @@ from loom.launch.bench.section_generate import section_generate
 from loom.launch.bench.section_gpu import section_gpu
 from loom.launch.bench.section_layouts import section_layouts
 from loom.launch.bench.section_peers import section_peers
+from loom.launch.bench.section_sequence import section_sequence
 from loom.launch.bench.section_techniques import section_techniques
 from loom.launch.bench.section_zero import section_zero
 
@@ -14,6 +15,7 @@ SECTIONS = {
     "techniques": section_techniques,
     "layouts": section_layouts,
     "zero": section_zero,
+    "sequence": section_sequence,
     "data": section_data,
     "gpu": section_gpu,
     "generate": section_generate,

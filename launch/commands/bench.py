@@ -112,8 +112,8 @@ def add_commands(sub) -> None:
         "--sections",
         type=_sections,
         default=None,
-        help="comma list of peers,techniques,layouts,zero,data,generate,gpu "
-        "(default: peers,techniques,layouts,zero,data; gpu with --device cuda)",
+        help="comma list of peers,techniques,layouts,zero,sequence,data,generate,gpu "
+        "(default: peers,techniques,layouts,zero,sequence,data; gpu with --device cuda)",
     )
     p.add_argument("--corpus", default=None, help="corpus of the data-path section (default linuxdoc)")
     p.add_argument(

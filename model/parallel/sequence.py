@@ -56,10 +56,11 @@ class SequenceShards:
         return full.chunk(self.size, dim=0)[self.rank]
 
     def scatter(self, full: torch.Tensor) -> torch.Tensor:
-        """This shard's rows of a full-sequence activation; backward all-gathers the gradient."""
+        """This shard's rows of a full-sequence activation; backward all-gathers the gradient. A copy, not
+        megatron's view of the full tensor: a saved view would keep the whole sequence's storage alive."""
         from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
-        return scatter_to_sequence_parallel_region(full, group=self.group)
+        return scatter_to_sequence_parallel_region(full, group=self.group).clone()
 
     def gather(self, shard: torch.Tensor) -> torch.Tensor:
         """The full sequence from every shard, for a computation every rank then repeats identically
