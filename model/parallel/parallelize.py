@@ -43,10 +43,19 @@ def build_stage(
     seed: int,
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
+    virtual_stages: int = 1,
 ) -> GPTStage:
-    """This rank's stage with its initial weights; identical weights for every layout."""
+    """This rank's stage (its `virtual_stages` model chunks) with its initial weights; identical weights
+    for every layout."""
     stage = GPTStage(
-        cfg, tech, megatron_layer_config(torch.float32), tp=layout.tp, pp=layout.pp, pp_rank=layout.pp_rank, seed=seed
+        cfg,
+        tech,
+        megatron_layer_config(torch.float32),
+        tp=layout.tp,
+        pp=layout.pp,
+        pp_rank=layout.pp_rank,
+        seed=seed,
+        virtual_stages=virtual_stages,
     )
     init_tensor_parallel_weights(stage, cfg, seed, layout.tp_rank, layout.tp)
     return stage.to(device=device or default_device(), dtype=dtype)
@@ -86,7 +95,7 @@ def parallelize(
         stage = _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype)
     else:
         # the engine keeps fp32 masters itself; the module holds the working dtype
-        stage = build_stage(cfg, tech, layout, seed, dtype)
+        stage = build_stage(cfg, tech, layout, seed, dtype, virtual_stages=parallel.virtual_stages)
     if compile:
         compile_blocks(stage, compile_cache)
     return ShardedStage(stage, layout, parallel, ds_config, build_optimizer(stage, optim), optim.grad_clip)
