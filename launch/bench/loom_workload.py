@@ -32,6 +32,7 @@ class LoomTrainer(Workload):
         seed: int = 0,
         compile: bool = False,
         overlap_comm: bool = False,
+        virtual_stages: int = 1,
     ):
         import torch
 
@@ -51,7 +52,12 @@ class LoomTrainer(Workload):
             raise ValueError(f"batch {shape.batch} does not split into DP {layout.dp} x {microbatches} micro-batches")
         self.micro = per_rank // microbatches
         parallel = ParallelConfig(
-            tensor=tp, pipeline=pp, zero_stage=zero, microbatches=microbatches, overlap_comm=overlap_comm
+            tensor=tp,
+            pipeline=pp,
+            zero_stage=zero,
+            microbatches=microbatches,
+            overlap_comm=overlap_comm,
+            virtual_stages=virtual_stages,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -4,6 +4,7 @@ the report (one module per section)."""
 from loom.launch.bench.section_data import section_data
 from loom.launch.bench.section_generate import section_generate
 from loom.launch.bench.section_gpu import section_gpu
+from loom.launch.bench.section_interleaved import section_interleaved
 from loom.launch.bench.section_layouts import section_layouts
 from loom.launch.bench.section_peers import section_peers
 from loom.launch.bench.section_techniques import section_techniques
@@ -13,6 +14,7 @@ SECTIONS = {
     "peers": section_peers,
     "techniques": section_techniques,
     "layouts": section_layouts,
+    "interleaved": section_interleaved,
     "zero": section_zero,
     "data": section_data,
     "gpu": section_gpu,
