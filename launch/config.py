@@ -182,7 +182,9 @@ def load_config(
     problems += validate(cfg, world_size, check_files)
     if problems:
         raise ConfigError(problems)
-    for warning in cfg.techniques.warnings(cfg.model.num_layers, max(cfg.parallel.pipeline, 1)):
+    # stage-local CMR sees pipeline × virtual_stages stages: each model chunk is a stage of its own
+    stages = max(cfg.parallel.pipeline, 1) * max(cfg.parallel.virtual_stages, 1)
+    for warning in cfg.techniques.warnings(cfg.model.num_layers, stages):
         logging.getLogger(__name__).warning(f"techniques.{warning}")
     return cfg
 
@@ -191,7 +193,9 @@ def validate(cfg: RunConfig, world_size: int | None = None, check_files: bool = 
     """Every semantic problem, one line each (types are already checked by OmegaConf)."""
     p = cfg.parallel
     problems = p.validate(world_size)
-    problems += cfg.model.validate(p.tensor if p.tensor > 0 else 1, p.pipeline if p.pipeline > 0 else 1)
+    problems += cfg.model.validate(
+        p.tensor if p.tensor > 0 else 1, p.pipeline if p.pipeline > 0 else 1, max(p.virtual_stages, 1)
+    )
     shard = None
     if p.sequence_parallel and p.tensor > 1:
         shard = cfg.model.seq_length // p.tensor

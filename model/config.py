@@ -58,7 +58,7 @@ class ModelConfig:
         multiple = self.pad_vocab_to_multiple_of * tp
         return -(-self.vocab_size // multiple) * multiple
 
-    def validate(self, tp: int = 1, pp: int = 1) -> list[str]:
+    def validate(self, tp: int = 1, pp: int = 1, virtual_stages: int = 1) -> list[str]:
         problems = []
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "seq_length", "pad_vocab_to_multiple_of"):
             if getattr(self, name) <= 0:
@@ -88,4 +88,9 @@ class ModelConfig:
                 problems.append(f"FFN width {self.ffn_size} is not divisible by parallel.tensor {tp}")
         if pp > 0 and self.num_layers % pp:
             problems.append(f"model.num_layers {self.num_layers} is not divisible by parallel.pipeline {pp}")
+        elif pp > 0 and virtual_stages > 1 and self.num_layers % (pp * virtual_stages):
+            problems.append(
+                f"model.num_layers {self.num_layers} is not divisible by parallel.pipeline × parallel.virtual_stages "
+                f"= {pp} × {virtual_stages}"
+            )
         return problems

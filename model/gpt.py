@@ -2,7 +2,9 @@
 
 `GPTStage` is the part of the network one pipeline rank holds (the whole network when PP=1). Its
 parameter names use global block indices (`layers.7.…`), so every layout names every weight the
-same way; `model.init` keys the initial values on those names.
+same way; `model.init` keys the initial values on those names. Under the interleaved schedule
+(`parallel.virtual_stages` v > 1) a rank holds v model chunks, non-adjacent slices of the blocks, and
+`forward(..., chunk=c)` runs one of them.
 
 `forward(..., cache=InferenceCache)` is the decoding path (`model/inference.py`): a prompt, then one
 token at a time, each call computing only the new positions; the same stage code, so it runs at any
@@ -41,9 +43,13 @@ def seeded(seed: int, index: int, build):
         return build()
 
 
-def stage_layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
-    per_stage = num_layers // pp
-    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+def stage_layer_range(num_layers: int, pp: int, pp_rank: int, virtual_stages: int = 1, chunk: int = 0) -> range:
+    """The global blocks of model chunk `chunk` on pipeline rank `pp_rank`. The pipeline has pp·v virtual
+    stages of equal size; virtual stage chunk·pp + pp_rank runs on that rank, so consecutive virtual
+    stages sit on consecutive ranks and the last rank hands chunk c on to rank 0's chunk c+1."""
+    per_stage = num_layers // (pp * virtual_stages)
+    virtual_stage = chunk * pp + pp_rank
+    return range(virtual_stage * per_stage, (virtual_stage + 1) * per_stage)
 
 
 class GPTStage(nn.Module):
@@ -57,13 +63,20 @@ class GPTStage(nn.Module):
         pp: int = 1,
         pp_rank: int = 0,
         seed: int = 0,
+        virtual_stages: int = 1,
     ):
         super().__init__()
         self.cfg, self.tech = cfg, tech
         self.plan = TechniquePlan.from_config(tech, cfg.num_layers)
+        # rank-level: this rank holds the embedding (in its chunk 0) / the head (in its last chunk)
         self.is_first, self.is_last = pp_rank == 0, pp_rank == pp - 1
         self.tied_across_stages = cfg.tie_embeddings and pp > 1
-        self.layer_range = stage_layer_range(cfg.num_layers, pp, pp_rank)
+        self.virtual_stages = virtual_stages
+        self.chunk_ranges = [
+            stage_layer_range(cfg.num_layers, pp, pp_rank, virtual_stages, chunk) for chunk in range(virtual_stages)
+        ]
+        # every block this rank holds, in order (one range without interleaving)
+        self.layer_range = self.chunk_ranges[0] if virtual_stages == 1 else [i for r in self.chunk_ranges for i in r]
         self.padded_vocab = cfg.padded_vocab_size(tp)
         # megatron's layers were built in SP mode: the residual stream between them holds s/TP rows
         self.sequence = sequence_shards_of(layer_config)
@@ -101,7 +114,7 @@ class GPTStage(nn.Module):
         self.hcma = HCMA(tech.hcma, d) if (tech.hcma.enabled and self.is_first) else None
 
     # ----------------------------------------------------------------------------------- forward
-    def make_context(self, input_ids: torch.Tensor, step: int = 0) -> ForwardContext:
+    def make_context(self, input_ids: torch.Tensor, step: int = 0, chunk: int = 0) -> ForwardContext:
         tokens = input_ids.t()  # [s, b]
         pos, start, doc = document_metadata(tokens, self.cfg.eos_id)
         dtype = next(self.parameters()).dtype
@@ -123,7 +136,7 @@ class GPTStage(nn.Module):
             plan=self.plan,
             step=step,
             training=self.training,
-            stage_first_point=self.layer_range.start,
+            stage_first_point=self.chunk_ranges[chunk].start,
             bank=[None] * len(self.plan.cmr_sources),
             sequence=shards,
             full_tokens=tokens if shards is not None else None,
@@ -135,6 +148,7 @@ class GPTStage(nn.Module):
         tokens: torch.Tensor,
         received: dict | None = None,
         step: int = 0,
+        chunk: int = 0,
         update_ema: bool = True,
         return_logits: bool = False,
         cache: InferenceCache | None = None,
@@ -142,22 +156,26 @@ class GPTStage(nn.Module):
     ):
         """tokens: [b, s+1] ids (inputs and shifted labels). received: tensors from the previous stage.
         Returns the mean LM loss on the last stage (or the vocab-parallel logits [s, b, V_pad/tp] with
-        `return_logits`), else the dict of tensors for the next stage.
+        `return_logits`), else the dict of tensors for the next stage. `chunk` picks the model chunk
+        under the interleaved schedule; the embedding runs in chunk 0 of the first rank and the head in
+        the last chunk of the last rank.
 
         With `cache` (decoding): tokens are [b, n] new ids without labels, `attention_mask` [b, n] marks
         the real ones (left padding); the last stage returns the logits of those n positions."""
         if cache is not None:
+            if self.virtual_stages > 1:
+                raise ValueError("decoding needs a stage built with virtual_stages 1 (checkpoints load at any layout)")
             if self.sequence is not None:  # a few new tokens per call: decoding runs on whole sequences
                 with unsharded(self):
                     return self._decode(tokens, received, cache, attention_mask)
             return self._decode(tokens, received, cache, attention_mask)
         input_ids, labels = tokens[:, :-1], tokens[:, 1:]
-        ctx = self.make_context(input_ids, step)
+        ctx = self.make_context(input_ids, step, chunk)
         ctx.update_ema = update_ema
-        h = self._stage_input(ctx, received)
-        for block in self.layers.values():
-            h = block(h, ctx)
-        if not self.is_last:
+        h = self._stage_input(ctx, received, embeds=self.is_first and chunk == 0)
+        for index in self.chunk_ranges[chunk]:
+            h = self.layers[str(index)](h, ctx)
+        if not (self.is_last and chunk == self.virtual_stages - 1):
             return self._stage_output(h, ctx)
         logits = self.logits(h)
         if return_logits:
@@ -194,7 +212,7 @@ class GPTStage(nn.Module):
             stage_first_point=self.layer_range.start,
             bank=[None] * len(self.plan.cmr_sources),
         )
-        h = self._stage_input(ctx, received)
+        h = self._stage_input(ctx, received, embeds=self.is_first)
         for block in self.layers.values():
             h = block(h, ctx, cache)
         cache.end()
@@ -221,11 +239,11 @@ class GPTStage(nn.Module):
         mask = torch.arange(local, device=logits.device) >= real
         return logits.masked_fill(mask, -1e30 if logits.dtype == torch.float32 else -1e4)
 
-    def _stage_input(self, ctx: ForwardContext, received: dict | None) -> torch.Tensor:
+    def _stage_input(self, ctx: ForwardContext, received: dict | None, embeds: bool) -> torch.Tensor:
         s, b = ctx.tokens.shape
         if ctx.bank:
             ctx.bank_template = torch.zeros(s, b, self.tech.cmr.rank, dtype=ctx.cos.dtype, device=ctx.tokens.device)
-        if not self.is_first:
+        if not embeds:
             ctx.rho = received.get("rho")
             if "bank" in received:
                 ctx.bank = list(received["bank"].unbind(2))

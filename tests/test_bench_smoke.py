@@ -69,3 +69,26 @@ def test_bench_cli_rejects_unknown_section(capsys):
         main(["bench", "--sections", "peers,nope"])
     assert exc.value.code == 2
     assert "unknown section" in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+def test_bench_interleaved_section_prints_its_rows(tmp_path):
+    """The `interleaved` section alone, one round: PP4 with v=1 and v=2 at 4 and 8 micro-batches."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    command = ["bench", "--quick", "--silent", "--sections", "interleaved", "--rounds", "1", "--warmup", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "loom.launch.cli", *command, "--out", str(tmp_path / "bench.md")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout
+    assert "### Interleaved pipeline schedule" in text, text
+    for micro, bubble_v1, bubble_v2 in ((4, "43%", "27%"), (8, "27%", "16%")):
+        assert f"| PP4, {micro} micro-batches, 1F1B (v=1) |" in text, text
+        assert f"| PP4, {micro} micro-batches, interleaved v=2 |" in text, text
+        rows = [line for line in text.splitlines() if line.startswith(f"| PP4, {micro} ")]
+        assert bubble_v1 in rows[0] and bubble_v2 in rows[1], rows

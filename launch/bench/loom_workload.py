@@ -33,6 +33,7 @@ class LoomTrainer(Workload):
         compile: bool = False,
         overlap_comm: bool = False,
         sequence_parallel: bool = False,
+        virtual_stages: int = 1,
     ):
         import torch
 
@@ -58,6 +59,7 @@ class LoomTrainer(Workload):
             microbatches=microbatches,
             overlap_comm=overlap_comm,
             sequence_parallel=sequence_parallel,
+            virtual_stages=virtual_stages,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -31,9 +31,21 @@ def read_config(folder: str | os.PathLike):
 
 
 def saved_layout(meta: dict) -> dict[str, int]:
-    """tp, pp, dp and zero of the run that wrote a DeepSpeed checkpoint."""
+    """tp, pp, dp and zero of the run that wrote a DeepSpeed checkpoint, and vp (model chunks per
+    pipeline rank) when that run interleaved its pipeline."""
     layout = meta.get("layout") or {}
+    keys = ("tp", "pp", "dp", "zero") + (("vp",) if "vp" in layout else ())
     try:
-        return {key: int(layout[key]) for key in ("tp", "pp", "dp", "zero")}
+        out = {key: int(layout[key]) for key in keys}
     except (KeyError, TypeError, ValueError):
         raise ConvertError("meta.json has no valid 'layout': not written by `loom train`") from None
+    if out.get("vp", 1) < 1:
+        raise ConvertError(f"meta.json's layout has vp {out['vp']}: model chunks per rank must be positive")
+    return out
+
+
+def pipeline_stages(layout: dict | None) -> int:
+    """Virtual pipeline stages of a saved layout (pp × vp): the units stage-local CMR and the block order
+    of the files follow."""
+    layout = layout or {}
+    return int(layout.get("pp") or 1) * int(layout.get("vp") or 1)

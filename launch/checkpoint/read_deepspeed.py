@@ -75,7 +75,7 @@ def read_checkpoint(folder: Path, optimizer: bool = False, trust_pickles: bool =
         if note and note not in notes:
             notes.append(note)
 
-    _check_stage_order(per_stage, cfg, pp)
+    _check_stage_order(per_stage, cfg, pp, layout.get("vp", 1))
     merged = _merge_layout(per_stage, cfg, tp, pp)
     opt_merged = None
     if optimizer:
@@ -108,12 +108,21 @@ def read_checkpoint(folder: Path, optimizer: bool = False, trust_pickles: bool =
     )
 
 
-def _check_stage_order(per_stage: list[list[dict]], cfg, pp: int) -> None:
+def _check_stage_order(per_stage: list[list[dict]], cfg, pp: int, virtual_stages: int = 1) -> None:
     """Model-parallel rank = pp_rank * tp + tp_rank (megatron's TP×PP group order): every file of a
-    stage must hold exactly that stage's blocks."""
-    per = cfg.num_layers // pp
+    stage must hold exactly that stage's blocks (those of all its model chunks when interleaved)."""
+    from loom.model.gpt import stage_layer_range
+
+    if cfg.num_layers % (pp * virtual_stages):
+        raise ConvertError(
+            f"meta.json's layout (PP {pp} × {virtual_stages} chunks) does not divide model.num_layers {cfg.num_layers}"
+        )
     for pp_rank, shards in enumerate(per_stage):
-        want = set(range(pp_rank * per, (pp_rank + 1) * per))
+        want = {
+            block
+            for chunk in range(virtual_stages)
+            for block in stage_layer_range(cfg.num_layers, pp, pp_rank, virtual_stages, chunk)
+        }
         for shard in shards:
             got = {int(m.group(1)) for n in shard for m in [re.match(r"layers\.(\d+)\.", n)] if m}
             if got != want:

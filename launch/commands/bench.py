@@ -112,7 +112,7 @@ def add_commands(sub) -> None:
         "--sections",
         type=_sections,
         default=None,
-        help="comma list of peers,techniques,layouts,zero,sequence,data,generate,gpu "
+        help="comma list of peers,techniques,layouts,interleaved,zero,sequence,data,generate,gpu "
         "(default: peers,techniques,layouts,zero,sequence,data; gpu with --device cuda)",
     )
     p.add_argument("--corpus", default=None, help="corpus of the data-path section (default linuxdoc)")

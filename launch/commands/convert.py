@@ -101,6 +101,7 @@ def cmd_reshard(args) -> int:
             tensor=args.tensor,
             pipeline=args.pipeline,
             zero=args.zero,
+            virtual_stages=args.virtual_stages,
             data_parallel=args.data,
             optimizer=not args.no_optimizer,
             force=args.force,
@@ -176,6 +177,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     rs.add_argument("--pipeline", type=int, default=None, help="target parallel.pipeline")
     rs.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3], help="target parallel.zero_stage")
+    rs.add_argument("--virtual-stages", type=int, default=None, help="target parallel.virtual_stages")
     rs.add_argument("--data", type=int, default=None, help="target data-parallel size (only validated)")
     rs.add_argument("--no-optimizer", action="store_true", help="weights only: Adam's state restarts")
     rs.set_defaults(func=cmd_reshard)

@@ -34,6 +34,7 @@ import torch
 from loom.launch.checkpoint.consolidated import Consolidated, output_folder, save_safetensors
 from loom.launch.checkpoint.errors import ConvertError
 from loom.launch.checkpoint.layout import TOKENIZER
+from loom.launch.checkpoint.meta import pipeline_stages
 from loom.launch.checkpoint.reader import load
 from loom.model.state_dict_adapter import is_training_only, to_llama
 
@@ -333,8 +334,8 @@ def _write_remote_code(
 
     from loom.launch.convert.hf_modeling import FILES, HERE
 
-    source_pp = int((data.source.get("layout") or {}).get("pp") or 1)
-    techniques = remote_code_techniques(tech, cfg, source_pp)
+    # each model chunk of an interleaved layout is a stage of its own for stage-local CMR
+    techniques = remote_code_techniques(tech, cfg, pipeline_stages(data.source.get("layout")))
     config = {
         "architectures": ["LoomForCausalLM"],
         "model_type": "loom",

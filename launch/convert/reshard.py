@@ -13,6 +13,7 @@ from pathlib import Path
 
 from loom.launch.checkpoint.consolidated import output_folder, write_consolidated
 from loom.launch.checkpoint.errors import ConvertError
+from loom.launch.checkpoint.meta import pipeline_stages
 from loom.launch.checkpoint.reader import load
 from loom.launch.config import config_from_saved, to_yaml
 
@@ -25,6 +26,7 @@ def reshard(
     tensor: int | None = None,
     pipeline: int | None = None,
     zero: int | None = None,
+    virtual_stages: int | None = None,
     data_parallel: int | None = None,
     optimizer: bool = True,
     force: bool = False,
@@ -47,24 +49,33 @@ def reshard(
     if p.tensor == 1 and p.sequence_parallel:
         p.sequence_parallel = False  # it splits the sequence over TP ranks: at TP=1 there is nothing to split
         log.info("parallel.sequence_parallel turned off: the target layout has tensor 1")
+    if virtual_stages is not None:
+        p.virtual_stages = virtual_stages
+    elif pipeline is not None and p.virtual_stages > 1 and (pipeline == 1 or p.microbatches % pipeline):
+        log.info(f"note: parallel.virtual_stages {p.virtual_stages} does not fit PP {pipeline}: one chunk per rank")
+        p.virtual_stages = 1
     world = None if data_parallel is None else data_parallel * p.tensor * p.pipeline
-    problems = p.validate(world) + run_cfg.model.validate(p.tensor, p.pipeline)
+    problems = p.validate(world) + run_cfg.model.validate(p.tensor, p.pipeline, p.virtual_stages)
     if run_cfg.model.tie_embeddings and p.pipeline > 1 and p.zero_stage == 2:
         problems.append("model.tie_embeddings with parallel.pipeline > 1 needs zero_stage 0 or 1")
     if problems:
         raise ConvertError("the target layout is not valid for this model: " + "; ".join(problems))
     for note in data.notes:
         log.info(f"note: {note}")
-    src_pp = int((data.source.get("layout") or {}).get("pp") or p.pipeline)
-    if run_cfg.techniques.cmr.enabled and run_cfg.techniques.cmr.stage_local and src_pp != p.pipeline:
+    # stage-local CMR follows the virtual stages (pipeline × chunks per rank), not the ranks
+    src_stages = pipeline_stages(data.source.get("layout")) if data.source.get("layout") else p.pipeline
+    stages = p.pipeline * p.virtual_stages
+    if run_cfg.techniques.cmr.enabled and run_cfg.techniques.cmr.stage_local and src_stages != stages:
         log.warning(
-            f"CMR is stage-local: with PP {p.pipeline} instead of {src_pp} its targets read other sources, "
-            f"so the network changes"
+            f"CMR is stage-local: with {stages} pipeline stages instead of {src_stages} its targets read other "
+            f"sources, so the network changes"
         )
     if optimizer and data.optimizer is None:
         log.info("note: no optimizer state could be read; training from the resharded folder restarts Adam's moments")
     with output_folder(out, force) as tmp:
         target = {"tensor": p.tensor, "pipeline": p.pipeline, "zero_stage": p.zero_stage}
+        if p.virtual_stages > 1:
+            target["virtual_stages"] = p.virtual_stages
         write_consolidated(data, tmp, kind="reshard", extra={"target_layout": target})
         if data.tokenizer is not None:
             run_cfg.data.tokenizer = str(Path(out).resolve() / "tokenizer.model")

@@ -30,7 +30,9 @@ def load_stage_weights(module: torch.nn.Module, folder: Path, mp_rank: int, trus
     """Fill this rank's bare stage with the checkpoint's weights; raise if they do not match the model."""
     from loom.launch.checkpoint.start_point import load_into_stage
 
-    if is_consolidated(folder) or saved_layout(read_meta(folder))["zero"] == 3:
+    layout = None if is_consolidated(folder) else saved_layout(read_meta(folder))
+    # ZeRO-3 files hold partitions and interleaved files other blocks than a one-chunk stage: consolidate
+    if layout is None or layout["zero"] == 3 or layout.get("vp", 1) > 1:
         weights = load(folder, trust_pickles=trust_pickles).weights
         # a technique tensor that is absent would silently keep its identity init: evaluate the saved network or nothing
         fresh = load_into_stage(module, weights, quiet=True)

@@ -34,6 +34,14 @@ class EvalModel:
         self.cfg = read_config(folder)
         lay = checkpoint_layout(folder, self.cfg)
         tp, pp = lay["tp"], lay["pp"]
+        # an interleaved checkpoint is evaluated with one chunk per rank (its weights are consolidated on
+        # load); only stage-local CMR, whose network depends on the chunks, cannot be
+        tech = self.cfg.techniques
+        if lay.get("vp", 1) > 1 and tech.cmr.enabled and tech.cmr.stage_local:
+            raise ValueError(
+                f"the checkpoint interleaves {lay['vp']} model chunks per rank and CMR is stage-local: reshard it "
+                "to parallel.virtual_stages 1 with the same number of pipeline stages to evaluate it"
+            )
         world = dist.get_world_size()
         if world % (tp * pp):
             raise ValueError(

@@ -23,6 +23,7 @@ import torch
 
 from loom.launch.checkpoint.errors import ConvertError
 from loom.launch.checkpoint.layout import TOKENIZER
+from loom.launch.checkpoint.meta import pipeline_stages
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def _read_checkpoint(path: str, trust_pickles: bool):
 
     data = load(path, trust_pickles=trust_pickles)
     tech = data.techniques
-    saved_pp = int((data.source.get("layout") or {}).get("pp") or 1)
+    saved_pp = pipeline_stages(data.source.get("layout"))  # virtual stages: each model chunk is one
     if tech.cmr.enabled and tech.cmr.stage_local and saved_pp > 1:
         raise ConvertError(_STAGE_LOCAL.format(pp=saved_pp))
     return data.model, tech, data.weights, data.tokenizer

@@ -221,7 +221,10 @@ class SampleCallback(Callback):
 
         if reason != "done":
             return
-        if self.prompt:
+        if self.prompt and getattr(trainer.module.module, "virtual_stages", 1) > 1:
+            # the KV-cache decoder walks one chunk per rank; the checkpoint decodes at any layout
+            log.info("sample skipped: decoding needs one model chunk per rank; run `loom generate` on the checkpoint")
+        elif self.prompt:
             ids = self.tokenizer.encode(self.prompt)
             out = greedy_generate(trainer.module.module, ids, self.max_new_tokens, self.dtype, self.device)
             log.info(f"sample: {self.prompt!r} → {self.tokenizer.decode(out[len(ids) :])!r}")

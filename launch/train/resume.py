@@ -48,6 +48,15 @@ def restore(cfg: RunConfig, sharded, loader, tokenizer_sha256: str) -> TrainStat
     return TrainState()
 
 
+def saved_layout_entry(layout, parallel) -> dict[str, int]:
+    """meta.json's `layout`; `vp` (model chunks per pipeline rank) only when the schedule interleaves,
+    so a checkpoint without it is one chunk per rank."""
+    entry = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero": parallel.zero_stage}
+    if parallel.virtual_stages > 1:
+        entry["vp"] = parallel.virtual_stages
+    return entry
+
+
 def make_saver(cfg: RunConfig, layout, sharded, loader, tokenizer_path: str | None):
     """The function `CheckpointCallback` calls: engine state, Loom's plain-data per-rank state, meta."""
 
@@ -56,7 +65,7 @@ def make_saver(cfg: RunConfig, layout, sharded, loader, tokenizer_path: str | No
             "state": trainer.state.as_dict(),
             "world_size": layout.world_size,
             "config": to_dict(cfg),
-            "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero": cfg.parallel.zero_stage},
+            "layout": saved_layout_entry(layout, cfg.parallel),
         }
         rank_state = {
             "loader": loader.state_dict(),

@@ -103,7 +103,9 @@ def run(cfg: RunConfig) -> int:
     cpu_compat.apply()
     layout = init_parallel_groups(cfg.parallel)
     grid = describe_grid()
-    log.info(f"layout: DP {layout.dp} × PP {layout.pp} × TP {layout.tp}, ZeRO-{cfg.parallel.zero_stage}\n{grid}")
+    chunks = f" ({cfg.parallel.virtual_stages} chunks per rank)" if cfg.parallel.virtual_stages > 1 else ""
+    zero = cfg.parallel.zero_stage
+    log.info(f"layout: DP {layout.dp} × PP {layout.pp}{chunks} × TP {layout.tp}, ZeRO-{zero}\n{grid}")
     _seed_everything(cfg.train.seed)
     run_dir = Path(cfg.output_dir)
     acquire_run_lock(cfg.output_dir)

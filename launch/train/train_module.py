@@ -63,7 +63,14 @@ class TrainModule:
         for batch in batches:
             batch = batch.to(self.device)
             specs = module.carry_specs(batch.shape[0], batch.shape[1] - 1, self.dtype)
-            out = forward_only(lambda mb, rec: module(mb, rec, update_ema=False), [batch], pp_group, specs, self.device)
+            out = forward_only(
+                lambda mb, rec, chunk=0: module(mb, rec, chunk=chunk, update_ema=False),
+                [batch],
+                pp_group,
+                specs,
+                self.device,
+                virtual_stages=module.virtual_stages,
+            )
             if out:
                 tokens = batch.shape[0] * (batch.shape[1] - 1)
                 total += torch.tensor([float(out[0]) * tokens, tokens], dtype=torch.float64)

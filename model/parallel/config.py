@@ -16,6 +16,11 @@ class ParallelConfig:
     parallelism; needs tensor > 1): norms, residual adds and the techniques' per-token work hold s/tensor
     rows per rank instead of all s, at the cost of an all-gather/reduce-scatter pair in place of each
     all-reduce. Same results as without it; training only (evaluation and decoding run unsharded)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B): with v > 1 each rank holds v non-adjacent slices of
+    the blocks, so the pipeline fills and drains v times faster and its idle fraction drops from
+    (p-1)/(m+p-1) to (p-1)/(v·m+p-1), for v times as many point-to-point messages. Needs pipeline > 1,
+    microbatches a multiple of pipeline and model.num_layers a multiple of pipeline × virtual_stages."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2 or 3 (3 only with pipeline=1)."""
     microbatches: int = 1
@@ -32,7 +37,7 @@ class ParallelConfig:
 
     def validate(self, world_size: int | None) -> list[str]:
         problems = []
-        for name in ("tensor", "pipeline", "microbatches", "reduce_bucket_size", "timeout_s"):
+        for name in ("tensor", "pipeline", "virtual_stages", "microbatches", "reduce_bucket_size", "timeout_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"parallel.{name} must be positive, got {getattr(self, name)}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -50,9 +55,23 @@ class ParallelConfig:
             )
         if problems:
             return problems
+        problems += self._interleaving_problems()
         if world_size is not None and world_size % (self.tensor * self.pipeline):
             problems.append(
                 f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline "
                 f"= {self.tensor} × {self.pipeline}"
             )
         return problems
+
+    def _interleaving_problems(self) -> list[str]:
+        if self.virtual_stages == 1:
+            return []
+        if self.pipeline == 1:
+            return [f"parallel.virtual_stages {self.virtual_stages} needs parallel.pipeline > 1"]
+        if self.microbatches % self.pipeline:
+            # the interleaved order walks micro-batches in groups of `pipeline` per model chunk
+            return [
+                f"parallel.virtual_stages > 1 needs parallel.microbatches ({self.microbatches}) to be a multiple "
+                f"of parallel.pipeline ({self.pipeline})"
+            ]
+        return []

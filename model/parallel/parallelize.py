@@ -45,9 +45,10 @@ def build_stage(
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     sequence_parallel: bool = False,
+    virtual_stages: int = 1,
 ) -> GPTStage:
-    """This rank's stage with its initial weights; identical weights for every layout (with or without
-    sequence parallelism, which changes only where activations live)."""
+    """This rank's stage (its `virtual_stages` model chunks) with its initial weights; identical weights
+    for every layout (with or without sequence parallelism, which changes only where activations live)."""
     stage = GPTStage(
         cfg,
         tech,
@@ -56,6 +57,7 @@ def build_stage(
         pp=layout.pp,
         pp_rank=layout.pp_rank,
         seed=seed,
+        virtual_stages=virtual_stages,
     )
     init_tensor_parallel_weights(stage, cfg, seed, layout.tp_rank, layout.tp)
     return stage.to(device=device or default_device(), dtype=dtype)
@@ -98,7 +100,15 @@ def parallelize(
         stage = _build_zero3_stage(cfg, tech, layout, parallel, ds_config, seed, dtype)
     else:
         # the engine keeps fp32 masters itself; the module holds the working dtype
-        stage = build_stage(cfg, tech, layout, seed, dtype, sequence_parallel=parallel.sequence_parallel)
+        stage = build_stage(
+            cfg,
+            tech,
+            layout,
+            seed,
+            dtype,
+            sequence_parallel=parallel.sequence_parallel,
+            virtual_stages=parallel.virtual_stages,
+        )
     if parallel.sequence_parallel:
         stage.sequence_grad_hooks = sync_replicated_grads(stage, SequenceShards.current())
     if compile:

@@ -1,9 +1,10 @@
 """One DeepSpeed engine per rank around that rank's pipeline stage, and the schedule↔ZeRO glue.
 
 PP = 1: every ZeRO stage 0-3 through `engine.backward` + `engine.step` per micro-batch.
-PP > 1: the 1F1B schedule drives backward on `engine.module`; the DeepSpeed optimizer only reduces
-and steps. ZeRO-0/1 reduce once after the schedule; ZeRO-2 reduces per micro-batch through the
-schedule's hooks (DeepSpeed's own PipelineEngine cannot do that). ZeRO-3 needs PP = 1.
+PP > 1: the 1F1B schedule (interleaved with `parallel.virtual_stages` > 1) drives backward on
+`engine.module`; the DeepSpeed optimizer only reduces and steps. ZeRO-0/1 reduce once after the
+schedule; ZeRO-2 reduces per micro-batch (and chunk) through the schedule's hooks (DeepSpeed's own
+PipelineEngine cannot do that). ZeRO-3 needs PP = 1.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from loom.model.parallel import comm
 from loom.model.parallel.config import ParallelConfig
 from loom.model.parallel.groups import Layout, MegatronMPU
 from loom.model.parallel.pipeline import forward_backward_1f1b
+from loom.model.parallel.pipeline_interleaved import forward_backward_interleaved
 from loom.model.parallel.zero_state import (
     zero1_reduce_after_pipeline,
     zero2_begin_micro_batch,
@@ -132,10 +134,11 @@ class ShardedStage:
         # backwards, so there the stage module is called directly, as DeepSpeed's pipeline does.
         call = engine if self.layout.pp == 1 else module
 
-        def stage_forward(tokens, received):
-            return call(tokens, received, step=step, **extra)
+        def stage_forward(tokens, received, chunk=0):
+            return call(tokens, received, step=step, chunk=chunk, **extra)
 
         device = microbatches[0].device
+        schedule = self._pipeline_schedule()
         if self.layout.pp == 1:
             losses = forward_backward_1f1b(
                 stage_forward,
@@ -147,7 +150,9 @@ class ShardedStage:
                 after_backward=lambda i, last: self._optimizer_step(last),
             )
         elif self.parallel.zero_stage == 2:
-            losses = forward_backward_1f1b(
+            # the hooks run around every backward, one per micro-batch and chunk: DeepSpeed reduces the
+            # gradients each produced (one chunk's) and marks the step's boundary at the rank's last one
+            losses = schedule(
                 stage_forward,
                 microbatches,
                 self.pp_group,
@@ -159,7 +164,7 @@ class ShardedStage:
             for _ in microbatches:  # the engine counts micro-steps; only the last one steps
                 engine.step()
         else:
-            losses = forward_backward_1f1b(stage_forward, microbatches, self.pp_group, specs, device)
+            losses = schedule(stage_forward, microbatches, self.pp_group, specs, device)
             self._sync_tied_embedding_grads()
             if self.parallel.zero_stage == 1:
                 zero1_reduce_after_pipeline(engine)
@@ -168,6 +173,17 @@ class ShardedStage:
             self._optimizer_step(True)
         norm = self._own_norm if self.own_clipping else engine.get_global_grad_norm()
         return StepResult(loss=self._global_mean_loss(losses, device), grad_norm=float(norm or 0.0))
+
+    def _pipeline_schedule(self):
+        """1F1B, or interleaved 1F1B over this rank's model chunks."""
+        virtual_stages = self.parallel.virtual_stages
+        if virtual_stages == 1:
+            return forward_backward_1f1b
+
+        def interleaved(*args, **kwargs):
+            return forward_backward_interleaved(*args, virtual_stages=virtual_stages, **kwargs)
+
+        return interleaved
 
     # ------------------------------------------------------------------ fp32 ZeRO-0 clipping
     def _optimizer_step(self, at_boundary: bool) -> None:

@@ -50,11 +50,33 @@ def test_wrong_type():
         (["train.micro_batch_size=-1"], None, "train.micro_batch_size must be positive"),
         (["parallel.zero_stage=5"], None, "zero_stage must be 0, 1, 2 or 3"),
         (["train.precision=fp16"], None, "fp16 is not supported"),
+        (["parallel.virtual_stages=0"], None, "parallel.virtual_stages must be positive, got 0"),
+        (["parallel.virtual_stages=2"], None, "parallel.virtual_stages 2 needs parallel.pipeline > 1"),
+        (
+            ["parallel.virtual_stages=2", "parallel.pipeline=2", "parallel.microbatches=3"],
+            None,
+            "needs parallel.microbatches (3) to be a multiple of parallel.pipeline (2)",
+        ),
+        (
+            ["parallel.virtual_stages=4", "parallel.pipeline=2", "parallel.microbatches=2"],
+            None,
+            "model.num_layers 4 is not divisible by parallel.pipeline × parallel.virtual_stages = 2 × 4",
+        ),
+        (
+            ["parallel.virtual_stages=2", "parallel.pipeline=2", "parallel.zero_stage=3", "parallel.microbatches=2"],
+            None,
+            "ZeRO-3 with parallel.pipeline > 1",
+        ),
     ],
 )
 def test_each_bad_config_has_its_own_message(overrides, world, needle):
     problems = _problems(*overrides, world_size=world)
     assert any(needle in p for p in problems), problems
+
+
+def test_interleaved_pipeline_is_a_valid_layout():
+    overrides = ["parallel.virtual_stages=2", "parallel.pipeline=2", "parallel.microbatches=4"]
+    assert load_config(TINY, overrides, world_size=2, check_files=False).parallel.virtual_stages == 2
 
 
 def test_missing_files_are_reported():

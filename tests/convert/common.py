@@ -97,13 +97,17 @@ def layout_run_fn(
     then_steps: int = 0,
     seed: int = 0,
     precision: str = "fp32",
+    virtual_stages: int = 1,
+    microbatches: int = 1,
 ) -> dict:
-    """At TP×PP (DP = world / (TP×PP)): optionally load a start point, train `train_steps`, save a
-    checkpoint, measure the loss on batches[0], then train `then_steps` more. Returns the eval loss,
-    the losses of the `then` steps and the full weights afterwards (rank 0 of each result)."""
+    """At TP×PP (DP = world / (TP×PP)), `virtual_stages` model chunks per pipeline rank and `microbatches`
+    per step and DP rank: optionally load a start point, train `train_steps`, save a checkpoint, measure
+    the loss on batches[0], then train `then_steps` more. Returns the eval loss, the losses of the `then`
+    steps and the full weights afterwards (rank 0 of each result)."""
     from loom.launch.checkpoint import store as checkpoint
     from loom.launch.checkpoint.start_point import load_start_point
     from loom.launch.config import to_dict
+    from loom.launch.train.resume import saved_layout_entry
     from loom.launch.train.train_module import TrainModule
     from loom.model.parallel.config import ParallelConfig
     from loom.model.parallel.consolidate import full_state_dict
@@ -117,11 +121,14 @@ def layout_run_fn(
             f"parallel.tensor={tp}",
             f"parallel.pipeline={pp}",
             f"parallel.zero_stage={zero}",
-            "parallel.microbatches=1",
+            f"parallel.microbatches={microbatches}",
+            f"parallel.virtual_stages={virtual_stages}",
             f"train.micro_batch_size={MICRO_BATCH}",
         ]
     )
-    parallel = ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero, microbatches=1)
+    parallel = ParallelConfig(
+        tensor=tp, pipeline=pp, zero_stage=zero, microbatches=microbatches, virtual_stages=virtual_stages
+    )
     sharded = parallelize(
         cfg.model,
         cfg.techniques,
@@ -141,8 +148,9 @@ def layout_run_fn(
 
     def one_step():
         nonlocal step
-        mine = batches[(step * layout.dp + layout.dp_rank) % len(batches)]
-        out = module.train_batch([mine], step, OPTIM.lr)
+        first = (step * layout.dp + layout.dp_rank) * microbatches
+        mine = [batches[(first + j) % len(batches)] for j in range(microbatches)]
+        out = module.train_batch(mine, step, OPTIM.lr)
         step += 1
         return out["train/loss"]
 
@@ -153,7 +161,7 @@ def layout_run_fn(
             "state": {"step": step, "consumed_tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0},
             "world_size": world_size,
             "config": to_dict(cfg),
-            "layout": {"tp": tp, "pp": pp, "dp": layout.dp, "zero": zero},
+            "layout": saved_layout_entry(layout, parallel),
         }
         checkpoint.save(sharded.engine, save_dir, step, {}, meta, tokenizer, keep_last=1)
     eval_loss = module.evaluate([batches[0]])["eval/loss"]

@@ -194,3 +194,19 @@ def test_stage_local_pipeline_matches_one_process_with_the_same_mask(pp):
     for rank_traces in traces:
         for zero, trace in rank_traces.items():
             assert_traces_match(ref, trace, what=f"stage-local CMR pp{pp} zero{zero}")
+
+
+@pytest.mark.distributed
+def test_stage_local_masks_follow_the_chunks_of_an_interleaved_pipeline():
+    """PP 2 × 2 model chunks per rank has the four virtual stages of PP 4, so each target reads what its
+    own chunk captures: PP 4's mask (`GPTStage.forward` gives each chunk its own first point)."""
+    cfg: ModelConfig = tiny_model(num_layers=LAYERS)
+    tech = _stage_local_tech()
+    steps = [fixed_batches(4, cfg.vocab_size, seed=s) for s in range(2)]
+    ref = run_distributed(_reference_with_layout_mask, 1, cfg, tech, steps, STEPS, 4)[0]
+    traces = run_distributed(
+        layout_trace, 2, cfg, tech, steps, STEPS, 1, 2, [1], parallel_overrides={"virtual_stages": 2}, timeout=600
+    )
+    for rank_traces in traces:
+        for zero, trace in rank_traces.items():
+            assert_traces_match(ref, trace, what=f"stage-local CMR pp2 vp2 zero{zero}")
