@@ -92,3 +92,31 @@ def test_bench_interleaved_section_prints_its_rows(tmp_path):
         assert f"| PP4, {micro} micro-batches, interleaved v=2 |" in text, text
         rows = [line for line in text.splitlines() if line.startswith(f"| PP4, {micro} ")]
         assert bubble_v1 in rows[0] and bubble_v2 in rows[1], rows
+
+
+@pytest.mark.distributed
+def test_bench_scaling_section_prints_its_rows(tmp_path):
+    """The `scaling` section alone, one round: this machine's DP2 point beside the model, then the
+    extrapolated table (1B and 7B at 8-1,024 GPUs) and one finding per model."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    command = ["bench", "--quick", "--silent", "--sections", "scaling", "--rounds", "1", "--warmup", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "loom.launch.cli", *command, "--out", str(tmp_path / "bench.md")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout
+    assert "### Scaling: data-parallel step time measured here" in text, text
+    for row in ("| one rank's compute", "| gloo all-reduce of", "| DP2 step (ZeRO-0"):
+        assert row in text, f"missing row {row!r}:\n{text}"
+    for model in ("1B", "7B"):
+        for gpus in ("8", "16", "64", "256", "1,024"):
+            assert f"| {model} | {gpus} |" in text, f"missing {model} at {gpus} GPUs:\n{text}"
+        assert f"**{model}** (" in text, text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert all("|  |" not in row and "nan" not in row.lower() for row in rows), text
+    assert all(row.count("(100%)") == 4 for row in rows if row.startswith(("| 1B | 8 |", "| 7B | 8 |")))

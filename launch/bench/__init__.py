@@ -26,7 +26,8 @@ parallel layouts (1 process vs DP2/TP2/PP2), ZeRO 0-3 per-rank bytes against the
 
 Modules: `shapes` (what is measured), `hardware` (the machine's limits and load), `workloads` and
 `loom_workload` (what a worker runs), `memory` (byte accounting), `workers` (forked process groups),
-`alternate` (rounds and paired ratios), `options`, `section_*` (one table each, registered in
+`alternate` (rounds and paired ratios), `scaling_model` and `scaling_table` (the analytic data-parallel
+model the `scaling` section extrapolates with), `options`, `section_*` (one table each, registered in
 `sections`), `report` (markdown) and `run` (`run_bench`).
 """
 

@@ -7,6 +7,7 @@ from loom.launch.bench.section_gpu import section_gpu
 from loom.launch.bench.section_interleaved import section_interleaved
 from loom.launch.bench.section_layouts import section_layouts
 from loom.launch.bench.section_peers import section_peers
+from loom.launch.bench.section_scaling import section_scaling
 from loom.launch.bench.section_sequence import section_sequence
 from loom.launch.bench.section_techniques import section_techniques
 from loom.launch.bench.section_zero import section_zero
@@ -21,4 +22,5 @@ SECTIONS = {
     "data": section_data,
     "gpu": section_gpu,
     "generate": section_generate,
+    "scaling": section_scaling,
 }

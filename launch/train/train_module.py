@@ -11,6 +11,7 @@ from loom.launch.runtime.faults import nan_injection
 from loom.model.parallel import comm
 from loom.model.parallel.groups import Layout
 from loom.model.parallel.pipeline import forward_only
+from loom.model.parallel.pipeline_interleaved import forward_only_interleaved
 from loom.model.parallel.zero import ShardedStage
 
 
@@ -63,14 +64,13 @@ class TrainModule:
         for batch in batches:
             batch = batch.to(self.device)
             specs = module.carry_specs(batch.shape[0], batch.shape[1] - 1, self.dtype)
-            out = forward_only(
-                lambda mb, rec, chunk=0: module(mb, rec, chunk=chunk, update_ema=False),
-                [batch],
-                pp_group,
-                specs,
-                self.device,
-                virtual_stages=module.virtual_stages,
-            )
+            stage_forward = lambda mb, rec, chunk=0: module(mb, rec, chunk=chunk, update_ema=False)
+            if module.virtual_stages > 1:
+                out = forward_only_interleaved(
+                    stage_forward, [batch], pp_group, specs, self.device, module.virtual_stages
+                )
+            else:
+                out = forward_only(stage_forward, [batch], pp_group, specs, self.device)
             if out:
                 tokens = batch.shape[0] * (batch.shape[1] - 1)
                 total += torch.tensor([float(out[0]) * tokens, tokens], dtype=torch.float64)

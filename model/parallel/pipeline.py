@@ -138,16 +138,9 @@ def forward_backward_1f1b(
 
 
 @torch.no_grad()
-def forward_only(
-    stage_forward: Callable, microbatches: list, pp_group, specs: Specs, device: torch.device, virtual_stages: int = 1
-) -> list:
+def forward_only(stage_forward: Callable, microbatches: list, pp_group, specs: Specs, device: torch.device) -> list:
     """Forward every micro-batch through the stages (evaluation, generation); returns the last
-    stage's outputs ([] on other stages). With `virtual_stages` > 1, stage_forward takes the model
-    chunk as a third argument (`pipeline_interleaved.forward_only_interleaved`)."""
-    if virtual_stages > 1:
-        from loom.model.parallel.pipeline_interleaved import forward_only_interleaved
-
-        return forward_only_interleaved(stage_forward, microbatches, pp_group, specs, device, virtual_stages)
+    stage's outputs ([] on other stages). Model chunks: `pipeline_interleaved.forward_only_interleaved`."""
     link = StageLink(pp_group, specs, device)
     outputs = []
     for mb in microbatches:

@@ -32,8 +32,8 @@ def all_five_sharded() -> TechniquesConfig:
     return tech
 
 
-def _reference(tech, steps=STEPS):
-    cfg = tiny_model()
+def _reference(tech, steps=STEPS, **model):
+    cfg = tiny_model(**model)
     batches = [fixed_batches(4, cfg.vocab_size, seed=s) for s in range(2)]
     return cfg, tech, batches, run_distributed(reference_trace, 1, cfg, tech, batches, steps)[0]
 
@@ -48,10 +48,11 @@ def all_five():
     return _reference(all_five_sharded())
 
 
-def _check(setup, tp, pp, dp, zeros):
+def _check(setup, tp, pp, dp, zeros, **more):
     cfg, tech, batches, ref = setup
+    overrides = {**SP, **more}
     traces = run_distributed(
-        layout_trace, tp * pp * dp, cfg, tech, batches, STEPS, tp, pp, zeros, parallel_overrides=SP, timeout=600
+        layout_trace, tp * pp * dp, cfg, tech, batches, STEPS, tp, pp, zeros, parallel_overrides=overrides, timeout=600
     )
     for rank_traces in traces:
         for zero, trace in rank_traces.items():
@@ -88,6 +89,19 @@ ALL_FIVE_LAYOUTS = [
 @pytest.mark.parametrize("tp,pp,dp,zeros", ALL_FIVE_LAYOUTS, ids=_ids(ALL_FIVE_LAYOUTS))
 def test_all_techniques_under_sequence_parallel_match_single_process(all_five, tp, pp, dp, zeros):
     _check(all_five, tp, pp, dp, zeros)
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_with_virtual_stages_matches_single_process(all_five):
+    """Both scale features together: TP2 with SP × PP2 with two model chunks per rank, all five on."""
+    _check(all_five, 2, 2, 1, [1], virtual_stages=2)
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_with_checkpointing_and_grouped_query_attention():
+    """Activation checkpointing recomputes the sub-blocks (and their all-gathers); two key/value heads
+    over two TP ranks."""
+    _check(_reference(all_five_sharded(), activation_checkpointing=True, num_kv_heads=2), 2, 1, 1, [1])
 
 
 # ------------------------------------------------------------------ mutations (run inside the ranks)
