@@ -69,18 +69,31 @@ def test_interleaved_layout_matches_single_process(references, tp, pp, dp, vp, l
     assert ref.grad_norms[0] > 0.05, "clipping must be active for the grad-norm check to mean anything"
 
 
+ALL_TECHNIQUES = all_techniques()
+
+
 @pytest.mark.distributed
-def test_interleaved_with_every_technique_matches_single_process(references):
+@pytest.mark.parametrize("pp,layers,zeros", [(2, 4, [1, 2]), (4, 8, [1])], ids=["pp2-vp2-L4", "pp4-vp2-L8"])
+def test_interleaved_with_every_technique_matches_single_process(references, pp, layers, zeros):
     """SCR's ρ and CMR's bank cross every chunk boundary, the last rank → rank 0 hand-over included;
     CMR's stage-local plan is per chunk (tests/techniques/test_stage_local.py covers that plan)."""
-    tech = all_techniques()
-    cfg, steps, ref = _references(4, tech, references)
+    cfg, steps, ref = _references(layers, ALL_TECHNIQUES, references)
     traces = run_distributed(
-        layout_trace, 2, cfg, tech, steps, STEPS, 1, 2, [1, 2], parallel_overrides={"virtual_stages": 2}, timeout=900
+        layout_trace,
+        pp,
+        cfg,
+        ALL_TECHNIQUES,
+        steps,
+        STEPS,
+        1,
+        pp,
+        zeros,
+        parallel_overrides={"virtual_stages": 2},
+        timeout=900,
     )
     for rank_traces in traces:
         for zero, trace in rank_traces.items():
-            assert_traces_match(ref, trace, what=f"all techniques pp2 vp2 zero{zero}")
+            assert_traces_match(ref, trace, what=f"all techniques pp{pp} vp2 zero{zero}")
 
 
 # ----------------------------------------------------------------------------------------- the schedule
