@@ -155,7 +155,7 @@ def load(engine, folder: Path, trust_pickles: bool = False) -> tuple[dict, dict 
     from loom.launch.checkpoint.unpickle import UnsafeCheckpointError, check_deepspeed_files, load_plain
 
     meta = read_meta(folder)
-    _require_same_model_parallel_layout(meta, folder)
+    _require_same_model_parallel_layout(meta, folder, getattr(engine.module, "virtual_stages", 1))
     ds = deepspeed_dir(folder)
     rank_file = rank_state_file(folder, dist.get_rank())
     same_world = meta.get("world_size") == dist.get_world_size()
@@ -175,15 +175,18 @@ def load(engine, folder: Path, trust_pickles: bool = False) -> tuple[dict, dict 
     return meta, rank_state
 
 
-def _require_same_model_parallel_layout(meta: dict, folder: Path) -> None:
-    """A checkpoint holds one file per TP×PP rank; another TP or PP size needs a start point first (the
-    same error on every rank, before DeepSpeed's loader fails on missing keys)."""
+def _require_same_model_parallel_layout(meta: dict, folder: Path, virtual_stages: int) -> None:
+    """A checkpoint holds one file per TP×PP rank with that rank's blocks; another TP or PP size or another
+    number of model chunks needs a start point first (the same error on every rank, before DeepSpeed's
+    loader fails on missing keys)."""
     from loom.model.parallel.groups import current_layout
 
     saved, live = meta.get("layout") or {}, current_layout()
-    if saved.get("tp", live.tp) != live.tp or saved.get("pp", live.pp) != live.pp:
+    was = (saved.get("tp", live.tp), saved.get("pp", live.pp), saved.get("vp", 1))
+    if was != (live.tp, live.pp, virtual_stages):
         raise CheckpointError(
-            f"{folder} was saved at tensor {saved['tp']} × pipeline {saved['pp']}, this run is tensor {live.tp} × "
-            f"pipeline {live.pp}: re-slice it first with `loom convert reshard {folder} OUT --tensor {live.tp} "
-            f"--pipeline {live.pp}` and resume from OUT"
+            f"{folder} was saved at tensor {was[0]} × pipeline {was[1]} × {was[2]} chunk(s) per rank, this run is "
+            f"tensor {live.tp} × pipeline {live.pp} × {virtual_stages}: re-slice it first with `loom convert "
+            f"reshard {folder} OUT --tensor {live.tp} --pipeline {live.pp} --virtual-stages {virtual_stages}` "
+            "and resume from OUT"
         )
