@@ -199,8 +199,7 @@ class ShardedStage:
     def _clip_global_grad_norm(self) -> float:
         """The norm over TP, PP and DP exactly once per weight: sharded weights on every TP rank,
         replicated ones on TP rank 0, a tied pipeline copy only on its first stage."""
-        squares = torch.zeros((), dtype=self.reduce_dtype, device=torch.device(self.engine.device))
-        grads = []
+        grads, counted = [], []
         for p in self.engine.module.parameters():
             if p.grad is None:
                 continue
@@ -208,7 +207,10 @@ class ShardedStage:
             if getattr(p, "ds_pipe_replicated", False):
                 continue
             if getattr(p, "tensor_model_parallel", False) or self.layout.tp_rank == 0:
-                squares += p.grad.detach().to(self.reduce_dtype).pow(2).sum()
+                counted.append(p.grad.detach())
+        # one multi-tensor pass over the gradients (no per-parameter temporaries), summed as squares
+        local = torch.nn.utils.get_total_norm(counted, foreach=True) if counted else torch.zeros(())
+        squares = local.to(device=torch.device(self.engine.device), dtype=self.reduce_dtype).pow(2)
         comm.all_reduce(squares, group=self.model_parallel_group)
         norm = float(squares.sqrt())
         if self.grad_clip > 0 and math.isfinite(norm) and norm > self.grad_clip:
